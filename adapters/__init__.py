@@ -1,0 +1,1 @@
+"""Model surgery: LoRA wrapping, quantization, merging and export. No pluggy, no Lightning."""

@@ -1,0 +1,74 @@
+"""LoRA adapters through peft."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+# Attention projection names across common architectures (Llama/Mistral/Qwen, GPT-2, Falcon, Phi, GPT-NeoX).
+ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value", "Wqkv", "qkv_proj",
+                   "out_proj", "dense")
+
+
+def _linear_types() -> tuple[type, ...]:
+    types: list[type] = [torch.nn.Linear]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    except ImportError:
+        pass
+    try:
+        import bitsandbytes as bnb
+
+        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
+    except Exception:
+        pass
+    return tuple(types)
+
+
+def attention_modules(model: Any) -> list[str]:
+    """Short names of the linear layers inside attention blocks (e.g. q_proj, k_proj, v_proj, o_proj)."""
+    linear = _linear_types()
+    found: list[str] = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if isinstance(module, linear) and any("attn" in p.lower() or "attention" in p.lower() for p in parts[:-1]):
+            if parts[-1] not in found:
+                found.append(parts[-1])
+    return found
+
+
+def resolve_targets(model: Any, targets: str | Sequence[str]) -> str | list[str]:
+    """``attention`` (the attention projections), ``all-linear``, or an explicit list of names."""
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return "all-linear"
+        if targets == "attention":
+            found = attention_modules(model)
+            if not found:
+                raise ValueError("no attention projection layers found; give lora.target_modules explicitly")
+            return found
+        return [targets]
+    names = list(targets)
+    present = {n.split(".")[-1] for n, _ in model.named_modules()}
+    missing = [t for t in names if t not in present and not any(n.endswith(t) for n, _ in model.named_modules())]
+    if missing:
+        sample = sorted({n for n in present if n and not n.isdigit()})[:12]
+        raise ValueError(f"lora.target_modules {missing} match no layer of this model; layer names include "
+                         f"{', '.join(sample)}")
+    return names
+
+
+def apply_lora(model: Any, r: int, alpha: float, dropout: float, targets: str | Sequence[str],
+               bias: str = "none", use_rslora: bool = False, modules_to_save: Sequence[str] | None = None) -> Any:
+    """Freeze ``model`` and add trainable LoRA adapters to ``targets``; returns a ``PeftModel``."""
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_targets(model, targets),
+        bias=bias, use_rslora=use_rslora, modules_to_save=list(modules_to_save) if modules_to_save else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora_config)

@@ -1,0 +1,53 @@
+"""lft: fine-tune language models with plugins on a Lightning core.
+
+The public names:
+
+* ``lft.run(config, plugins=[...])`` runs a job and returns a ``RunResult``;
+* ``lft.hookimpl`` marks a plugin's hook implementations;
+* ``lft.RunConfig`` / ``lft.load_config`` build and validate configurations;
+* ``lft.LftError`` and its subclasses are the one-line errors lft reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lft.errors import ConfigError, DataError, LftError, ModelError, PluginError
+from lft.manager import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "DataError", "LftError", "ModelError", "PluginError", "RunConfig", "RunResult",
+    "__version__", "hookimpl", "load_config", "run",
+]
+
+
+def run(config: Any = None, plugins: Any = (), quiet: bool = False) -> Any:
+    """Run a fine-tuning job; see ``lft.engine.run``. Returns a ``RunResult``."""
+    from lft.engine import run as _run
+
+    return _run(config, plugins=plugins, quiet=quiet)
+
+
+def load_config(file: Any = None, overrides: Any = (), plugins: Any = ()) -> Any:
+    """Resolve a RunConfig (with every installed plugin's section) from a YAML file and
+    ``KEY=VALUE`` overrides, validated; raises ``ConfigError`` listing every problem."""
+    from lft import config as _config
+    from lft.manager import PluginManager
+
+    manager = PluginManager(extra=plugins)
+    cls = _config.config_class(_config.plugin_sections(manager))
+    return _config.load(cls, file=file, overrides=overrides)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RunConfig":
+        from lft.config import RunConfigBase
+
+        return RunConfigBase
+    if name == "RunResult":
+        from lft.engine import RunResult
+
+        return RunResult
+    raise AttributeError(f"module 'lft' has no attribute {name!r}")

@@ -1,0 +1,217 @@
+"""The engine's own Lightning pieces: the run monitor (live progress and metric history) and
+atomic checkpoint writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder, then renames it into place,
+    so a kill during a save never leaves a half-written file under the checkpoint's name."""
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        # Lightning checkpoints hold optimizer state and plain Python values only.
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+class GracefulStop(L.Callback):
+    """Turns the first Ctrl-C (SIGINT) into a clean stop after the current optimizer step, so
+    the engine can save a checkpoint; a second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._last_step = -1
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+        self._previous = signal.signal(signal.SIGINT, handler)
+
+    def uninstall(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stepped = trainer.global_step != self._last_step
+        self._last_step = trainer.global_step
+        if self.requested and stepped:  # never stop halfway through gradient accumulation
+            trainer.should_stop = True
+
+
+class RunMonitor(L.Callback):
+    """Collects per-optimizer-step metrics (averaged over gradient accumulation), appends them to
+    ``metrics.jsonl``, and shows a live progress line: step, loss, learning rate, tokens/s and
+    time left. Without a terminal it prints a plain line every ``print_every`` steps."""
+
+    def __init__(self, output: Path, quiet: bool = False, print_every: int = 10):
+        self.output = Path(output)
+        self.quiet = quiet
+        self.print_every = print_every
+        self.history: list[dict] = []
+        self._pending: list[dict] = []
+        self._progress: Any = None
+        self._task: Any = None
+        self._started = 0.0
+        self._first_step = 0
+        self._last_step = 0
+        self._tokens = 0
+        self._tokens_time = 0.0
+        self._step_started = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._started = time.perf_counter()
+        self._step_started = self._started
+        self._first_step = self._last_step = trainer.global_step
+        if self.quiet or trainer.global_rank != 0:
+            return
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TextColumn("eta"), TimeRemainingColumn(),
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=max(1, self._total(trainer)),
+                                                 completed=trainer.global_step, info="")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._pending.append(dict(getattr(pl_module, "last_metrics", {})))
+        self._tokens += _count_tokens(batch)
+        step = trainer.global_step
+        if step == self._last_step or not self._pending:
+            return  # still accumulating gradients for this optimizer step
+        self._last_step = step
+        now = time.perf_counter()
+        record = _average(self._pending)
+        self._pending = []
+        record["step"] = step
+        record["lr"] = _current_lr(trainer)
+        record["step_time"] = now - self._step_started
+        elapsed_tokens = now - self._step_started
+        record["tokens_per_s"] = self._tokens / elapsed_tokens if elapsed_tokens > 0 else 0.0
+        record["tokens"] = self._tokens
+        record["time"] = now - self._started
+        self._step_started = now
+        self._tokens = 0
+        self.history.append(record)
+        if trainer.global_rank == 0:
+            self._write(record)
+            self._show(trainer, record)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        value = trainer.callback_metrics.get("eval/loss")
+        if value is not None and self.history:
+            self.history[-1]["eval_loss"] = float(value)
+            if trainer.global_rank == 0:
+                self._write({"step": trainer.global_step, "eval_loss": float(value)})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.close()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    # -- helpers -----------------------------------------------------------------------------
+    @staticmethod
+    def _total(trainer: L.Trainer) -> int:
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        try:
+            return int(trainer.estimated_stepping_batches)
+        except Exception:
+            return 0
+
+    def _write(self, record: dict) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _show(self, trainer: L.Trainer, record: dict) -> None:
+        if self.quiet:
+            return
+        extras = "  ".join(f"{k} {v:.3g}" for k, v in record.items() if k.startswith(("reward", "accuracy", "margin", "kl")))
+        info = (f"loss {record.get('loss', float('nan')):.4f}  lr {record['lr']:.2e}  "
+                f"{record['tokens_per_s']:.0f} tok/s" + (f"  {extras}" if extras else ""))
+        if self._progress is not None:
+            self._progress.update(self._task, completed=record["step"], info=info)
+            return
+        step, total = record["step"], self._total(trainer)
+        if step == 1 or step % self.print_every == 0 or step == total:
+            done = step - self._first_step
+            eta = (total - step) * (record["time"] / done) if done > 0 and total else 0.0
+            print(f"step {step}/{total}  {info}  eta {eta:.0f}s", flush=True)
+
+
+def _count_tokens(batch: Any) -> int:
+    if not isinstance(batch, dict):
+        return 0
+    count = 0
+    for key, value in batch.items():
+        if key.endswith("attention_mask") and torch.is_tensor(value):
+            count += int(value.sum())
+    return count
+
+
+def _average(records: list[dict]) -> dict:
+    keys = {k for r in records for k in r}
+    out = {}
+    for key in keys:
+        values = [r[key] for r in records if key in r]
+        out[key] = sum(values) / len(values)
+    return out
+
+
+def _current_lr(trainer: L.Trainer) -> float:
+    try:
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+    except (IndexError, AttributeError):
+        return 0.0

@@ -1,0 +1,310 @@
+"""Reading data files, formatting rows through the hooks, and the Lightning DataModule.
+
+A bad file or row is reported as one line that names the file and the row (the line number for
+JSONL) and says what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lft.errors import DataError
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+@dataclass
+class Rows:
+    """Rows of one data source, with a label for each row to use in error messages."""
+
+    source: str
+    rows: list[dict]
+    where: list[str]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, indices: list[int]) -> "Rows":
+        return Rows(self.source, [self.rows[i] for i in indices], [self.where[i] for i in indices])
+
+
+def _read_jsonl(path: Path) -> Rows:
+    rows, where = [], []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+                rows.append(row)
+                where.append(f"{path}:{lineno}")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); re-encode it as UTF-8") from None
+    return Rows(str(path), rows, where)
+
+
+def _read_json(path: Path) -> Rows:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); re-encode it as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i + 1}: expected an object, got {type(row).__name__}")
+    return Rows(str(path), data, [f"{path}: row {i + 1}" for i in range(len(data))])
+
+
+def _read_with_datasets(spec: str, kind: str | None, split: str) -> Rows:
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        if kind is not None:
+            table = datasets.load_dataset(kind, data_files=spec, split="train")
+        else:
+            table = datasets.load_dataset(spec, split=split)
+    except Exception as exc:  # datasets raises many types; the user needs the first line only
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{spec}: could not be read ({message})") from None
+    rows = table.to_list()
+    return Rows(spec, rows, [f"{spec}: row {i + 1}" for i in range(len(rows))])
+
+
+def read_rows(spec: str, split: str = "train") -> Rows:
+    """Read a data file (.jsonl, .json, .parquet, .csv) or a hub dataset id."""
+    path = Path(spec).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise DataError(f"{spec} is a folder; give a data file ({', '.join(SUFFIXES)}) or a hub dataset id")
+    if not path.exists():
+        looks_local = suffix in SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") != 1
+        if looks_local:
+            raise DataError(f"data file {spec} not found")
+        rows = _read_with_datasets(spec, None, split)
+    elif suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif suffix == ".json":
+        rows = _read_json(path)
+    elif suffix in (".parquet", ".csv"):
+        rows = _read_with_datasets(str(path), suffix[1:], split)
+    else:
+        raise DataError(f"{spec}: unsupported file type {suffix or '(none)'}; expected one of {', '.join(SUFFIXES)}")
+    if not rows.rows:
+        raise DataError(f"{spec}: no rows; the dataset is empty")
+    return rows
+
+
+def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
+    """Carve a held-out split off ``rows`` (at least one row each side)."""
+    n = len(rows)
+    n_eval = max(1, int(round(n * fraction)))
+    if n - n_eval < 1:
+        raise DataError(f"{rows.source}: {n} row(s) are too few to hold some out for evaluation; "
+                        "give data.eval or set data.eval_split=0")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return rows.subset(sorted(order[n_eval:])), rows.subset(sorted(order[:n_eval]))
+
+
+@dataclass
+class FormatStats:
+    rows: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    skipped: int = 0
+    longest: int = 0
+    trained_tokens: int = 0
+    tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _length(feature: dict) -> int:
+    lengths = [len(v) for k, v in feature.items() if k.endswith("input_ids") and isinstance(v, (list, tuple))]
+    return max(lengths) if lengths else 0
+
+
+def _trained(feature: dict) -> int:
+    return sum(sum(1 for t in v if t != -100) for k, v in feature.items() if k.endswith("labels") and isinstance(v, list))
+
+
+def format_rows(rows: Rows, hook: Any, tokenizer: Any, config: Any) -> tuple[list[dict], FormatStats]:
+    """Run ``lft_format_example`` on every row. Rows the hook returns ``{"skip": reason}`` for
+    are left out and counted; DataErrors get the row's location added."""
+    stats = FormatStats(rows=len(rows))
+    features = []
+    policy = config.data.truncation
+    for row, where in zip(rows.rows, rows.where):
+        try:
+            feature = hook.lft_format_example(example=row, tokenizer=tokenizer, config=config)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{where}: cannot format this row ({type(exc).__name__}: {exc})") from None
+        if feature is None:
+            raise DataError(f"{where}: no selected plugin can format this row (columns: {', '.join(row)})")
+        if "skip" in feature:
+            stats.skipped += 1
+            if len(stats.notes) < 3:
+                stats.notes.append(f"{where}: skipped ({feature['skip']})")
+            continue
+        length = _length(feature)
+        if feature.pop("truncated", False) or length > config.data.max_length:
+            if policy == "error":
+                raise DataError(f"{where}: example is longer than data.max_length={config.data.max_length} tokens")
+            if policy == "drop":
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+        trained = _trained(feature)
+        if trained == 0 and any(k.endswith("labels") for k in feature):
+            stats.skipped += 1
+            if len(stats.notes) < 3:
+                stats.notes.append(f"{where}: skipped (no trained tokens left after truncation)")
+            continue
+        stats.longest = max(stats.longest, length)
+        stats.tokens += length
+        stats.trained_tokens += trained
+        features.append(feature)
+    stats.examples = len(features)
+    if not features:
+        raise DataError(f"{rows.source}: no usable examples ({stats.dropped} dropped as too long, "
+                        f"{stats.skipped} skipped)")
+    return features, stats
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a seeded permutation per epoch that remembers how far it got, so a
+    run resumed mid-epoch continues with the next batch rather than starting the epoch again.
+
+    Lightning saves ``state_dict()`` in its checkpoints and calls ``load_state_dict`` on resume.
+    """
+
+    def __init__(self, dataset: list, batch_size: int, collate_fn: Any, seed: int, shuffle: bool = True,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
+        self._seed = seed
+        self._rank = rank
+        self._world = world_size
+        self._shuffle = shuffle
+        self._epoch = 0
+        self._consumed = 0
+        self._resume_at = 0
+        super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn, shuffle=False, drop_last=drop_last)
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.dataset)))
+        if self._shuffle:
+            random.Random(self._seed * 1000003 + epoch).shuffle(order)
+        if self._world > 1:  # every rank sees its own equal share of the same permutation
+            order = order[: len(order) - len(order) % self._world][self._rank:: self._world]
+        return order
+
+    def __iter__(self) -> Iterator[Any]:
+        order = self._order(self._epoch)
+        size = self.batch_size
+        batches = [order[i: i + size] for i in range(0, len(order), size)]
+        if self.drop_last and batches and len(batches[-1]) < size:
+            batches.pop()
+        start, self._resume_at = self._resume_at, 0
+        self._consumed = start
+        for index in range(start, len(batches)):
+            batch = self.collate_fn([self.dataset[i] for i in batches[index]])
+            self._consumed = index + 1
+            yield batch
+        self._epoch += 1
+        self._consumed = 0
+
+    def __len__(self) -> int:
+        n = len(self.dataset) // self._world
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "consumed": self._consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._epoch = int(state.get("epoch", 0))
+        self._resume_at = int(state.get("consumed", 0))
+
+
+class LftDataModule(L.LightningDataModule):
+    """Holds formatted examples; batches them through ``lft_collate``."""
+
+    def __init__(self, train: list[dict], eval: list[dict] | None, hook: Any, tokenizer: Any, config: Any):
+        super().__init__()
+        self.train_features = train
+        self.eval_features = eval or []
+        self.hook = hook
+        self.tokenizer = tokenizer
+        self.config = config
+        self._train_loader: ResumableLoader | None = None
+
+    def collate(self, features: list[dict]) -> dict:
+        batch = self.hook.lft_collate(features=features, tokenizer=self.tokenizer, config=self.config)
+        if batch is None:
+            raise DataError("no selected plugin could collate a batch")
+        return batch
+
+    def train_dataloader(self) -> ResumableLoader:
+        if self._train_loader is None:
+            cfg = self.config.trainer
+            trainer = getattr(self, "trainer", None)
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            self._train_loader = ResumableLoader(self.train_features, cfg.batch_size, self.collate, cfg.seed,
+                                                 rank=rank, world_size=world)
+        return self._train_loader
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.eval_features, batch_size=self.config.trainer.batch_size, collate_fn=self.collate)
+
+    def eval_loader(self, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(self.eval_features, batch_size=batch_size or self.config.trainer.batch_size,
+                          collate_fn=self.collate)
+
+
+def pad_collate(features: list[dict], pad_id: int) -> dict:
+    """Right-pad ``*input_ids`` with ``pad_id`` and ``*labels`` with -100; add attention masks.
+    Other keys whose values are numbers (or equal-length lists of numbers) become tensors."""
+    batch: dict[str, Any] = {}
+    keys = list(features[0])
+    for key in keys:
+        values = [f[key] for f in features]
+        if key.endswith("input_ids") or key.endswith("labels"):
+            fill = pad_id if key.endswith("input_ids") else -100
+            width = max(len(v) for v in values)
+            tensor = torch.full((len(values), width), fill, dtype=torch.long)
+            for i, v in enumerate(values):
+                tensor[i, : len(v)] = torch.as_tensor(v, dtype=torch.long)
+            batch[key] = tensor
+            if key.endswith("input_ids"):
+                mask = torch.zeros((len(values), width), dtype=torch.long)
+                for i, v in enumerate(values):
+                    mask[i, : len(v)] = 1
+                batch[key[: -len("input_ids")] + "attention_mask"] = mask
+        elif key.endswith("attention_mask"):
+            continue
+        elif all(isinstance(v, (int, float, bool)) for v in values):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch

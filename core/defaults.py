@@ -1,0 +1,34 @@
+"""lft's own plugin, ``core``: the trylast fallbacks that every run has."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lft import models
+from lft.data import pad_collate
+from lft.manager import hookimpl
+
+
+class CorePlugin:
+    """Loads models the standard way and pads batches when no selected plugin does."""
+
+    name = "core"
+    kind = "core"
+
+    def __init__(self) -> None:
+        self.hook: Any = None  # the run's hook relay, set when plugins are selected
+
+    @hookimpl(trylast=True)
+    def lft_load_model(self, config: Any) -> Any:
+        quantization = self.hook.lft_quantization_config(config=config) if self.hook is not None else None
+        return models.load_model(config, quantization_config=quantization)
+
+    @hookimpl(trylast=True)
+    def lft_collate(self, features: list, tokenizer: Any, config: Any) -> Any:
+        return pad_collate(features, tokenizer.pad_token_id)
+
+    @hookimpl(trylast=True)
+    def lft_save_model(self, model: Any, tokenizer: Any, path: str, config: Any) -> Any:
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+        return path

@@ -1,0 +1,54 @@
+"""Model plumbing shared by objectives: hidden states, the output projection, and per-token
+log-probs computed in chunks (see ``lft.losses.logprobs``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lft.losses.logprobs import logprobs_from_logits, shifted_logprobs
+
+# Config attributes of models whose logits are more than ``lm_head(hidden)``.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model under a peft wrapper (LoRA layers stay in place inside it)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def split_head(model: Any) -> tuple[Any, torch.nn.Module] | None:
+    """``(backbone, lm_head)`` when logits are exactly ``lm_head(backbone(...).last_hidden_state)``."""
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    if config is None or any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
+        return None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    backbone = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if backbone is None or backbone is base or type(head) is not torch.nn.Linear:
+        return None
+    return backbone, head
+
+
+def token_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the labelled next tokens, shape (B, T-1), and their mask.
+
+    Full-vocabulary logits are never formed for the whole batch when the model allows it.
+    """
+    parts = split_head(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logprobs_from_logits(logits, labels)
+    backbone, head = parts
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return shifted_logprobs(hidden, head.weight, labels, head.bias, chunk)
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,95 @@
+"""The LightningModule of every lft run. It knows no method: it calls the rollout hook and the
+objective that ``lft_loss`` returned, and it builds the optimizer and schedule from the config."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def _scalar(value: Any) -> float:
+    return float(value.detach().float().item()) if torch.is_tensor(value) else float(value)
+
+
+class LftModule(L.LightningModule):
+    """Wraps the model, the objective and the run's hook relay.
+
+    Objectives read ``module.model``, ``module.tokenizer``, ``module.config`` and ``module.hook``.
+    An objective may define ``setup(module)`` (called once before training) and
+    ``training_step(module, batch)`` to take over the whole step (for several optimizer steps
+    per batch, as PPO does, after setting ``module.automatic_optimization = False``).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, objective: Any, hook: Any, config: Any):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.objective = objective
+        self.hook = hook
+        self.config = config
+        self.strict_loading = False  # checkpoints hold only the trained weights
+        self.last_metrics: dict[str, float] = {}
+        self._objective_ready = False
+
+    def setup(self, stage: str) -> None:
+        if not self._objective_ready and hasattr(self.objective, "setup"):
+            self.objective.setup(self)
+        self._objective_ready = True
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.model(**inputs)
+
+    def compute(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss, metrics = self.objective(self, batch)
+        return loss, dict(metrics or {})
+
+    def training_step(self, batch: dict, batch_idx: int) -> Any:
+        experience = self.hook.lft_rollout(module=self, batch=batch, config=self.config)
+        if experience is not None:
+            batch = experience
+        if hasattr(self.objective, "training_step"):
+            loss, metrics = self.objective.training_step(self, batch)
+        else:
+            loss, metrics = self.compute(batch)
+        metrics = {k: _scalar(v) for k, v in (metrics or {}).items()}
+        metrics["loss"] = _scalar(loss)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"the loss is {metrics['loss']} at step {self.global_step} (batch {batch_idx})")
+        self.last_metrics = metrics
+        self.log("train/loss", loss.detach(), prog_bar=False, logger=True, batch_size=1)
+        for key, value in metrics.items():
+            if key != "loss":
+                self.log(f"train/{key}", value, logger=True, batch_size=1)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, metrics = self.compute(batch)
+        size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else 1
+        self.log("eval/loss", loss.detach(), on_epoch=True, on_step=False, batch_size=size, sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.config.trainer
+        decay, no_decay = [], []
+        for _, param in self.model.named_parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        if not decay and not no_decay:
+            raise RuntimeError("the model has no trainable parameters")
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas))
+        from transformers import get_scheduler
+
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(math.ceil(cfg.warmup_ratio * total))
+        name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=min(warmup, total), num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Frozen weights are reloaded from the base model on resume; keep only what trains.
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["lft_config"] = self.config.model_dump(mode="json")

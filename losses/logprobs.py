@@ -1,0 +1,145 @@
+"""Per-token log-probabilities without materialising full-vocabulary logits for the batch.
+
+``linear_logprobs(hidden, weight, targets)`` returns ``log softmax(hidden @ weight.T)[target]``
+for each row, computing the vocabulary projection ``chunk`` rows at a time. Its backward pass
+never keeps a ``(rows, vocab)`` tensor either:
+
+* when the output projection is frozen (LoRA, QLoRA), the gradient with respect to ``hidden`` is
+  computed chunk by chunk during the forward pass, where the probabilities already exist; the
+  backward pass only scales it by the incoming gradient, one number per row;
+* when the projection is trained (full fine-tuning), each chunk's logits are recomputed in the
+  backward pass to form both gradients.
+
+The gradient of ``log p(y)`` with respect to the logits is ``onehot(y) - softmax(logits)``.
+Matmuls run in the autocast dtype when autocast is on; softmax is always in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    device = tensor.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return tensor.dtype
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    logits = h.to(dtype) @ weight.to(dtype).t()
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return logits.to(_accumulate(dtype))
+
+
+def _accumulate(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs: softmax and sums never run in half precision."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):  # type: ignore[override]
+        dtype = _compute_dtype(hidden)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+        out = torch.empty(hidden.shape[0], dtype=_accumulate(hidden.dtype), device=hidden.device)
+        precomputed = need_h and not need_w
+        grad_hidden = torch.empty_like(hidden) if precomputed else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                end = min(start + chunk, hidden.shape[0])
+                logits = _chunk_logits(hidden[start:end], weight, bias, dtype)
+                rows = torch.arange(end - start, device=hidden.device)
+                tgt = targets[start:end]
+                lse = torch.logsumexp(logits, dim=-1)
+                out[start:end] = logits[rows, tgt] - lse
+                if precomputed:
+                    grad_logits = torch.exp(logits.sub_(lse[:, None])).neg_()
+                    grad_logits[rows, tgt] += 1.0
+                    grad_hidden[start:end] = (grad_logits.to(dtype) @ weight.to(dtype)).to(hidden.dtype)
+        ctx.chunk, ctx.dtype, ctx.precomputed = chunk, dtype, precomputed
+        ctx.has_bias = bias is not None
+        if precomputed:
+            ctx.save_for_backward(grad_hidden)
+        elif need_h or need_w:
+            ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        if ctx.precomputed:
+            (grad_hidden,) = ctx.saved_tensors
+            return grad_hidden * grad_out[:, None].to(grad_hidden.dtype), None, None, None, None
+        hidden, weight, bias, targets = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        dtype = ctx.dtype
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        acc = _accumulate(weight.dtype)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            end = min(start + ctx.chunk, hidden.shape[0])
+            h = hidden[start:end]
+            logits = _chunk_logits(h, weight, bias, dtype)
+            rows = torch.arange(end - start, device=hidden.device)
+            probs = torch.softmax(logits, dim=-1)
+            grad_logits = probs.neg_()
+            grad_logits[rows, targets[start:end]] += 1.0
+            grad_logits.mul_(grad_out[start:end, None])
+            if grad_hidden is not None:
+                grad_hidden[start:end] = (grad_logits.to(dtype) @ weight.to(dtype)).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.t().to(acc) @ h.to(acc)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0).to(acc)
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            None,
+            None,
+        )
+
+
+def linear_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """``log_softmax(hidden @ weight.T + bias)[i, targets[i]]`` for rows ``hidden`` of shape (N, H)."""
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()
+    return _LinearLogprobs.apply(hidden, weight, bias, targets, int(chunk))
+
+
+def shifted_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of next tokens for a causal LM.
+
+    :param hidden: final hidden states, shape (B, T, H).
+    :param labels: token ids with -100 on positions not scored, shape (B, T). Position t's
+        hidden state predicts ``labels[:, t + 1]``.
+    :return: ``(logps, mask)`` of shape (B, T - 1): the log-prob of each scored next token (0
+        elsewhere) and a bool mask of scored positions. Only scored positions are projected
+        onto the vocabulary.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    selected = hidden[:, :-1][mask]
+    values = linear_logprobs(selected, weight, targets[mask], bias, chunk)
+    logps = torch.zeros(targets.shape, dtype=values.dtype, device=values.device)
+    logps = logps.masked_scatter(mask, values)
+    return logps, mask
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain computation over full logits (B, T, V), as a reference and a fallback."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    values = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return values * mask, mask

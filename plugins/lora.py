@@ -1,0 +1,48 @@
+"""LoRA: train small low-rank adapters on a frozen base model (arXiv 2106.09685)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import Field
+
+import lft
+from lft.adapters.lora import apply_lora
+from lft.config import Section
+
+
+class LoRAOptions(Section):
+    r: int = Field(16, gt=0, description="Adapter rank. Start at 16; raise it if eval metrics plateau.")
+    alpha: float = Field(32, gt=0, description="Scale numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: Union[Literal["attention", "all-linear"], list[str]] = Field(
+        "attention", description="attention (q/k/v/o projections), all-linear, or a list of layer names."
+    )
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA).")
+
+
+class LoRA:
+    """Model wrapper: the base stays frozen; only LoRA adapters train. Saves a peft adapter."""
+
+    name = "lora"
+    kind = "wrapper"
+    options = LoRAOptions
+
+    @lft.hookimpl
+    def lft_add_config(self, register: Any) -> None:
+        register(self.name, self.options)
+
+    @lft.hookimpl
+    def lft_wrap_model(self, model: Any, config: Any) -> Any:
+        opts = config.section(self.name)
+        if config.trainer.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        try:
+            wrapped = apply_lora(model, opts.r, opts.alpha, opts.dropout, opts.target_modules, opts.bias,
+                                 opts.use_rslora)
+        except ValueError as exc:
+            raise lft.ConfigError(str(exc)) from None
+        wrapped.train()
+        return wrapped

@@ -1,0 +1,85 @@
+"""Supervised fine-tuning: maximise the likelihood of the reference completions.
+
+Rows are ``messages`` (a conversation), ``prompt`` + ``completion``, or plain ``text``.
+Conversations go through the tokenizer's own chat template, and by default only the assistant
+turns are trained, each up to and including its end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+import lft
+from lft import chat, task
+from lft.config import Section
+from lft.losses.sft import masked_nll
+from lft.modeling import token_logprobs
+
+
+class SFTOptions(Section):
+    train_on: Literal["assistant", "last_assistant", "all"] = Field(
+        "assistant", description="Which tokens of a conversation are trained."
+    )
+    chat_template: str | None = Field(None, description="A Jinja chat template to use instead of the tokenizer's.")
+    use_chat_template: bool = Field(True, description="Format prompt/completion strings as a user and an assistant turn.")
+
+
+class SFTObjective:
+    """Token-level mean NLL of the trained tokens, computed in chunks over the vocabulary."""
+
+    needs_reference = False
+
+    def __call__(self, module: Any, batch: dict) -> tuple[Any, dict]:
+        logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                     module.config.trainer.logits_chunk)
+        loss = masked_nll(logps, mask)
+        return loss, {"nll": loss.detach(), "trained_tokens": mask.sum()}
+
+
+class SFT:
+    """Objective: supervised fine-tuning on conversations, prompt/completion pairs or text."""
+
+    name = "sft"
+    kind = "objective"
+    options = SFTOptions
+
+    @lft.hookimpl
+    def lft_add_config(self, register: Any) -> None:
+        register(self.name, self.options)
+
+    #: Settings for the embedded task that make bare `lft run` a few minutes on a laptop CPU.
+    default_settings = {"trainer.max_steps": 60, "trainer.batch_size": 8, "trainer.lr": 1e-3}
+
+    @lft.hookimpl
+    def lft_default_data(self, config: Any) -> Any:
+        return {**task.files("sft"), "settings": self.default_settings}
+
+    def format_row(self, example: dict, tokenizer: Any, config: Any) -> dict:
+        opts = config.section(self.name)
+        if opts.chat_template and tokenizer.chat_template != opts.chat_template:
+            tokenizer.chat_template = opts.chat_template
+        if "messages" in example:
+            ids, labels = chat.tokenize_conversation(tokenizer, example["messages"], opts.train_on)
+        elif "prompt" in example and "completion" in example:
+            ids, labels = chat.tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"],
+                                                          opts.use_chat_template)
+        elif "text" in example:
+            ids, labels = chat.tokenize_text(tokenizer, example["text"])
+        else:
+            raise lft.DataError(f"expected a 'messages', 'prompt' + 'completion' or 'text' column; "
+                                f"found {', '.join(example) or 'no columns'}")
+        ids, labels, truncated = chat.truncate(ids, labels, config.data.max_length)
+        return {"input_ids": ids, "labels": labels, "truncated": truncated}
+
+    @lft.hookimpl
+    def lft_format_example(self, example: dict, tokenizer: Any, config: Any) -> Any:
+        return self.format_row(example, tokenizer, config)
+
+    def objective(self, config: Any) -> Any:
+        return SFTObjective()
+
+    @lft.hookimpl
+    def lft_loss(self, config: Any) -> Any:
+        return self.objective(config)
