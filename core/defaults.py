@@ -10,7 +10,8 @@ from lft.manager import hookimpl
 
 
 class CorePlugin:
-    """Loads models the standard way and pads batches when no selected plugin does."""
+    """Loads models the standard way, pads batches and generates the experience of online objectives
+    (those with a ``rollout`` attribute) when no selected plugin does."""
 
     name = "core"
     kind = "core"
@@ -32,6 +33,15 @@ class CorePlugin:
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
         return path
+
+    @hookimpl(trylast=True)
+    def lft_rollout(self, module: Any, batch: dict, config: Any) -> Any:
+        settings = getattr(module.objective, "rollout", None)
+        if settings is None:
+            return None  # an offline objective: its batch is used as it is
+        from lft.rollout import experience
+
+        return experience(module, batch, settings)
 
     @hookimpl
     def lft_add_commands(self, cli: Any) -> None:

@@ -234,7 +234,7 @@ class Run:
             out["task_samples"] = metric["samples"]
         return out
 
-    def trainer(self, monitor: RunMonitor, stop: GracefulStop) -> Any:
+    def trainer(self, monitor: RunMonitor, stop: GracefulStop, manual: bool = False) -> Any:
         import lightning as L
         from lightning.pytorch.callbacks import ModelCheckpoint
         from lightning.pytorch.loggers import CSVLogger
@@ -261,8 +261,9 @@ class Run:
             precision=tc.precision,
             max_steps=tc.max_steps,
             max_epochs=-1 if tc.max_steps > 0 else tc.epochs,
-            accumulate_grad_batches=tc.grad_accum,
-            gradient_clip_val=tc.max_grad_norm,
+            # An objective that steps the optimizer itself (manual optimization) clips and accumulates itself.
+            accumulate_grad_batches=1 if manual else tc.grad_accum,
+            gradient_clip_val=None if manual else tc.max_grad_norm,
             callbacks=callbacks,
             plugins=[AtomicCheckpointIO()],
             logger=CSVLogger(self.output, name="logs"),  # a new version_N per attempt; resume never deletes logs
@@ -275,6 +276,17 @@ class Run:
             default_root_dir=self.output,
             **kwargs,
         )
+
+    def save_progress(self, trainer: Any) -> str:
+        """Checkpoint a run that failed mid-way, and say where (empty before the first step)."""
+        if trainer.global_step == 0:
+            return ""
+        target = self.output / CHECKPOINTS / "last.ckpt"
+        try:
+            trainer.save_checkpoint(target)
+        except Exception:  # the failure may have left nothing saveable; the periodic checkpoints stay
+            return f" (checkpoints so far are kept in {target.parent})"
+        return f"; a checkpoint at step {trainer.global_step} was saved in {target.parent}; continue with --resume"
 
     def save_final(self, module: LftModule) -> Path:
         """Save the trained model (adapter or full) with its tokenizer and config, atomically."""
@@ -294,6 +306,15 @@ class Run:
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def collect_objective_report(self, objective: Any) -> None:
+        """An objective's ``notes`` (a dict) and ``warnings`` (a list of lines) go into the summary."""
+        notes = dict(getattr(objective, "notes", None) or {})
+        if notes:
+            self.summary["notes"] = notes
+        found = [str(w) for w in getattr(objective, "warnings", None) or []]
+        if found:
+            self.summary.setdefault("warnings", []).extend(found)
 
     # -- the run -----------------------------------------------------------------------------------
     def execute(self) -> RunResult:
@@ -329,11 +350,13 @@ class Run:
             self.summary["before"] = self.measure(module, datamodule, task_rows)
         monitor = RunMonitor(self.output, quiet=self.quiet)
         stop = GracefulStop()
-        trainer = self.trainer(monitor, stop)
+        trainer = self.trainer(monitor, stop, manual=not module.automatic_optimization)
         fit_started = time.perf_counter()
         stop.install()
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        except LftError as exc:  # a one-line error from a plugin mid-run: keep the progress made so far
+            raise type(exc)(f"{exc}{self.save_progress(trainer)}") from None
         finally:
             stop.uninstall()
             monitor.close()
@@ -345,7 +368,13 @@ class Run:
         trainer.save_checkpoint(self.output / CHECKPOINTS / "last.ckpt")
         final = self.save_final(module) if trainer.global_rank == 0 else None
         self.summary["after"] = self.measure(module, datamodule, task_rows)
+        self.collect_objective_report(objective)
         history = monitor.history
+        from lft.report import reward_task_warning
+
+        hacking = reward_task_warning(self.summary, history)
+        if hacking:
+            self.summary.setdefault("warnings", []).append(hacking)
         self.summary.update(
             steps=trainer.global_step,
             train_time_s=round(train_time, 2),

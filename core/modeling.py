@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lft.losses.logprobs import logprobs_from_logits, shifted_logprobs
+from lft.losses.logprobs import entropy_from_logits, linear_entropy, logprobs_from_logits, shifted_logprobs
 
 # Config attributes of models whose logits are more than ``lm_head(hidden)``.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -46,6 +46,41 @@ def token_logprobs(
     backbone, head = parts
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return shifted_logprobs(hidden, head.weight, labels, head.bias, chunk)
+
+
+def token_stats(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
+    temperature: float = 1.0, entropy: bool = False, hidden: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``token_logprobs`` of the distribution at ``temperature``, from one forward pass, plus on
+    request the entropy (no gradient) at each scored position and the final hidden states.
+
+    :return: ``{"logps", "mask"}`` of shape (B, T-1), ``"entropy"`` (B, T-1) when asked, and
+        ``"hidden"`` (B, T, H) when asked (what an output head or a value head reads).
+    """
+    parts = split_head(model)
+    if parts is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
+        logits = out.logits / temperature
+        logps, mask = logprobs_from_logits(logits, labels)
+        stats = {"logps": logps, "mask": mask}
+        if entropy:
+            stats["entropy"] = entropy_from_logits(logits[:, :-1].detach()) * mask
+        if hidden:
+            stats["hidden"] = out.hidden_states[-1]
+        return stats
+    backbone, head = parts
+    states = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    scaled = states / temperature if temperature != 1.0 else states
+    bias = head.bias / temperature if head.bias is not None and temperature != 1.0 else head.bias
+    logps, mask = shifted_logprobs(scaled, head.weight, labels, bias, chunk)
+    stats = {"logps": logps, "mask": mask}
+    if entropy:
+        values = linear_entropy(scaled[:, :-1][mask].detach(), head.weight, bias, chunk)
+        stats["entropy"] = torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+    if hidden:
+        stats["hidden"] = states
+    return stats
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:

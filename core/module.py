@@ -20,7 +20,10 @@ class LftModule(L.LightningModule):
     Objectives read ``module.model``, ``module.tokenizer``, ``module.config`` and ``module.hook``.
     An objective may define ``setup(module)`` (called once before training) and
     ``training_step(module, batch)`` to take over the whole step (for several optimizer steps
-    per batch, as PPO does, after setting ``module.automatic_optimization = False``).
+    per batch, as PPO does, after setting ``module.automatic_optimization = False``; it then
+    clips gradients and steps the schedule itself, and ``updates_per_batch`` tells the schedule
+    how many optimizer steps a batch takes). An objective's ``state_dict()`` and
+    ``load_state_dict(state)``, when it has them, travel with the checkpoints.
     """
 
     def __init__(self, model: Any, tokenizer: Any, objective: Any, hook: Any, config: Any):
@@ -73,7 +76,7 @@ class LftModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         cfg = self.config.trainer
         decay, no_decay = [], []
-        for _, param in self.model.named_parameters():
+        for _, param in self.named_parameters():  # the model, and any module an objective attached (a critic)
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
         if not decay and not no_decay:
@@ -83,6 +86,8 @@ class LftModule(L.LightningModule):
         from transformers import get_scheduler
 
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        if not self.automatic_optimization and cfg.max_steps <= 0:  # several optimizer steps per batch
+            total *= int(getattr(self.objective, "updates_per_batch", 1))
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(math.ceil(cfg.warmup_ratio * total))
         name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=min(warmup, total), num_training_steps=total)
@@ -93,3 +98,9 @@ class LftModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lft_config"] = self.config.model_dump(mode="json")
+        if hasattr(self.objective, "state_dict"):  # e.g. an adaptive KL coefficient
+            checkpoint["lft_objective"] = self.objective.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "lft_objective" in checkpoint and hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(checkpoint["lft_objective"])

@@ -22,6 +22,25 @@ def write_summary(output: Path, summary: dict) -> Path:
     return target
 
 
+def reward_task_warning(summary: dict, history: list[dict]) -> str | None:
+    """The sign of reward hacking: the training reward rose while the held-out task metric fell.
+
+    Compares the mean ``reward`` of the first and last quarter of the logged steps with the task
+    accuracy before and after training; None when either is missing or nothing is amiss.
+    """
+    rewards = [h["reward"] for h in history if "reward" in h]
+    before = (summary.get("before") or {}).get("task_accuracy")
+    after = (summary.get("after") or {}).get("task_accuracy")
+    if len(rewards) < 2 or before is None or after is None:
+        return None
+    quarter = max(1, len(rewards) // 4)
+    first, last = sum(rewards[:quarter]) / quarter, sum(rewards[-quarter:]) / quarter
+    if last > first and after < before:
+        return (f"the training reward rose ({first:.3g} -> {last:.3g}) while the held-out task accuracy fell "
+                f"({before:.3g} -> {after:.3g}); the policy may be exploiting its reward rather than solving the task")
+    return None
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -60,6 +79,8 @@ def print_summary(console: Any, summary: dict) -> None:
     table.add_row("tokens/s", _fmt(summary.get("tokens_per_s")))
     table.add_row("train time", f"{_fmt(summary.get('train_time_s'))} s (total {_fmt(summary.get('total_time_s'))} s)")
     table.add_row("saved", _fmt(summary.get("final")))
+    for key, value in (summary.get("notes") or {}).items():
+        table.add_row(key.replace("_", " "), _fmt(value))
     for warning in summary.get("warnings", []):
         table.add_row("[yellow]warning[/]", warning)
     console.print(table)

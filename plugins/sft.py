@@ -68,8 +68,9 @@ class SFT:
         elif "text" in example:
             ids, labels = chat.tokenize_text(tokenizer, example["text"])
         else:
+            online = " (rows with a prompt and no completion are for online methods: --plugin grpo or ppo)"
             raise lft.DataError(f"expected a 'messages', 'prompt' + 'completion' or 'text' column; "
-                                f"found {', '.join(example) or 'no columns'}")
+                                f"found {', '.join(example) or 'no columns'}{online if 'prompt' in example else ''}")
         ids, labels, truncated = chat.truncate(ids, labels, config.data.max_length)
         return {"input_ids": ids, "labels": labels, "truncated": truncated}
 

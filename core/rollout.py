@@ -1,0 +1,204 @@
+"""The default rollout of online methods: sample completions from the current policy, score their
+tokens under the policy and the reference, and ask the reward plugins for their rewards.
+
+An objective takes part by carrying a ``rollout`` attribute (a ``RolloutSettings``); the core
+plugin's trylast ``lft_rollout`` then calls ``experience`` before every training step. A plugin that
+implements ``lft_rollout`` itself replaces it.
+
+Generation is batched with a KV cache (``model.generate``): one forward pass per new token for
+the whole batch, never one sequence at a time and never the whole sequence again. The per-token
+log-probs are then computed in one forward pass per model over prompt + completion.
+
+The experience batch (a dict) holds, with ``N`` = prompts x ``num_generations`` (the samples of
+one prompt are consecutive) and ``C`` the longest completion:
+
+* ``prompts``, ``completions``: the raw prompts and the decoded completions (N);
+* ``input_ids``, ``attention_mask``: left-padded prompt then completion, (N, P + C);
+* ``prompt_length``: P; ``completion_ids``, ``completion_mask`` (N, C): the generated tokens and
+  which of them are real (up to and including the end-of-turn token); ``stopped`` (N,): whether
+  the completion ended with an end-of-turn token rather than at ``max_new_tokens``;
+* ``logps``, ``entropy`` (N, C): the sampling policy's log-prob of each generated token and the
+  entropy of its distribution there; ``ref_logps`` (N, C) when the reference was asked for;
+  ``hidden`` (N, C, H) the policy's final hidden state before each token, when asked for;
+* ``rewards`` (N,): the weighted sum; ``reward_scores`` and ``reward_weights``: per function;
+* every other column of the data, repeated per sample (e.g. ``answer``);
+* ``timings``: seconds spent generating, scoring tokens and computing rewards, and the number of
+  generated tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from lft import chat
+from lft.errors import LftError
+from lft.modeling import token_stats
+from lft.rewards import score
+
+#: Batch keys the rollout reads; every other key is a data column handed to the reward functions.
+PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask")
+#: Keys of the experience batch that a data column may not use.
+RESERVED = ("prompts", "completions", "input_ids", "attention_mask", "labels", "prompt_length", "completion_ids",
+            "completion_mask", "logps", "entropy", "ref_logps", "hidden", "rewards", "reward_scores",
+            "reward_weights", "num_generations", "stopped", "timings", *PROMPT_KEYS)
+
+
+@dataclass
+class RolloutSettings:
+    """How an online objective wants its experience generated."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_generations: int = 1
+    #: Compute the reference policy's log-probs (``module.reference`` must exist).
+    reference: bool = False
+    #: Keep the policy's hidden states of the completion positions (for a value head).
+    hidden: bool = False
+    #: Sequences generated at once (memory bound); 0 means all of them.
+    generation_batch_size: int = 0
+
+
+@contextlib.contextmanager
+def sampling_mode(model: Any) -> Iterator[None]:
+    """Eval mode (no dropout) and no gradients; the training mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def left_pad(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens to the right end, so generated tokens follow them directly."""
+    mask = mask.bool()
+    lengths = mask.sum(1)
+    width = int(lengths.max()) if lengths.numel() else 0
+    out = torch.full((ids.shape[0], width), pad_id, dtype=ids.dtype, device=ids.device)
+    out_mask = torch.zeros((ids.shape[0], width), dtype=torch.long, device=ids.device)
+    for i in range(ids.shape[0]):
+        n = int(lengths[i])
+        if n:
+            out[i, width - n:] = ids[i][mask[i]]
+            out_mask[i, width - n:] = 1
+    return out, out_mask
+
+
+def is_stop(ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    return torch.isin(ids, torch.tensor(stop_ids, dtype=ids.dtype, device=ids.device))
+
+
+def stop_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """True for the tokens of each completion up to and including its first stop token."""
+    stops = is_stop(completion_ids, stop_ids).long()
+    return (stops.cumsum(1) - stops) == 0
+
+
+def generate_tokens(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: RolloutSettings,
+                    stop_ids: list[int], pad_id: int) -> torch.Tensor:
+    """Sample (greedy at temperature 0) up to ``max_new_tokens`` for each left-padded prompt, with a
+    KV cache, ``generation_batch_size`` rows at a time. Returns (N, C) token ids, padded after the
+    stop token with ``pad_id``."""
+    kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": pad_id,
+                              "eos_token_id": stop_ids or None, "use_cache": True, "repetition_penalty": 1.0}
+    if settings.temperature > 0:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    step = settings.generation_batch_size or prompt_ids.shape[0]
+    parts = []
+    with sampling_mode(model):
+        for start in range(0, prompt_ids.shape[0], step):
+            ids, mask = prompt_ids[start: start + step], prompt_mask[start: start + step]
+            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            parts.append(out[:, ids.shape[1]:])
+    width = max(p.shape[1] for p in parts)
+    completion = torch.full((prompt_ids.shape[0], width), pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
+    row = 0
+    for part in parts:
+        completion[row: row + part.shape[0], : part.shape[1]] = part
+        row += part.shape[0]
+    return completion
+
+
+def repeat_columns(batch: dict, times: int) -> dict:
+    """Every data column of ``batch`` (not the prompt tensors), each entry repeated ``times``."""
+    out = {}
+    for key, value in batch.items():
+        if key in PROMPT_KEYS:
+            continue
+        if torch.is_tensor(value) and value.ndim:
+            out[key] = value.repeat_interleave(times, dim=0)
+        elif isinstance(value, (list, tuple)):
+            out[key] = [v for v in value for _ in range(times)]
+        else:
+            out[key] = value
+    return out
+
+
+def _completion_window(stats: dict, start: int) -> dict:
+    return {k: v[:, start:] for k, v in stats.items() if k != "hidden"}
+
+
+def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
+    """Generate and score one batch of experience with ``module.model`` (see the module docstring)."""
+    model, tokenizer, config = module.model, module.tokenizer, module.config
+    missing = [k for k in PROMPT_KEYS if k not in batch]
+    if missing:
+        raise LftError(f"the rollout needs {', '.join(PROMPT_KEYS)} in the batch (an online objective's "
+                       f"lft_format_example provides them); missing {', '.join(missing)}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = sorted(chat.end_of_turn_ids(tokenizer))
+    group = settings.num_generations
+    prompt_ids, prompt_mask = left_pad(batch["prompt_input_ids"], batch["prompt_attention_mask"], pad_id)
+    prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
+    width = prompt_ids.shape[1]
+
+    started = time.perf_counter()
+    completion_ids = generate_tokens(model, prompt_ids, prompt_mask, settings, stop_ids, pad_id)
+    generated = time.perf_counter()
+    completion_mask = stop_mask(completion_ids, stop_ids)
+    completion_ids = completion_ids.masked_fill(~completion_mask, pad_id)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
+    labels = torch.cat([torch.full_like(prompt_ids, -100), completion_ids.masked_fill(~completion_mask, -100)], dim=1)
+    chunk = config.trainer.logits_chunk
+    temperature = settings.temperature if settings.temperature > 0 else 1.0
+    with sampling_mode(model):
+        stats = token_stats(model, input_ids, attention_mask, labels, chunk, temperature, entropy=True,
+                            hidden=settings.hidden)
+    exp: dict[str, Any] = repeat_columns(batch, group)
+    exp.update(_completion_window(stats, width - 1))
+    exp.pop("mask", None)
+    if settings.hidden:
+        exp["hidden"] = stats["hidden"][:, width - 1: -1]
+    if settings.reference:
+        reference = getattr(module, "reference", None)
+        if reference is None:
+            raise LftError("the objective asks for reference log-probs but the run has no reference policy "
+                           "(set needs_reference = True on the objective)")
+        with reference.model() as ref_model:
+            ref = token_stats(ref_model, input_ids, attention_mask, labels, chunk, temperature)
+        exp["ref_logps"] = ref["logps"][:, width - 1:]
+    scored = time.perf_counter()
+
+    prompts = exp.get("prompt") or tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+    completions = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion_ids, completion_mask)]
+    exp.update(prompts=list(prompts), completions=completions, input_ids=input_ids, attention_mask=attention_mask,
+               labels=labels, prompt_length=width, completion_ids=completion_ids, completion_mask=completion_mask,
+               num_generations=group, stopped=(is_stop(completion_ids, stop_ids) & completion_mask).any(-1))
+    rewards = score(module.hook, exp["prompts"], completions, exp, config)
+    device = completion_ids.device
+    exp.update(rewards=rewards.total.to(device), reward_scores={k: v.to(device) for k, v in rewards.scores.items()},
+               reward_weights=rewards.weights)
+    exp["timings"] = {"generation_s": generated - started, "scoring_s": scored - generated,
+                      "reward_s": time.perf_counter() - scored, "generated_tokens": int(completion_mask.sum())}
+    return exp

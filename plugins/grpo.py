@@ -1,0 +1,64 @@
+"""GRPO: sample a group of completions per prompt and push each one by how much better it scored
+than its group (DeepSeekMath, arXiv 2402.03300). No critic; the reference policy is used only
+when ``grpo.beta`` > 0.
+
+Rewards come from the selected reward plugins (``lft_reward``): for example
+``lft run --plugin grpo --plugin exact_answer`` on prompt/answer data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from lft.losses.grpo import group_advantages, grpo_loss
+from lft.plugins.online import OnlineMethod, OnlineObjective, OnlineOptions
+
+
+class GRPOOptions(OnlineOptions):
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
+    beta: float = Field(0.0, ge=0, description="Weight of the k3 KL penalty to the reference; 0 needs no reference.")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the probability ratio.")
+    clip_eps_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO clip-higher); empty means clip_eps.")
+    loss: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "grpo", description="Token normalisation: per-sequence mean (grpo), constant (dr_grpo) or per-token (dapo).")
+    scale_advantages: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the reward std of the group, of the batch, or not at all.")
+
+
+class GRPOObjective(OnlineObjective):
+    """The GRPO update on a batch of grouped experience."""
+
+    def __init__(self, opts: GRPOOptions, config: Any):
+        super().__init__("grpo", opts, config, num_generations=opts.num_generations, needs_reference=opts.beta > 0)
+
+    def prepare(self, module: Any, exp: dict) -> dict:
+        advantages = group_advantages(exp["rewards"], self.opts.num_generations, self.opts.scale_advantages)
+        return {"advantages": advantages.to(exp["logps"].dtype)}
+
+    def loss(self, module: Any, exp: dict, rows: Any) -> tuple[Any, dict]:
+        opts = self.opts
+        logps = self.policy_stats(module, exp, rows)["logps"]
+        return grpo_loss(logps, exp["logps"][rows], exp["advantages"][rows], exp["completion_mask"][rows],
+                         opts.loss, opts.clip_eps, opts.clip_eps_high, opts.beta,
+                         exp["ref_logps"][rows] if opts.beta > 0 else None, opts.max_new_tokens)
+
+    def step_metrics(self, exp: dict, update_s: float, step: int) -> dict:
+        metrics = super().step_metrics(exp, update_s, step)
+        grouped = exp["rewards"].view(-1, self.opts.num_generations)
+        metrics["groups_without_signal"] = (grouped.max(1).values == grouped.min(1).values).float().mean()
+        return metrics
+
+
+class GRPO(OnlineMethod):
+    """Objective: group-relative policy optimisation from the policy's own samples."""
+
+    name = "grpo"
+    options = GRPOOptions
+    default_settings = {"trainer.max_steps": 40, "trainer.batch_size": 4, "trainer.lr": 2e-4,
+                        "trainer.warmup_steps": 0, "trainer.schedule": "constant", "data.max_eval_rows": 32,
+                        "grpo.max_new_tokens": 32}
+
+    def objective(self, config: Any) -> Any:
+        return GRPOObjective(config.section(self.name), config)

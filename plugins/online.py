@@ -1,0 +1,281 @@
+"""What the online methods (ppo, grpo) share: prompt data, the rollout settings, several optimizer
+steps per rollout batch, the per-step metrics and the sample log.
+
+Rows have a ``prompt`` (a string or a list of messages) and any other columns, which reach the
+reward functions unchanged (for example ``answer``). The experience itself comes from the
+``lft_rollout`` hook (``lft.rollout`` by default), before the objective's ``training_step``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+import lft
+from lft import chat, task
+from lft.config import Section
+from lft.losses.ppo import masked_mean
+from lft.modeling import token_stats
+from lft.rewards import reward_plugins
+from lft.rollout import RESERVED, RolloutSettings, experience
+
+log = logging.getLogger("lft")
+
+
+class OnlineOptions(Section):
+    max_new_tokens: int = Field(64, gt=0, description="Longest completion sampled, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollout.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest token set with this mass.")
+    epochs: int = Field(1, gt=0, description="Passes over each rollout batch.")
+    minibatches: int = Field(1, gt=0, description="Optimizer steps per pass; the rollout batch is split this many ways.")
+    generation_batch_size: int = Field(0, ge=0, description="Sequences generated at once; 0 means the whole batch.")
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="KL estimator per token: k1 (log-ratio) or k3 (never negative).")
+    kl_warning: float | None = Field(10.0, gt=0, description="Warn when the mean KL to the reference per completion passes this.")
+    samples_to_log: int = Field(2, ge=0, description="Completions per step appended to samples.jsonl in the output folder.")
+    use_chat_template: bool = Field(True, description="Format string prompts as a user turn with the chat template.")
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Correlation of two equal-length vectors (0 when either is constant)."""
+    x, y = x.float() - x.float().mean(), y.float() - y.float().mean()
+    denominator = (x.square().sum() * y.square().sum()).sqrt()
+    return float((x * y).sum() / denominator) if denominator > 0 else 0.0
+
+
+class _AdapterOrCopyReference:
+    """The reference policy until ``lft.reference`` exists: the adapter switched off, or a frozen copy."""
+
+    def __init__(self, policy: Any):
+        import copy
+
+        self.policy = policy
+        self.frozen = None if callable(getattr(policy, "disable_adapter", None)) else copy.deepcopy(policy).requires_grad_(False).eval()
+
+    def model(self) -> Any:
+        import contextlib
+
+        if self.frozen is not None:
+            return contextlib.nullcontext(self.frozen)
+        return self.policy.disable_adapter()
+
+
+class OnlineObjective:
+    """Runs the update loop of an online method: ``epochs`` x ``minibatches`` optimizer steps per
+    rollout batch, under Lightning manual optimization, with clipping and the LR schedule.
+
+    Subclasses implement ``prepare(module, exp) -> dict`` (advantages and the like, with no
+    gradient) and ``loss(module, exp, rows) -> (loss, metrics)`` on the rows of one minibatch.
+    """
+
+    def __init__(self, name: str, opts: OnlineOptions, config: Any, num_generations: int = 1,
+                 needs_reference: bool = False, value_states: bool = False):
+        self.name = name
+        self.opts = opts
+        self.config = config
+        self.needs_reference = needs_reference
+        self.rollout = RolloutSettings(opts.max_new_tokens, opts.temperature, opts.top_p, num_generations,
+                                       needs_reference, value_states, opts.generation_batch_size)
+        self.eval_rollout = RolloutSettings(opts.max_new_tokens, 0.0, 1.0, 1, False, False, opts.generation_batch_size)
+        self.updates_per_batch = opts.epochs * opts.minibatches
+        self.warnings: list[str] = []
+        self._warned: set[str] = set()
+        self.notes: dict[str, Any] = {}
+        self.samples_path = Path(config.output) / "samples.jsonl"
+        self._totals = {"rollout_s": 0.0, "update_s": 0.0, "generation_s": 0.0, "generated_tokens": 0}
+
+    # -- set-up --------------------------------------------------------------------------------
+    def setup(self, module: Any) -> None:
+        module.automatic_optimization = False  # several optimizer steps per rollout batch
+        if self.config.trainer.grad_accum != 1:
+            raise lft.ConfigError("trainer.grad_accum: online methods take several optimizer steps per rollout batch; "
+                                  "leave it at 1 and set the batch size and minibatches instead")
+        if not reward_plugins(module.hook):
+            raise lft.PluginError("no reward function is selected: add one, e.g. --plugin exact_answer (checks an "
+                                  "'answer' column), --plugin reward_model reward_model.path=DIR, or your own reward plugin")
+        if self.needs_reference and getattr(module, "reference", None) is None:
+            module.reference = _AdapterOrCopyReference(module.model)
+        every = self.config.trainer.checkpoint_every
+        if every and every % self.updates_per_batch:
+            self.note_warning(f"trainer.checkpoint_every={every} is not a multiple of the {self.updates_per_batch} "
+                              f"optimizer steps per rollout batch; checkpoints are saved only at common multiples")
+
+    def note_warning(self, text: str, kind: str | None = None) -> None:
+        """Add a warning to the run summary and print it, once per ``kind``."""
+        kind = kind or text
+        if kind not in self._warned:
+            self._warned.add(kind)
+            self.warnings.append(text)
+            log.warning("warning: %s", text)
+
+    # -- evaluation: a greedy rollout on held-out prompts --------------------------------------------
+    def __call__(self, module: Any, batch: dict) -> tuple[torch.Tensor, dict]:
+        exp = experience(module, batch, self.eval_rollout)
+        metrics = {"reward": exp["rewards"].mean()}
+        metrics.update({f"reward_{k}": v.mean() for k, v in exp["reward_scores"].items()})
+        metrics["completion_length"] = exp["completion_mask"].sum(-1).float().mean()
+        return -exp["rewards"].mean(), metrics
+
+    # -- training ----------------------------------------------------------------------------------
+    def policy_stats(self, module: Any, exp: dict, rows: torch.Tensor, hidden: bool = False) -> dict:
+        """Log-probs (with gradient) of the completion tokens of ``rows``, shape (n, C)."""
+        start = exp["prompt_length"] - 1
+        stats = token_stats(module.model, exp["input_ids"][rows], exp["attention_mask"][rows], exp["labels"][rows],
+                            self.config.trainer.logits_chunk, self.rollout.temperature, hidden=hidden)
+        out = {"logps": stats["logps"][:, start:]}
+        if hidden:
+            out["hidden"] = stats["hidden"][:, start:-1]
+        return out
+
+    def prepare(self, module: Any, exp: dict) -> dict:
+        return {}
+
+    def loss(self, module: Any, exp: dict, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def finished(self, module: Any) -> bool:
+        max_steps = self.config.trainer.max_steps
+        return max_steps > 0 and module.global_step >= max_steps
+
+    def optimizer_step(self, module: Any, loss: torch.Tensor) -> None:
+        optimizer = module.optimizers()
+        module.manual_backward(loss)
+        if self.config.trainer.max_grad_norm:
+            module.clip_gradients(optimizer, gradient_clip_val=self.config.trainer.max_grad_norm,
+                                  gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler = module.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def training_step(self, module: Any, exp: dict) -> tuple[torch.Tensor, dict]:
+        started = time.perf_counter()
+        exp.update(self.prepare(module, exp))
+        n = exp["completion_ids"].shape[0]
+        size = -(-n // self.opts.minibatches)
+        losses, collected = [], []
+        for _ in range(self.opts.epochs):
+            order = torch.randperm(n, device=exp["completion_ids"].device)
+            for start in range(0, n, size):
+                if self.finished(module):
+                    break
+                loss, metrics = self.loss(module, exp, order[start: start + size])
+                self.optimizer_step(module, loss)
+                losses.append(loss.detach())
+                collected.append({k: float(v) for k, v in metrics.items()})
+        update_s = time.perf_counter() - started
+        metrics = self.step_metrics(exp, update_s, module.global_step)
+        for key in collected[0] if collected else []:
+            metrics[key] = sum(c[key] for c in collected) / len(collected)
+        self.log_samples(module, exp)
+        return torch.stack(losses).mean() if losses else torch.zeros(()), metrics
+
+    # -- what is logged ----------------------------------------------------------------------------
+    def step_metrics(self, exp: dict, update_s: float, step: int) -> dict:
+        mask = exp["completion_mask"]
+        lengths = mask.sum(-1).float()
+        rewards = exp["rewards"].float()
+        timing = exp["timings"]
+        rollout_s = timing["generation_s"] + timing["scoring_s"] + timing["reward_s"]
+        metrics = {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else 0.0,
+                   "entropy": masked_mean(exp["entropy"], mask), "completion_length": lengths.mean(),
+                   "completion_length_max": lengths.max(), "stopped": exp["stopped"].float().mean(),
+                   "reward_length_corr": pearson(rewards, lengths), "rollout_s": rollout_s, "update_s": update_s,
+                   "generation_tokens_per_s": timing["generated_tokens"] / max(timing["generation_s"], 1e-9)}
+        for name, scores in exp["reward_scores"].items():
+            metrics[f"reward_{name}"] = scores.mean()
+            metrics[f"reward_{name}_std"] = scores.std() if scores.numel() > 1 else 0.0
+        if "ref_logps" in exp:
+            from lft.losses.ppo import kl_estimate
+
+            kl = (kl_estimate(exp["logps"], exp["ref_logps"], self.opts.kl_estimator) * mask).sum(-1).mean()
+            metrics["kl"] = kl
+            if self.opts.kl_warning and float(kl) > self.opts.kl_warning:
+                self.note_warning(f"the KL to the reference ({float(kl):.3g} per completion) passed "
+                                  f"{self.name}.kl_warning={self.opts.kl_warning:g} at step {step}; the policy is "
+                                  f"drifting far from where it started", kind="kl")
+        totals = self._totals
+        totals["rollout_s"] += rollout_s
+        totals["update_s"] += update_s
+        totals["generation_s"] += timing["generation_s"]
+        totals["generated_tokens"] += timing["generated_tokens"]
+        self.notes = {"rollout_time_s": round(totals["rollout_s"], 2), "update_time_s": round(totals["update_s"], 2),
+                      "rollout_tokens_per_s": round(totals["generated_tokens"] / max(totals["generation_s"], 1e-9), 1)}
+        return metrics
+
+    def log_samples(self, module: Any, exp: dict) -> None:
+        count = min(self.opts.samples_to_log, len(exp["completions"]))
+        if not count or module.global_rank != 0:
+            return
+        lines = []
+        for i in range(count):
+            row = {"step": int(module.global_step), "prompt": exp["prompts"][i], "completion": exp["completions"][i],
+                   "reward": float(exp["rewards"][i])}
+            row.update({name: float(s[i]) for name, s in exp["reward_scores"].items()})
+            lines.append(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        self.samples_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.samples_path, "a", encoding="utf-8") as handle:
+            handle.writelines(lines)
+
+
+class OnlineMethod:
+    """Base of the online objective plugins: prompt data, collation and the embedded defaults."""
+
+    kind = "objective"
+    options = OnlineOptions
+    #: Settings for the embedded task's prompts that make `lft run --plugin NAME` a few minutes on a CPU.
+    default_settings: dict = {}
+
+    @lft.hookimpl
+    def lft_add_config(self, register: Any) -> None:
+        register(self.name, self.options)
+
+    @lft.hookimpl
+    def lft_default_data(self, config: Any) -> Any:
+        return {**task.files("prompts"), "settings": self.default_settings}
+
+    def format_row(self, example: dict, tokenizer: Any, config: Any) -> dict:
+        if "prompt" not in example:
+            raise lft.DataError(f"{self.name} needs a 'prompt' column (a string or a list of messages); "
+                                f"found {', '.join(example) or 'no columns'}")
+        taken = sorted(set(example) & set(RESERVED))
+        if taken:
+            raise lft.DataError(f"column name(s) {', '.join(taken)} are reserved in online data; rename them")
+        text = chat.prompt_text(tokenizer, example["prompt"], config.section(self.name).use_chat_template)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        limit = config.data.max_length
+        return {**example, "prompt_input_ids": ids[-limit:], "truncated": len(ids) > limit}
+
+    @lft.hookimpl
+    def lft_format_example(self, example: dict, tokenizer: Any, config: Any) -> Any:
+        return self.format_row(example, tokenizer, config)
+
+    @lft.hookimpl
+    def lft_collate(self, features: list, tokenizer: Any, config: Any) -> Any:
+        """Prompt ids left-padded (generation continues from the right end); other columns as lists."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        width = max(len(f["prompt_input_ids"]) for f in features)
+        ids = torch.full((len(features), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, feature in enumerate(features):
+            n = len(feature["prompt_input_ids"])
+            ids[i, width - n:] = torch.tensor(feature["prompt_input_ids"], dtype=torch.long)
+            mask[i, width - n:] = 1
+        batch: dict[str, Any] = {"prompt_input_ids": ids, "prompt_attention_mask": mask}
+        for key in features[0]:
+            if key not in batch:
+                batch[key] = [f.get(key) for f in features]
+        return batch
+
+    def objective(self, config: Any) -> Any:
+        raise NotImplementedError
+
+    @lft.hookimpl
+    def lft_loss(self, config: Any) -> Any:
+        return self.objective(config)
