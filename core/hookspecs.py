@@ -124,11 +124,20 @@ def lft_loss(config: Any) -> Any:
 def lft_rollout(module: Any, batch: dict, config: Any) -> Any:
     """Generate experience for online methods (PPO, GRPO) from the current policy.
 
-    :param module: the ``LftModule`` being trained.
-    :param batch: the collated batch of prompts.
+    Called by the engine at the start of every training step, before the objective.
+
+    :param module: the ``LftModule`` being trained (``module.model``, ``module.tokenizer``,
+        ``module.objective``, ``module.hook``; ``module.reference`` when the objective asked for
+        a reference policy).
+    :param batch: the collated batch of prompts (``prompt_input_ids``,
+        ``prompt_attention_mask`` and the data's other columns).
     :param config: the validated ``RunConfig``.
-    :return: the batch to hand to the objective instead of ``batch`` (prompts, completions,
-        token ids, masks, log-probs), or None for offline methods, whose batch is used as it is.
+    :return: the batch to hand to the objective instead of ``batch``, or None for offline
+        methods, whose batch is used as it is. The core's trylast implementation serves every
+        objective that has a ``rollout`` attribute (``lft.rollout.RolloutSettings``): it samples
+        with a KV cache, scores the tokens under the policy and the reference, calls
+        ``lft_reward``, and returns the experience dict described in ``lft.rollout``
+        (prompts, completions, token ids, masks, per-token log-probs, rewards).
 
     Stops at the first non-None result.
     """
@@ -138,12 +147,17 @@ def lft_rollout(module: Any, batch: dict, config: Any) -> Any:
 def lft_reward(prompts: list, completions: list, batch: dict, config: Any) -> Any:
     """Score completions. Every selected reward plugin is called and the scores are combined.
 
-    :param prompts: the prompt strings, one per completion.
+    :param prompts: the prompts, one per completion (a string, or the list of messages the data
+        gave).
     :param completions: the generated completion strings.
-    :param batch: the rollout batch, with any extra data columns (for example ``answer``).
+    :param batch: the rollout batch: the data's other columns, one entry per completion (for
+        example ``batch["answer"]``), and the tensors of the experience (``completion_ids``,
+        ``completion_mask``...).
     :param config: the validated ``RunConfig``.
     :return: a dict ``{"name": str, "scores": list[float], "weight": float}`` or None when
-        this plugin does not score this run. The engine adds up ``weight * scores``.
+        this plugin does not score this run. The rollout adds up ``weight * scores`` and logs
+        each function's mean and std under its name. A score that is not a finite number, or
+        an exception, stops the run with one line naming the function and the sample.
     """
 
 

@@ -152,13 +152,31 @@ def load_model(config: Any, quantization_config: Any = None) -> tuple[Any, Any]:
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if is_adapter_folder(source):
+            model = load_merged_adapter(source, kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{source}: could not load a causal language model ({first})") from None
     check_vocab(model, tokenizer, source)
     model.train()  # from_pretrained returns a model in eval mode
     return model, tokenizer
+
+
+def is_adapter_folder(source: str) -> bool:
+    folder = Path(source)
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def load_merged_adapter(source: str, kwargs: dict) -> Any:
+    """A peft adapter folder (say an SFT run's ``final/``) as a plain model: its base with the
+    adapter merged into the weights, so a new run (a new adapter, a reference policy) starts from it."""
+    from peft import AutoPeftModelForCausalLM
+
+    if "quantization_config" in kwargs:
+        raise ModelError(f"{source} is a LoRA adapter; merge it into its base first to train a quantized model on it")
+    return AutoPeftModelForCausalLM.from_pretrained(source, **kwargs).merge_and_unload()
 
 
 def check_vocab(model: Any, tokenizer: Any, source: str) -> None:

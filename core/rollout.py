@@ -18,7 +18,8 @@ one prompt are consecutive) and ``C`` the longest completion:
   which of them are real (up to and including the end-of-turn token); ``stopped`` (N,): whether
   the completion ended with an end-of-turn token rather than at ``max_new_tokens``;
 * ``logps``, ``entropy`` (N, C): the sampling policy's log-prob of each generated token and the
-  entropy of its distribution there; ``ref_logps`` (N, C) when the reference was asked for;
+  entropy of its distribution there (unless ``policy_logps`` is off); ``ref_logps`` (N, C) when
+  the reference was asked for;
   ``hidden`` (N, C, H) the policy's final hidden state before each token, when asked for;
 * ``rewards`` (N,): the weighted sum; ``reward_scores`` and ``reward_weights``: per function;
 * every other column of the data, repeated per sample (e.g. ``answer``);
@@ -60,6 +61,9 @@ class RolloutSettings:
     reference: bool = False
     #: Keep the policy's hidden states of the completion positions (for a value head).
     hidden: bool = False
+    #: Score the sampled tokens under the policy (``logps``, ``entropy``). An objective that takes
+    #: one optimizer step per batch can skip it: its own forward pass gives the same numbers.
+    policy_logps: bool = True
     #: Sequences generated at once (memory bound); 0 means all of them.
     generation_batch_size: int = 0
 
@@ -103,29 +107,49 @@ def stop_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor
 
 def generate_tokens(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: RolloutSettings,
                     stop_ids: list[int], pad_id: int) -> torch.Tensor:
-    """Sample (greedy at temperature 0) up to ``max_new_tokens`` for each left-padded prompt, with a
-    KV cache, ``generation_batch_size`` rows at a time. Returns (N, C) token ids, padded after the
-    stop token with ``pad_id``."""
+    """Sample ``num_generations`` completions of up to ``max_new_tokens`` (greedy at temperature
+    0) for each left-padded prompt, with a KV cache. Returns (prompts x num_generations, C) token
+    ids, the samples of one prompt consecutive, padded after the stop token with ``pad_id``.
+
+    With several samples per prompt, each prompt is encoded once and its cache copied to its
+    samples, rather than encoding the same prompt ``num_generations`` times.
+    """
     kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": pad_id,
                               "eos_token_id": stop_ids or None, "use_cache": True, "repetition_penalty": 1.0}
     if settings.temperature > 0:
         kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    step = settings.generation_batch_size or prompt_ids.shape[0]
+    group = settings.num_generations
+    step = max(1, (settings.generation_batch_size or prompt_ids.shape[0] * group) // group)  # prompts per call
     parts = []
     with sampling_mode(model):
         for start in range(0, prompt_ids.shape[0], step):
             ids, mask = prompt_ids[start: start + step], prompt_mask[start: start + step]
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            extra = _shared_prefix(model, ids, mask, group) if group > 1 and ids.shape[1] > 1 else {}
+            out = model.generate(input_ids=ids.repeat_interleave(group, dim=0),
+                                 attention_mask=mask.repeat_interleave(group, dim=0), **extra, **kwargs)
             parts.append(out[:, ids.shape[1]:])
     width = max(p.shape[1] for p in parts)
-    completion = torch.full((prompt_ids.shape[0], width), pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
+    completion = torch.full((prompt_ids.shape[0] * group, width), pad_id, dtype=prompt_ids.dtype,
+                            device=prompt_ids.device)
     row = 0
     for part in parts:
         completion[row: row + part.shape[0], : part.shape[1]] = part
         row += part.shape[0]
     return completion
+
+
+def _shared_prefix(model: Any, ids: torch.Tensor, mask: torch.Tensor, group: int) -> dict:
+    """The KV cache of every prompt but its last token, computed once per prompt and repeated for
+    its ``group`` samples; ``generate`` then encodes only the last prompt token per sample."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
+                logits_to_keep=1)
+    name = "cache" if out.get("cache") is not None else "past_key_values"  # transformers 5 renamed it
+    cache = out[name]
+    cache.batch_repeat_interleave(group)
+    return {name: cache}
 
 
 def repeat_columns(batch: dict, times: int) -> dict:
@@ -143,10 +167,6 @@ def repeat_columns(batch: dict, times: int) -> dict:
     return out
 
 
-def _completion_window(stats: dict, start: int) -> dict:
-    return {k: v[:, start:] for k, v in stats.items() if k != "hidden"}
-
-
 def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
     """Generate and score one batch of experience with ``module.model`` (see the module docstring)."""
     model, tokenizer, config = module.model, module.tokenizer, module.config
@@ -158,13 +178,13 @@ def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
     stop_ids = sorted(chat.end_of_turn_ids(tokenizer))
     group = settings.num_generations
     prompt_ids, prompt_mask = left_pad(batch["prompt_input_ids"], batch["prompt_attention_mask"], pad_id)
-    prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
-    prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
     width = prompt_ids.shape[1]
 
     started = time.perf_counter()
     completion_ids = generate_tokens(model, prompt_ids, prompt_mask, settings, stop_ids, pad_id)
     generated = time.perf_counter()
+    prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
     completion_mask = stop_mask(completion_ids, stop_ids)
     completion_ids = completion_ids.masked_fill(~completion_mask, pad_id)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -172,14 +192,14 @@ def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
     labels = torch.cat([torch.full_like(prompt_ids, -100), completion_ids.masked_fill(~completion_mask, -100)], dim=1)
     chunk = config.trainer.logits_chunk
     temperature = settings.temperature if settings.temperature > 0 else 1.0
-    with sampling_mode(model):
-        stats = token_stats(model, input_ids, attention_mask, labels, chunk, temperature, entropy=True,
-                            hidden=settings.hidden)
     exp: dict[str, Any] = repeat_columns(batch, group)
-    exp.update(_completion_window(stats, width - 1))
-    exp.pop("mask", None)
-    if settings.hidden:
-        exp["hidden"] = stats["hidden"][:, width - 1: -1]
+    if settings.policy_logps or settings.hidden:
+        with sampling_mode(model):
+            stats = token_stats(model, input_ids, attention_mask, labels, chunk, temperature, entropy=True,
+                                hidden=settings.hidden)
+        exp.update(logps=stats["logps"][:, width - 1:], entropy=stats["entropy"][:, width - 1:])
+        if settings.hidden:
+            exp["hidden"] = stats["hidden"][:, width - 1: -1]
     if settings.reference:
         reference = getattr(module, "reference", None)
         if reference is None:

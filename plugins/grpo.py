@@ -35,12 +35,12 @@ class GRPOObjective(OnlineObjective):
 
     def prepare(self, module: Any, exp: dict) -> dict:
         advantages = group_advantages(exp["rewards"], self.opts.num_generations, self.opts.scale_advantages)
-        return {"advantages": advantages.to(exp["logps"].dtype)}
+        return {"advantages": advantages}
 
     def loss(self, module: Any, exp: dict, rows: Any) -> tuple[Any, dict]:
         opts = self.opts
-        logps = self.policy_stats(module, exp, rows)["logps"]
-        return grpo_loss(logps, exp["logps"][rows], exp["advantages"][rows], exp["completion_mask"][rows],
+        stats = self.policy_stats(module, exp, rows)
+        return grpo_loss(stats["logps"], stats["old_logps"], exp["advantages"][rows], exp["completion_mask"][rows],
                          opts.loss, opts.clip_eps, opts.clip_eps_high, opts.beta,
                          exp["ref_logps"][rows] if opts.beta > 0 else None, opts.max_new_tokens)
 

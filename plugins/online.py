@@ -20,7 +20,7 @@ from pydantic import Field
 import lft
 from lft import chat, task
 from lft.config import Section
-from lft.losses.ppo import masked_mean
+from lft.losses.ppo import kl_estimate, masked_mean
 from lft.modeling import token_stats
 from lft.rewards import reward_plugins
 from lft.rollout import RESERVED, RolloutSettings, experience
@@ -79,10 +79,14 @@ class OnlineObjective:
         self.opts = opts
         self.config = config
         self.needs_reference = needs_reference
-        self.rollout = RolloutSettings(opts.max_new_tokens, opts.temperature, opts.top_p, num_generations,
-                                       needs_reference, value_states, opts.generation_batch_size)
-        self.eval_rollout = RolloutSettings(opts.max_new_tokens, 0.0, 1.0, 1, False, False, opts.generation_batch_size)
         self.updates_per_batch = opts.epochs * opts.minibatches
+        # With one update per batch, the update's forward pass gives the rollout policy's log-probs.
+        self.rollout = RolloutSettings(
+            max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
+            num_generations=num_generations, reference=needs_reference, hidden=value_states,
+            generation_batch_size=opts.generation_batch_size, policy_logps=self.updates_per_batch > 1 or value_states)
+        self.eval_rollout = RolloutSettings(max_new_tokens=opts.max_new_tokens, temperature=0.0,
+                                            generation_batch_size=opts.generation_batch_size, policy_logps=False)
         self.warnings: list[str] = []
         self._warned: set[str] = set()
         self.notes: dict[str, Any] = {}
@@ -123,11 +127,18 @@ class OnlineObjective:
 
     # -- training ----------------------------------------------------------------------------------
     def policy_stats(self, module: Any, exp: dict, rows: torch.Tensor, hidden: bool = False) -> dict:
-        """Log-probs (with gradient) of the completion tokens of ``rows``, shape (n, C)."""
+        """Log-probs (with gradient) of the completion tokens of ``rows``, shape (n, C), and the
+        rollout policy's (``old_logps``). When the rollout did not score the tokens (one update
+        per batch), they are this pass's own, detached, and the entropy comes from this pass too."""
         start = exp["prompt_length"] - 1
+        fresh = "logps" not in exp
         stats = token_stats(module.model, exp["input_ids"][rows], exp["attention_mask"][rows], exp["labels"][rows],
-                            self.config.trainer.logits_chunk, self.rollout.temperature, hidden=hidden)
-        out = {"logps": stats["logps"][:, start:]}
+                            self.config.trainer.logits_chunk, self.rollout.temperature, entropy=fresh, hidden=hidden)
+        logps = stats["logps"][:, start:]
+        out = {"logps": logps, "old_logps": logps.detach() if fresh else exp["logps"][rows]}
+        if fresh:  # kept for the step's metrics
+            for key, value in (("update_logps", logps.detach()), ("update_entropy", stats["entropy"][:, start:])):
+                exp.setdefault(key, value.new_zeros(exp["completion_mask"].shape))[rows] = value
         if hidden:
             out["hidden"] = stats["hidden"][:, start:-1]
         return out
@@ -184,17 +195,18 @@ class OnlineObjective:
         timing = exp["timings"]
         rollout_s = timing["generation_s"] + timing["scoring_s"] + timing["reward_s"]
         metrics = {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else 0.0,
-                   "entropy": masked_mean(exp["entropy"], mask), "completion_length": lengths.mean(),
+                   "completion_length": lengths.mean(),
                    "completion_length_max": lengths.max(), "stopped": exp["stopped"].float().mean(),
                    "reward_length_corr": pearson(rewards, lengths), "rollout_s": rollout_s, "update_s": update_s,
                    "generation_tokens_per_s": timing["generated_tokens"] / max(timing["generation_s"], 1e-9)}
+        entropy, logps = exp.get("entropy", exp.get("update_entropy")), exp.get("logps", exp.get("update_logps"))
+        if entropy is not None:
+            metrics["entropy"] = masked_mean(entropy, mask)
         for name, scores in exp["reward_scores"].items():
             metrics[f"reward_{name}"] = scores.mean()
             metrics[f"reward_{name}_std"] = scores.std() if scores.numel() > 1 else 0.0
-        if "ref_logps" in exp:
-            from lft.losses.ppo import kl_estimate
-
-            kl = (kl_estimate(exp["logps"], exp["ref_logps"], self.opts.kl_estimator) * mask).sum(-1).mean()
+        if "ref_logps" in exp and logps is not None:
+            kl = (kl_estimate(logps, exp["ref_logps"], self.opts.kl_estimator) * mask).sum(-1).mean()
             metrics["kl"] = kl
             if self.opts.kl_warning and float(kl) > self.opts.kl_warning:
                 self.note_warning(f"the KL to the reference ({float(kl):.3g} per completion) passed "

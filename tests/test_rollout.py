@@ -148,3 +148,18 @@ def test_bad_scores_are_one_line_errors(scores, message):
     with pytest.raises(rewards.RewardError, match=None) as info:
         rewards.score(hook, ["p", "q"], ["x", "y"], {}, config)
     assert message in str(info.value)
+
+
+def test_samples_of_one_prompt_share_its_encoding_and_decode_like_it_alone(tiny):
+    """With 3 greedy samples per prompt (the prompt's cache computed once and copied), every
+    sample equals naive greedy decoding of that prompt."""
+    model, tokenizer = tiny
+    batch, encoded = prompt_batch(tokenizer, PROMPTS)
+    ids, mask = rollout.left_pad(batch["prompt_input_ids"], batch["prompt_attention_mask"], tokenizer.pad_token_id)
+    stop_ids = sorted(chat.end_of_turn_ids(tokenizer))
+    settings = rollout.RolloutSettings(max_new_tokens=10, temperature=0.0, num_generations=3, generation_batch_size=6)
+    completion = rollout.generate_tokens(model, ids, mask, settings, stop_ids, tokenizer.pad_token_id)
+    real = rollout.stop_mask(completion, stop_ids)
+    assert completion.shape[0] == 12
+    for row in range(12):
+        assert completion[row][real[row]].tolist() == naive_greedy(model, encoded[row // 3], 10, stop_ids)
