@@ -205,7 +205,7 @@ def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
         if reference is None:
             raise LftError("the objective asks for reference log-probs but the run has no reference policy "
                            "(set needs_reference = True on the objective)")
-        with reference.model() as ref_model:
+        with reference.model() as ref_model, sampling_mode(ref_model):
             ref = token_stats(ref_model, input_ids, attention_mask, labels, chunk, temperature)
         exp["ref_logps"] = ref["logps"][:, width - 1:]
     scored = time.perf_counter()

@@ -8,6 +8,7 @@ reward functions unchanged (for example ``answer``). The experience itself comes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -57,12 +58,13 @@ class _AdapterOrCopyReference:
         self.policy = policy
         self.frozen = None if callable(getattr(policy, "disable_adapter", None)) else copy.deepcopy(policy).requires_grad_(False).eval()
 
+    @contextlib.contextmanager
     def model(self) -> Any:
-        import contextlib
-
         if self.frozen is not None:
-            return contextlib.nullcontext(self.frozen)
-        return self.policy.disable_adapter()
+            yield self.frozen
+            return
+        with self.policy.disable_adapter():
+            yield self.policy
 
 
 class OnlineObjective:

@@ -197,11 +197,20 @@ def test_a_nan_reward_is_one_line(tmp_path, lft_tiny_model, lft_prompt_data):
                 plugins=[NaNReward()], quiet=True)
 
 
-def test_grpo_with_a_kl_term_uses_the_adapter_disabled_reference(tmp_path, lft_tiny_model, lft_prompt_data,
-                                                                  count_token):
+class Characters:
+    """Reward: the completion's length in characters (differs between samples, so it always teaches)."""
+
+    name, kind = "characters", "extension"
+
+    @lft.hookimpl
+    def lft_reward(self, prompts, completions, batch, config):
+        return {"name": self.name, "scores": [len(c) / 10 for c in completions], "weight": 1.0}
+
+
+def test_grpo_with_a_kl_term_uses_the_adapter_disabled_reference(tmp_path, lft_tiny_model, lft_prompt_data):
     """LoRA's B matrices start at zero, so at the first step the policy is its reference: KL 0."""
     config = {**grpo_config(lft_tiny_model, lft_prompt_data, tmp_path / "kl"), "plugins": ["grpo", "lora"],
               "grpo.beta": 0.1, "trainer.max_steps": 3, "trainer.lr": 3e-2}
-    history = lft.run(config, plugins=[count_token()], quiet=True).history
+    history = lft.run(config, plugins=[Characters()], quiet=True).history
     assert history[0]["kl"] == 0.0 and history[0]["kl_token"] == 0.0
     assert history[-1]["kl"] > 0.0
