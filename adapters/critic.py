@@ -82,7 +82,7 @@ def critic_from_classifier(classifier: Any, lora: Any = None) -> TokenCritic:
     if lora is not None:
         from lft.adapters.lora import apply_lora
 
-        body = apply_lora(body, lora.r, lora.alpha, lora.dropout, lora.target_modules).get_base_model()
+        body = apply_lora(body, lora.r, lora.alpha, lora.dropout, lora.target_modules, task_type=None).get_base_model()
     head.requires_grad_(True)
     critic = TokenCritic(body, head)
     critic.train()

@@ -62,13 +62,15 @@ def resolve_targets(model: Any, targets: str | Sequence[str]) -> str | list[str]
 
 
 def apply_lora(model: Any, r: int, alpha: float, dropout: float, targets: str | Sequence[str],
-               bias: str = "none", use_rslora: bool = False, modules_to_save: Sequence[str] | None = None) -> Any:
-    """Freeze ``model`` and add trainable LoRA adapters to ``targets``; returns a ``PeftModel``."""
+               bias: str = "none", use_rslora: bool = False, modules_to_save: Sequence[str] | None = None,
+               task_type: str | None = "CAUSAL_LM") -> Any:
+    """Freeze ``model`` and add trainable LoRA adapters to ``targets``; returns a ``PeftModel``.
+    ``task_type=None`` suits a bare transformer body (no LM head), such as a critic's."""
     from peft import LoraConfig, get_peft_model
 
     lora_config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_targets(model, targets),
         bias=bias, use_rslora=use_rslora, modules_to_save=list(modules_to_save) if modules_to_save else None,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, lora_config)
