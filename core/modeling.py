@@ -50,17 +50,19 @@ def token_logprobs(
 
 def token_stats(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
-    temperature: float = 1.0, entropy: bool = False, hidden: bool = False,
+    temperature: float = 1.0, entropy: bool = False, hidden: bool = False, position_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """``token_logprobs`` of the distribution at ``temperature``, from one forward pass, plus on
     request the entropy (no gradient) at each scored position and the final hidden states.
+    ``position_ids`` number left-padded rows as generation did (see ``lft.rollout``).
 
     :return: ``{"logps", "mask"}`` of shape (B, T-1), ``"entropy"`` (B, T-1) when asked, and
         ``"hidden"`` (B, T, H) when asked (what an output head or a value head reads).
     """
     parts = split_head(model)
     if parts is None:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    output_hidden_states=hidden)
         logits = out.logits / temperature
         logps, mask = logprobs_from_logits(logits, labels)
         stats = {"logps": logps, "mask": mask}
@@ -70,7 +72,8 @@ def token_stats(
             stats["hidden"] = out.hidden_states[-1]
         return stats
     backbone, head = parts
-    states = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    states = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
     scaled = states / temperature if temperature != 1.0 else states
     bias = head.bias / temperature if head.bias is not None and temperature != 1.0 else head.bias
     logps, mask = shifted_logprobs(scaled, head.weight, labels, bias, chunk)

@@ -13,7 +13,8 @@ The experience batch (a dict) holds, with ``N`` = prompts x ``num_generations`` 
 one prompt are consecutive) and ``C`` the longest completion:
 
 * ``prompts``, ``completions``: the raw prompts and the decoded completions (N);
-* ``input_ids``, ``attention_mask``: left-padded prompt then completion, (N, P + C);
+* ``input_ids``, ``attention_mask``, ``position_ids``: left-padded prompt then completion,
+  (N, P + C), numbered as generation numbered them;
 * ``prompt_length``: P; ``completion_ids``, ``completion_mask`` (N, C): the generated tokens and
   which of them are real (up to and including the end-of-turn token); ``stopped`` (N,): whether
   the completion ended with an end-of-turn token rather than at ``max_new_tokens``;
@@ -44,8 +45,8 @@ from lft.rewards import score
 #: Batch keys the rollout reads; every other key is a data column handed to the reward functions.
 PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask")
 #: Keys of the experience batch that a data column may not use.
-RESERVED = ("prompts", "completions", "input_ids", "attention_mask", "labels", "prompt_length", "completion_ids",
-            "completion_mask", "logps", "entropy", "ref_logps", "hidden", "rewards", "reward_scores",
+RESERVED = ("prompts", "completions", "input_ids", "attention_mask", "position_ids", "labels", "prompt_length",
+            "completion_ids", "completion_mask", "logps", "entropy", "ref_logps", "hidden", "rewards", "reward_scores",
             "reward_weights", "num_generations", "stopped", "timings", *PROMPT_KEYS)
 
 
@@ -143,13 +144,18 @@ def generate_tokens(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
 def _shared_prefix(model: Any, ids: torch.Tensor, mask: torch.Tensor, group: int) -> dict:
     """The KV cache of every prompt but its last token, computed once per prompt and repeated for
     its ``group`` samples; ``generate`` then encodes only the last prompt token per sample."""
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+    positions = positions_of(mask)
     out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
                 logits_to_keep=1)
     name = "cache" if out.get("cache") is not None else "past_key_values"  # transformers 5 renamed it
     cache = out[name]
     cache.batch_repeat_interleave(group)
     return {name: cache}
+
+
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens, as ``generate`` numbers left-padded rows."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def repeat_columns(batch: dict, times: int) -> dict:
@@ -189,6 +195,7 @@ def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
     completion_ids = completion_ids.masked_fill(~completion_mask, pad_id)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
+    position_ids = positions_of(attention_mask)
     labels = torch.cat([torch.full_like(prompt_ids, -100), completion_ids.masked_fill(~completion_mask, -100)], dim=1)
     chunk = config.trainer.logits_chunk
     temperature = settings.temperature if settings.temperature > 0 else 1.0
@@ -196,7 +203,7 @@ def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
     if settings.policy_logps or settings.hidden:
         with sampling_mode(model):
             stats = token_stats(model, input_ids, attention_mask, labels, chunk, temperature, entropy=True,
-                                hidden=settings.hidden)
+                                hidden=settings.hidden, position_ids=position_ids)
         exp.update(logps=stats["logps"][:, width - 1:], entropy=stats["entropy"][:, width - 1:])
         if settings.hidden:
             exp["hidden"] = stats["hidden"][:, width - 1: -1]
@@ -206,14 +213,16 @@ def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
             raise LftError("the objective asks for reference log-probs but the run has no reference policy "
                            "(set needs_reference = True on the objective)")
         with reference.model() as ref_model, sampling_mode(ref_model):
-            ref = token_stats(ref_model, input_ids, attention_mask, labels, chunk, temperature)
+            ref = token_stats(ref_model, input_ids, attention_mask, labels, chunk, temperature,
+                              position_ids=position_ids)
         exp["ref_logps"] = ref["logps"][:, width - 1:]
     scored = time.perf_counter()
 
     prompts = exp.get("prompt") or tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     completions = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion_ids, completion_mask)]
     exp.update(prompts=list(prompts), completions=completions, input_ids=input_ids, attention_mask=attention_mask,
-               labels=labels, prompt_length=width, completion_ids=completion_ids, completion_mask=completion_mask,
+               position_ids=position_ids, labels=labels, prompt_length=width, completion_ids=completion_ids,
+               completion_mask=completion_mask,
                num_generations=group, stopped=(is_stop(completion_ids, stop_ids) & completion_mask).any(-1))
     rewards = score(module.hook, exp["prompts"], completions, exp, config)
     device = completion_ids.device

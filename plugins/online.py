@@ -21,6 +21,7 @@ from pydantic import Field
 import lft
 from lft import chat, task
 from lft.config import Section
+from lft.data import pad_collate
 from lft.losses.ppo import kl_estimate, masked_mean
 from lft.modeling import token_stats
 from lft.rewards import reward_plugins
@@ -135,7 +136,8 @@ class OnlineObjective:
         start = exp["prompt_length"] - 1
         fresh = "logps" not in exp
         stats = token_stats(module.model, exp["input_ids"][rows], exp["attention_mask"][rows], exp["labels"][rows],
-                            self.config.trainer.logits_chunk, self.rollout.temperature, entropy=fresh, hidden=hidden)
+                            self.config.trainer.logits_chunk, self.rollout.temperature, entropy=fresh, hidden=hidden,
+                            position_ids=exp["position_ids"][rows])
         logps = stats["logps"][:, start:]
         out = {"logps": logps, "old_logps": logps.detach() if fresh else exp["logps"][rows]}
         if fresh:  # kept for the step's metrics
@@ -272,19 +274,10 @@ class OnlineMethod:
 
     @lft.hookimpl
     def lft_collate(self, features: list, tokenizer: Any, config: Any) -> Any:
-        """Prompt ids left-padded (generation continues from the right end); other columns as lists."""
+        """Padded prompt ids (the rollout moves the padding left); every other column as a list."""
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        width = max(len(f["prompt_input_ids"]) for f in features)
-        ids = torch.full((len(features), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for i, feature in enumerate(features):
-            n = len(feature["prompt_input_ids"])
-            ids[i, width - n:] = torch.tensor(feature["prompt_input_ids"], dtype=torch.long)
-            mask[i, width - n:] = 1
-        batch: dict[str, Any] = {"prompt_input_ids": ids, "prompt_attention_mask": mask}
-        for key in features[0]:
-            if key not in batch:
-                batch[key] = [f.get(key) for f in features]
+        batch = pad_collate([{"prompt_input_ids": f["prompt_input_ids"]} for f in features], pad)
+        batch.update({key: [f.get(key) for f in features] for key in features[0] if key != "prompt_input_ids"})
         return batch
 
     def objective(self, config: Any) -> Any:

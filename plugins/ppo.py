@@ -64,7 +64,7 @@ class PPOObjective(OnlineObjective):
         if hidden is not None:
             return module.value_head(hidden)
         start = exp["prompt_length"] - 1
-        return module.critic(exp["input_ids"][rows], exp["attention_mask"][rows])[:, start:-1]
+        return module.critic(exp["input_ids"][rows], exp["attention_mask"][rows], exp["position_ids"][rows])[:, start:-1]
 
     def prepare(self, module: Any, exp: dict) -> dict:
         opts, mask = self.opts, exp["completion_mask"]
