@@ -114,7 +114,12 @@ def lft_loss(config: Any) -> Any:
     :return: an object callable as ``objective(module, batch) -> (loss, metrics)``, where
         ``module`` is the ``LftModule`` (the model is ``module.model``), ``loss`` a scalar
         tensor and ``metrics`` a dict of floats or 0-d tensors to log. It may set
-        ``needs_reference = True`` to ask the engine for a reference policy.
+        ``needs_reference = True`` to ask the engine for a reference policy, and ``rollout``
+        (``lft.rollout.RolloutSettings``) to have the core's ``lft_rollout`` generate its
+        experience before every step. It may define ``setup(module)``, ``training_step(module,
+        batch)`` (with ``updates_per_batch`` when it steps the optimizer itself),
+        ``state_dict()``/``load_state_dict(state)`` (saved in checkpoints), and ``notes`` (a dict)
+        and ``warnings`` (a list of lines) for the run summary.
 
     Stops at the first non-None result.
     """
