@@ -74,7 +74,7 @@ def kl_penalized_rewards(
     last = (mask.long().cumsum(-1) * mask.long()).argmax(-1)  # index of each row's last real token
     has_tokens = mask.any(-1)
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last] += torch.where(has_tokens, scores.to(rewards.dtype), torch.zeros_like(scores, dtype=rewards.dtype))
+    rewards[rows, last] += scores.to(rewards.dtype) * has_tokens.to(rewards.dtype)
     return rewards
 
 

@@ -56,9 +56,7 @@ class GRPO(OnlineMethod):
 
     name = "grpo"
     options = GRPOOptions
+    objective_class = GRPOObjective
     default_settings = {"trainer.max_steps": 40, "trainer.batch_size": 4, "trainer.lr": 2e-4,
                         "trainer.warmup_steps": 0, "trainer.schedule": "constant", "data.max_eval_rows": 32,
                         "grpo.max_new_tokens": 32}
-
-    def objective(self, config: Any) -> Any:
-        return GRPOObjective(config.section(self.name), config)

@@ -57,7 +57,8 @@ class _AdapterOrCopyReference:
         import copy
 
         self.policy = policy
-        self.frozen = None if callable(getattr(policy, "disable_adapter", None)) else copy.deepcopy(policy).requires_grad_(False).eval()
+        adapters = callable(getattr(policy, "disable_adapter", None))
+        self.frozen = None if adapters else copy.deepcopy(policy).requires_grad_(False).eval()
 
     @contextlib.contextmanager
     def model(self) -> Any:
@@ -280,8 +281,11 @@ class OnlineMethod:
         batch.update({key: [f.get(key) for f in features] for key in features[0] if key != "prompt_input_ids"})
         return batch
 
+    #: The ``OnlineObjective`` subclass this method trains with.
+    objective_class: type = OnlineObjective
+
     def objective(self, config: Any) -> Any:
-        raise NotImplementedError
+        return self.objective_class(config.section(self.name), config)
 
     @lft.hookimpl
     def lft_loss(self, config: Any) -> Any:

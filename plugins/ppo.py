@@ -64,7 +64,8 @@ class PPOObjective(OnlineObjective):
         if hidden is not None:
             return module.value_head(hidden)
         start = exp["prompt_length"] - 1
-        return module.critic(exp["input_ids"][rows], exp["attention_mask"][rows], exp["position_ids"][rows])[:, start:-1]
+        values = module.critic(exp["input_ids"][rows], exp["attention_mask"][rows], exp["position_ids"][rows])
+        return values[:, start:-1]
 
     def prepare(self, module: Any, exp: dict) -> dict:
         opts, mask = self.opts, exp["completion_mask"]
@@ -81,8 +82,8 @@ class PPOObjective(OnlineObjective):
             sequence_kl = float(kl.sum(-1).mean())
             self.kl_control.update(sequence_kl, mask.shape[0])
         return {"old_values": old_values, "advantages": advantages, "returns": returns,
-                "ppo_stats": {"kl_coef": beta, "explained_variance": float(explained_variance(old_values, returns, mask)),
-                              "value_mean": float(masked_mean(old_values, mask))}}
+                "ppo_stats": {"kl_coef": beta, "value_mean": float(masked_mean(old_values, mask)),
+                              "explained_variance": float(explained_variance(old_values, returns, mask))}}
 
     def loss(self, module: Any, exp: dict, rows: Any) -> tuple[torch.Tensor, dict]:
         opts, mask = self.opts, exp["completion_mask"][rows]
@@ -112,9 +113,7 @@ class PPO(OnlineMethod):
 
     name = "ppo"
     options = PPOOptions
+    objective_class = PPOObjective
     default_settings = {"trainer.max_steps": 48, "trainer.batch_size": 8, "trainer.lr": 2e-4,
                         "trainer.warmup_steps": 0, "trainer.schedule": "constant", "data.max_eval_rows": 32,
                         "ppo.max_new_tokens": 32}
-
-    def objective(self, config: Any) -> Any:
-        return PPOObjective(config.section(self.name), config)

@@ -46,8 +46,9 @@ class ExactAnswer:
         opts = config.section(self.name)
         answers = batch.get(opts.column)
         if answers is None:
+            columns = ", ".join(k for k, v in batch.items() if isinstance(v, list)) or "none"
             raise lft.DataError(f"exact_answer needs a {opts.column!r} column in the data (set exact_answer.column "
-                                f"to use another); the rows have {', '.join(k for k in batch if isinstance(batch[k], list)) or 'none'}")
+                                f"to use another); the rows have {columns}")
         return {"name": self.name, "scores": [self.score(c, a) for c, a in zip(completions, answers)],
                 "weight": opts.weight}
 
@@ -153,7 +154,8 @@ class _RewardScorer:
         scores: list[float] = []
         for start in range(0, len(rows), batch_size):
             batch = pad_collate(rows[start: start + batch_size], pad)
-            logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            logits = self.model(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device)).logits
             scores.extend(logits[:, 0].float().tolist())
         return scores
 
