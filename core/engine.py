@@ -59,6 +59,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # peft, saving an adapter whose base is another adapter folder (merged on load, see lft.models)
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in .*vocabulary was not modified")
 
 
 def resolve_config(config: Any, manager: PluginManager) -> Any:

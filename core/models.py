@@ -171,12 +171,25 @@ def is_adapter_folder(source: str) -> bool:
 
 def load_merged_adapter(source: str, kwargs: dict) -> Any:
     """A peft adapter folder (say an SFT run's ``final/``) as a plain model: its base with the
-    adapter merged into the weights, so a new run (a new adapter, a reference policy) starts from it."""
-    from peft import AutoPeftModelForCausalLM
+    adapter merged into the weights, so a new run (a new adapter, a reference policy) starts from it.
+
+    The base may itself be an adapter folder (a PPO adapter trained on an SFT adapter): the chain is
+    merged in order. The merged model's ``_name_or_path`` is ``source``, so an adapter trained on it
+    names this folder as its base.
+    """
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
 
     if "quantization_config" in kwargs:
         raise ModelError(f"{source} is a LoRA adapter; merge it into its base first to train a quantized model on it")
-    return AutoPeftModelForCausalLM.from_pretrained(source, **kwargs).merge_and_unload()
+    base_path = PeftConfig.from_pretrained(source).base_model_name_or_path
+    if is_adapter_folder(base_path):
+        base = load_merged_adapter(base_path, kwargs)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    merged = PeftModel.from_pretrained(base, source).merge_and_unload()
+    merged.config._name_or_path = merged.name_or_path = str(source)  # peft records name_or_path as the base
+    return merged
 
 
 def check_vocab(model: Any, tokenizer: Any, source: str) -> None:

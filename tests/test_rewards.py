@@ -1,6 +1,8 @@
 """The built-in reward plugins, the reward-model critic, the reward-hacking warning, and the RLHF
 chain on the tiny model: an SFT adapter becomes the PPO policy and its reference."""
 
+import json
+
 import pytest
 import torch
 
@@ -126,3 +128,10 @@ def test_sft_adapter_becomes_the_ppo_policy_and_reference(tmp_path, lft_tiny_mod
     checkpoint = torch.load(tmp_path / "ppo" / "checkpoints" / "last.ckpt", weights_only=True)
     assert any(k.startswith("critic.head") for k in checkpoint["state_dict"])
     assert any("critic.body" in k and "lora_" in k for k in checkpoint["state_dict"])
+
+    # The PPO adapter names the SFT adapter as its base; loading it merges the chain in order.
+    assert json.loads((ppo.final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft.final)
+    chained, _ = models.load_model(cfgmod.build({"model": {"path": str(ppo.final)}}, cfgmod.config_class()))
+    by_hand = PeftModel.from_pretrained(merged, ppo.final).merge_and_unload()
+    with torch.no_grad():
+        assert torch.allclose(chained.eval()(ids).logits, by_hand.eval()(ids).logits, atol=1e-5)
