@@ -51,6 +51,7 @@ class PPOObjective(OnlineObjective):
         super().__init__("ppo", opts, config, num_generations=opts.num_generations,
                          needs_reference=opts.beta > 0, value_states=shared)
         self.kl_control = AdaptiveKLController(opts.beta, opts.kl_target, opts.kl_horizon)
+        self.rollout.policy_logps = True  # the KL penalty is part of the reward, computed before any update
 
     def setup(self, module: Any) -> None:
         super().setup(module)
@@ -90,7 +91,7 @@ class PPOObjective(OnlineObjective):
         shared = opts.critic == "policy"
         stats = self.policy_stats(module, exp, rows, hidden=shared)
         values = self.values(module, exp, rows, stats.get("hidden")).float()
-        policy_loss, metrics = ppo_policy_loss(stats["logps"], exp["logps"][rows], exp["advantages"][rows], mask,
+        policy_loss, metrics = ppo_policy_loss(stats["logps"], stats["old_logps"], exp["advantages"][rows], mask,
                                                opts.clip_eps)
         value_loss, value_clipped = clipped_value_loss(values, exp["old_values"][rows], exp["returns"][rows], mask,
                                                        opts.value_clip)
