@@ -214,3 +214,20 @@ def test_grpo_with_a_kl_term_uses_the_adapter_disabled_reference(tmp_path, lft_t
     history = lft.run(config, plugins=[Characters()], quiet=True).history
     assert history[0]["kl"] == 0.0 and history[0]["kl_token"] == 0.0
     assert history[-1]["kl"] > 0.0
+
+
+def test_which_passes_the_rollout_runs():
+    """GRPO with one update per batch skips the scoring pass (its update's forward pass gives the
+    same log-probs); with several it needs the rollout policy's log-probs. PPO always needs them,
+    for the KL penalty inside its rewards, and the reference only when beta > 0."""
+    from lft.plugins.grpo import GRPOObjective, GRPOOptions
+    from lft.plugins.ppo import PPOObjective, PPOOptions
+
+    config = lft.load_config(overrides=["output=/tmp/unused"])
+    assert not GRPOObjective(GRPOOptions(), config).rollout.policy_logps
+    assert GRPOObjective(GRPOOptions(epochs=2), config).rollout.policy_logps
+    assert not GRPOObjective(GRPOOptions(), config).rollout.reference
+    assert GRPOObjective(GRPOOptions(beta=0.1), config).rollout.reference
+    single = PPOObjective(PPOOptions(epochs=1, minibatches=1, critic="reward_model"), config)
+    assert single.rollout.policy_logps and single.rollout.reference and not single.rollout.hidden
+    assert not PPOObjective(PPOOptions(beta=0.0), config).rollout.reference
