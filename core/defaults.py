@@ -10,7 +10,8 @@ from lft.manager import hookimpl
 
 
 class CorePlugin:
-    """Loads models the standard way and pads batches when no selected plugin does."""
+    """Loads models the standard way and pads batches when no selected plugin does; adds the
+    commands that use trained models (generate, chat, eval, merge)."""
 
     name = "core"
     kind = "core"
@@ -32,3 +33,9 @@ class CorePlugin:
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
         return path
+
+    @hookimpl
+    def lft_add_commands(self, cli: Any) -> None:
+        from lft.commands import add_commands
+
+        add_commands(cli)

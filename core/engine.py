@@ -16,7 +16,7 @@ import torch
 
 from lft import config as cfgmod
 from lft import data as datamod
-from lft import evaluate, task
+from lft import evaluate
 from lft.callbacks import AtomicCheckpointIO, GracefulStop, RunMonitor
 from lft.errors import ConfigError, DataError, LftError, ModelError, PluginError
 from lft.manager import PluginManager, Selection
@@ -213,26 +213,12 @@ class Run:
         return train, evals, info
 
     def task_rows(self, train_spec: str) -> list[dict] | None:
-        setting = self.config.eval.task
-        if setting in (None, "none", "") or self.config.eval.task_samples == 0:
-            return None
-        if setting == "auto" and not task.is_embedded(train_spec):
-            return None
-        if setting not in ("auto", "arith"):
-            raise ConfigError(f"eval.task: unknown task {setting!r}; expected arith, auto or none")
-        rows = datamod.read_rows(str(task.path("prompts", "eval"))).rows
-        return rows[: self.config.eval.task_samples]
+        return evaluate.task_rows(self.config.eval, train_spec)
 
     def measure(self, module: LftModule, datamodule: datamod.LftDataModule, task_rows: list[dict] | None) -> dict:
-        out: dict[str, Any] = {}
-        if datamodule.eval_features:
-            out.update({f"eval_{k}": v for k, v in evaluate.objective_loss(module, datamodule.eval_loader()).items()})
-        if task_rows:
-            ev = self.config.eval
-            metric = evaluate.task_metric(module.model, module.tokenizer, task_rows, ev.max_new_tokens, ev.batch_size)
-            out["task_accuracy"] = metric["accuracy"]
-            out["task_samples"] = metric["samples"]
-        return out
+        """The held-out measurements, computed by the same code as ``lft eval``."""
+        return evaluate.measure(module.model, module.tokenizer, datamodule.eval_features, task_rows,
+                                evaluate.Settings.from_config(self.config))
 
     def trainer(self, monitor: RunMonitor, stop: GracefulStop) -> Any:
         import lightning as L

@@ -9,8 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBPACKAGES = ["lft", "lft.plugins", "lft.adapters", "lft.losses", "lft.assets", "lft.plugins.sft",
-               "lft.plugins.lora", "lft.plugins.full", "lft.losses.logprobs", "lft.adapters.lora", "lft.cli",
-               "lft.testing"]
+               "lft.plugins.lora", "lft.plugins.full", "lft.plugins.qlora", "lft.losses.logprobs", "lft.adapters.lora",
+               "lft.adapters.quantize", "lft.adapters.attach", "lft.adapters.merge", "lft.cli", "lft.commands",
+               "lft.inference", "lft.testing"]
 
 
 @pytest.fixture(scope="module")

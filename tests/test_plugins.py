@@ -9,11 +9,12 @@ from lft.manager import PluginManager
 
 def test_builtins_come_from_entry_points():
     manager = PluginManager()
-    for name, kind in (("sft", "objective"), ("full", "wrapper"), ("lora", "wrapper")):
+    for name, kind in (("sft", "objective"), ("full", "wrapper"), ("lora", "wrapper"), ("qlora", "wrapper")):
         info = manager.infos[name]
         assert info.kind == kind and info.source == "entry point" and info.package == "lft"
     assert "lft_wrap_model" in manager.infos["lora"].hooks
     assert manager.infos["core"].kind == "core"
+    assert {"lft_quantization_config", "lft_load_model", "lft_wrap_model"} <= set(manager.infos["qlora"].hooks)
 
 
 def test_defaults_fill_the_selection():
