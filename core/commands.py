@@ -96,9 +96,16 @@ def _err() -> Console:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    import warnings
+
     from lft.inference import load
 
-    return load(args.model, args.adapter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load(args.model, args.adapter)
+    for note in loaded.notes:
+        _err().print(f"[yellow]note:[/] {note}")
+    return loaded
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -232,7 +239,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     names = ([BASE] if args.base or not loaded.names else []) + loaded.names
     prepared = loaded.eval_data(args.data, args.task, args.max_rows)
     results = {name: loaded.evaluate(adapter=name, prepared=prepared) for name in names}
-    table = Table(title=f"lft eval · {loaded.label}", header_style="bold")
+    title = f"lft eval · {loaded.label}" + (f" ({loaded.quantization})" if loaded.quantization else "")
+    table = Table(title=title, header_style="bold")
     table.add_column("")
     for name in names:
         table.add_column(name, justify="right")

@@ -44,7 +44,9 @@ def lft_load_model(config: Any) -> Any:
     :return: a ``(model, tokenizer)`` tuple, or None to let another plugin load it.
 
     The core's trylast implementation handles a local HF folder, a hub id, a GGUF file and the
-    embedded default model; it asks ``lft_quantization_config`` for a quantization config.
+    embedded default model; it asks ``lft_quantization_config`` for a quantization config. A
+    plugin may wrap the loader (``@lft.hookimpl(wrapper=True)``, ``loaded = yield``) to check or
+    adjust whatever model was loaded.
 
     Stops at the first non-None result.
     """

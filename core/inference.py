@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -99,6 +100,7 @@ class LoadedModel:
     label: str
     trained_quantization: str | None = None
     quantization: str | None = None
+    notes: list = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -256,10 +258,18 @@ def load(model: str | None = None, adapters: Any = None, *, full_precision: bool
     wrapped = attach(base, specs, label) if specs else base.eval()
     for param in wrapped.parameters():
         param.requires_grad_(False)
-    loaded_q = trained_q if selection is trained else None
+    loaded_q = _describe_quantization(trained_q if selection is trained else None)
+    notes = []
+    for name, folder in list(specs.items())[1:]:
+        other = _run_config(folder, model, manager)
+        other_q = _describe_quantization(manager.select(other.plugins).hook.lft_quantization_config(config=other))
+        if other_q != loaded_q:
+            notes.append(f"adapter {name} was trained on a {other_q or 'full-precision'} base but shares the "
+                         f"{loaded_q or 'full-precision'} base loaded for {next(iter(specs))}")
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     return LoadedModel(wrapped, tokenizer, specs, config, selection, label,
-                       trained_quantization=_describe_quantization(trained_q),
-                       quantization=_describe_quantization(loaded_q))
+                       trained_quantization=_describe_quantization(trained_q), quantization=loaded_q, notes=notes)
 
 
 def _describe_quantization(qc: Any) -> str | None:

@@ -64,12 +64,22 @@ def test_qlora_trains_lora_on_a_4bit_base(qlora_run):
     assert result.metrics["wrapper"] == "qlora" and (result.final / "adapter_model.safetensors").is_file()
 
 
-def test_lft_eval_reloads_the_4bit_base_and_agrees_with_the_run(qlora_run, lft_sft_data):
+def test_lft_eval_reloads_the_4bit_base_and_agrees_with_the_run(tmp_path, qlora_run, lft_sft_data, lft_tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
     result, _ = qlora_run
     loaded = lft.load(adapters=result.final)
     assert loaded.quantization == "4-bit nf4" and quantize.count_quantized(loaded.model, 4) == 14
     got = loaded.evaluate(data=lft_sft_data["eval"])
     assert got["eval_loss"] == pytest.approx(result.metrics["after"]["eval_loss"], rel=1e-5)
+
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(lft_tiny_model), LoraConfig(target_modules=["q_proj"]))
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.warns(UserWarning, match="adapter plain was trained on a full-precision base but shares the "
+                                         "4-bit nf4 base loaded for q"):
+        both = lft.load(adapters={"q": result.final, "plain": tmp_path / "plain"})
+    assert len(both.notes) == 1
 
 
 def test_qlora_merges_into_a_full_precision_copy_of_the_base(tmp_path, capsys, qlora_run, lft_tiny_model):
