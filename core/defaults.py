@@ -36,6 +36,9 @@ class CorePlugin:
 
     @hookimpl
     def lft_add_commands(self, cli: Any) -> None:
-        from lft.commands import add_commands
+    @hookimpl
+    def lft_add_commands(self, cli: Any) -> None:
+        from lft import commands, scaffold
 
-        add_commands(cli)
+        scaffold.add_command(cli)
+        commands.add_commands(cli)
