@@ -36,8 +36,6 @@ class CorePlugin:
 
     @hookimpl
     def lft_add_commands(self, cli: Any) -> None:
-    @hookimpl
-    def lft_add_commands(self, cli: Any) -> None:
         from lft import commands, scaffold
 
         scaffold.add_command(cli)
