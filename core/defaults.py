@@ -11,7 +11,7 @@ from lft.manager import hookimpl
 
 class CorePlugin:
     """Loads models the standard way and pads batches when no selected plugin does; adds the
-    commands that use trained models (generate, chat, eval, merge)."""
+    commands new-plugin, generate, chat, eval and merge."""
 
     name = "core"
     kind = "core"

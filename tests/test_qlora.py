@@ -51,7 +51,9 @@ def qlora_run(tmp_path_factory, lft_tiny_model, lft_sft_data):
     return result, inspect.seen
 
 
-def test_qlora_trains_lora_on_a_4bit_base(qlora_run):
+def test_qlora_trains_lora_on_a_4bit_base(qlora_run, lft_tiny_model):
+    from transformers import AutoModelForCausalLM
+
     result, seen = qlora_run
     losses = [h["loss"] for h in result.history]
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
@@ -62,6 +64,8 @@ def test_qlora_trains_lora_on_a_4bit_base(qlora_run):
     assert seen["trainable"] and all(".lora_A." in n or ".lora_B." in n for n in seen["trainable"])
     assert seen["guarded"]
     assert result.metrics["wrapper"] == "qlora" and (result.final / "adapter_model.safetensors").is_file()
+    full = AutoModelForCausalLM.from_pretrained(lft_tiny_model).num_parameters()
+    assert result.metrics["total_params"] == full + result.metrics["trainable_params"]  # 4-bit weights counted as weights
 
 
 def test_lft_eval_reloads_the_4bit_base_and_agrees_with_the_run(tmp_path, qlora_run, lft_sft_data, lft_tiny_model):
@@ -163,6 +167,7 @@ def sft_batch(lft_tiny_model, lft_sft_data):
     return pad_collate(features, tokenizer.pad_token_id)
 
 
+@pytest.mark.filterwarnings("ignore:bitsandbytes::gemv_4bit")  # the unguarded control backprops through it
 def test_lora_gradients_after_a_validation_pass_equal_those_without(lft_tiny_model, sft_batch, monkeypatch):
     never = grads_after_validation(lft_tiny_model, sft_batch, validate=False)
     after = grads_after_validation(lft_tiny_model, sft_batch, validate=True)
