@@ -250,11 +250,13 @@ def load(model: str | None = None, adapters: Any = None, *, full_precision: bool
     if loaded is None:
         raise LftError("no plugin could load the model")
     base, tokenizer = loaded
-    label = str(model) if model is not None else str(config.model.path or base.config._name_or_path)
-    if first is not None and (Path(first).expanduser() / "tokenizer_config.json").is_file():
-        from lft.models import load_tokenizer  # the tokenizer (and chat template) the adapter trained with
+    from lft import models
 
-        tokenizer = load_tokenizer(str(Path(first).expanduser()))
+    label = str(model) if model is not None else str(config.model.path or base.config._name_or_path)
+    if models.is_default(config.model.path):
+        label = f"the embedded {models.DEFAULT_MODEL_NAME}"
+    if first is not None and (Path(first).expanduser() / "tokenizer_config.json").is_file():
+        tokenizer = models.load_tokenizer(str(Path(first).expanduser()))  # as the adapter trained with it
     wrapped = attach(base, specs, label) if specs else base.eval()
     for param in wrapped.parameters():
         param.requires_grad_(False)
