@@ -143,6 +143,7 @@ class RunMonitor(L.Callback):
             self._show(trainer, record)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._step_started = time.perf_counter()  # evaluation time is not the next step's time
         value = trainer.callback_metrics.get("eval/loss")
         if value is not None and self.history:
             self.history[-1]["eval_loss"] = float(value)

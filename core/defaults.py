@@ -1,4 +1,5 @@
-"""lft's own plugin, ``core``: the trylast fallbacks that every run has."""
+"""lft's own plugin, ``core``: the trylast fallbacks that every run has, and the guards (their
+``guards`` config section, their callback, and the ``lft check`` and ``lft inspect`` commands)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from lft.manager import hookimpl
 
 
 class CorePlugin:
-    """Loads models the standard way and pads batches when no selected plugin does."""
+    """Loads models the standard way and pads batches when no selected plugin does; guards every run."""
 
     name = "core"
     kind = "core"
@@ -32,3 +33,21 @@ class CorePlugin:
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
         return path
+
+    @hookimpl
+    def lft_add_config(self, register: Any) -> None:
+        from lft.guards import GuardsOptions
+
+        register("guards", GuardsOptions)
+
+    @hookimpl
+    def lft_callbacks(self, config: Any) -> Any:
+        from lft.guards import GuardMonitor
+
+        return [GuardMonitor(config)] if config.section("guards").enabled else []
+
+    @hookimpl
+    def lft_add_commands(self, cli: Any) -> None:
+        from lft.commands import add_commands
+
+        add_commands(cli)

@@ -19,6 +19,7 @@ from lft import data as datamod
 from lft import evaluate, task
 from lft.callbacks import AtomicCheckpointIO, GracefulStop, RunMonitor
 from lft.errors import ConfigError, DataError, LftError, ModelError, PluginError
+from lft.guards import RunGuards
 from lft.manager import PluginManager, Selection
 from lft.modeling import trainable_parameters
 from lft.module import LftModule
@@ -133,6 +134,7 @@ class Run:
             "extensions": selection.extensions,
             "defaults_used": selection.defaults,
         }
+        self.guards = RunGuards(config, selection, self.console)
 
     # -- steps -----------------------------------------------------------------------------------
     def prepare_output(self) -> Path | None:
@@ -155,6 +157,7 @@ class Run:
         if loaded is None:
             raise ModelError("no plugin could load the model")
         model, tokenizer = loaded
+        self.guards.generation_config = getattr(model, "generation_config", None)
         self.summary["model"] = getattr(getattr(model, "config", None), "_name_or_path", "") or str(self.config.model.path)
         return model, tokenizer
 
@@ -198,7 +201,9 @@ class Run:
             eval_rows = None
         if eval_rows is not None and cfg.data.max_eval_rows and len(eval_rows) > cfg.data.max_eval_rows:
             eval_rows = eval_rows.subset(list(range(cfg.data.max_eval_rows)))
+        train_rows = self.guards.preflight(tokenizer, train_rows, eval_rows)
         train, train_stats = datamod.format_rows(train_rows, self.hook, tokenizer, cfg)
+        self.guards.formatted(train_stats)
         evals, eval_stats = (datamod.format_rows(eval_rows, self.hook, tokenizer, cfg) if eval_rows is not None
                              else ([], None))
         info = {"train_file": train_spec, "eval_file": eval_spec or ("split" if evals else None),
@@ -356,8 +361,15 @@ class Run:
             output=str(self.output),
             final=str(final) if final else None,
         )
+        self.guards.finish(self.summary)
+        for callback in trainer.callbacks:  # a callback may add its results (guards, monitors) to the summary
+            if callable(getattr(callback, "summarize", None)):
+                callback.summarize(self.summary)
         from lft.report import print_summary, write_summary
+        from lft.runreport import write_report
 
+        if trainer.global_rank == 0:
+            self.summary["report"] = [str(p) for p in write_report(self.output, self.summary, history, cfg)]
         write_summary(self.output, self.summary)
         if not self.quiet:
             print_summary(self.console, self.summary)
