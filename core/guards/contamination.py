@@ -4,8 +4,10 @@ Text is compared after normalisation (Unicode NFKC, lower case, every run of non
 becomes one space), and only the content: system messages are left out, since one shared system
 prompt would make every row look alike. Two tests:
 
-* **exact**: the whole content of a row, or one of its fields or turns of at least
-  ``MIN_UNIT_WORDS`` words, equals one in the other set;
+* **exact**: the whole content of a training row, or one of its prompts (a field or turn that is
+  not an answer) of at least ``MIN_UNIT_WORDS`` words, equals the content of a reference row or one
+  of its fields or turns. Answers alone are not compared: "26 - 20 = 6." may rightly answer one
+  question and be the rejected answer to another;
 * **n-gram**: at least ``overlap`` of the word n-grams of the shorter of the two rows appear in the
   other (the overlap coefficient of their n-gram sets). Counting a single shared 13-gram, as some
   benchmark audits do, flags rows generated from one template that differ only in a number; the
@@ -33,15 +35,23 @@ def words(text: str) -> list[str]:
     return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).lower()).split()
 
 
-def units(row: dict) -> list[str]:
-    """The texts of a row: each string field, and each non-system turn of message lists."""
+#: Fields that hold answers rather than prompts.
+ANSWER_FIELDS = ("completion", "chosen", "rejected", "answer", "response", "output")
+
+
+def units(row: dict, prompts_only: bool = False) -> list[str]:
+    """The texts of a row: each string field, and each non-system turn of message lists; with
+    ``prompts_only``, no answer field and no assistant turn."""
     out: list[str] = []
+    skip_roles = ("system", "assistant") if prompts_only else ("system",)
     for key, value in row.items():
+        if prompts_only and key in ANSWER_FIELDS:
+            continue
         if isinstance(value, str):
             out.append(value)
         elif isinstance(value, list):
             out += [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)
-                    and m.get("role") != "system"]
+                    and m.get("role") not in skip_roles]
     return out
 
 
@@ -84,7 +94,7 @@ class Index:
         full = " ".join(w for p in parts for w in words(p))
         if not full:
             return None
-        candidates = [full] + [" ".join(t) for t in map(words, parts) if len(t) >= MIN_UNIT_WORDS]
+        candidates = [full] + [" ".join(t) for t in map(words, units(row, prompts_only=True)) if len(t) >= MIN_UNIT_WORDS]
         for text in candidates:
             if text in self.exact:
                 return Overlap(-1, self.exact[text], "exact", 1.0)
