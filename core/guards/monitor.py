@@ -139,11 +139,11 @@ class GuardMonitor(L.Callback):
     def _retain(self, module: Any, base: dict | None, seed: int) -> dict:
         opts = self.opts.forgetting
         tokenizer = module.tokenizer
-        rows = read_rows(opts.data or str(GENERAL_RETAIN)).rows
+        rows = read_rows(opts.data or str(GENERAL_RETAIN)).rows[: opts.samples]
         texts = [r["text"] for r in rows if isinstance(r.get("text"), str) and r["text"].strip()]
         out: dict[str, Any] = {"perplexity": measure.perplexity(module, texts) if texts else None}
         if base is None:
-            prompts = [r["prompt"] for r in rows if isinstance(r.get("prompt"), (str, list))][: opts.samples]
+            prompts = [r["prompt"] for r in rows if isinstance(r.get("prompt"), (str, list))]
             prompt_ids = [list(tokenizer(chat.prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"])
                           for p in prompts]
             samples = measure.sample(module.model, tokenizer, prompt_ids, opts.max_new_tokens, 1.0, seed) if prompt_ids else []

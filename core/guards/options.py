@@ -58,8 +58,9 @@ class ForgettingGuard(Section):
                           "and KL on the base model's own samples.")
     data: str | None = Field(None, description="Rows with 'text' (perplexity) and/or 'prompt' (samples for the KL); "
                              "empty means lft's embedded general text.")
-    samples: int = Field(16, ge=1, description="Prompts the base model answers for the KL check.")
-    max_new_tokens: int = Field(48, gt=0)
+    samples: int = Field(16, ge=1, description="General rows used: their texts for the perplexity, their prompts "
+                         "for the base model's samples (the KL).")
+    max_new_tokens: int = Field(48, gt=0, description="Length of the base model's samples.")
     max_ppl_increase: float = Field(0.2, ge=0, description="Warn when the perplexity rises by more than this fraction.")
     max_kl: float = Field(0.1, ge=0, description="Warn when KL(base || tuned) exceeds this many nats per token.")
     mix_data: str | None = Field(None, description="General rows mixed into the training data when mix_ratio > 0, in "
