@@ -44,7 +44,8 @@ class CorePlugin:
     def lft_callbacks(self, config: Any) -> Any:
         from lft.guards import GuardMonitor
 
-        return [GuardMonitor(config)] if config.section("guards").enabled else []
+        guards = getattr(config, "guards", None)
+        return [GuardMonitor(config)] if guards is not None and guards.enabled else []
 
     @hookimpl
     def lft_add_commands(self, cli: Any) -> None:

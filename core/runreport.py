@@ -80,7 +80,7 @@ def charts(history: list[dict]) -> list[tuple[str, str]]:
         out.append(("loss", svg_chart(loss, "loss")))
     keys = sorted({k for h in history for k in h if isinstance(h.get(k), (int, float))})
     for family in FAMILIES:
-        members = [k for k in keys if family in k.split("/")[-1].split("_")]
+        members = [k for k in keys if any(part.startswith(family) for part in k.replace("/", "_").split("_"))]
         found = [(k, series(k)) for k in members if series(k)]
         if found:
             out.append((family, svg_chart(found, family)))
