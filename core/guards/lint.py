@@ -59,18 +59,14 @@ def lint_rows(rows: Any, truncated: int | None = None, longest: int | None = Non
         else:
             seen[key] = where
     n = len(rows)
-    if empty:
-        finding.raise_to("warning", f"{len(empty)} of {n} rows have an empty or whitespace-only completion, "
-                         f"which teaches the model to answer with nothing; e.g. {empty[0]}")
-        finding.examples += empty[:examples]
-    if duplicates:
-        finding.raise_to("warning", f"{len(duplicates)} of {n} rows are exact duplicates of earlier rows, which "
-                         f"weighs them double and leaks them into a held-out split; e.g. {duplicates[0]}")
-        finding.examples += duplicates[:examples]
-    if same:
-        finding.raise_to("warning", f"{len(same)} of {n} preference rows have chosen identical to rejected, which "
-                         f"carries no preference; e.g. {same[0]}")
-        finding.examples += same[:examples]
+    for found, what in ((empty, "rows have an empty or whitespace-only completion, which teaches the model to "
+                                "answer with nothing"),
+                        (duplicates, "rows are exact duplicates of earlier rows, which weighs them double and leaks "
+                                     "them into a held-out split"),
+                        (same, "preference rows have chosen identical to rejected, which carries no preference")):
+        if found:
+            finding.raise_to("warning", f"{len(found)} of {n} {what}; e.g. {found[0]}")
+            finding.examples += found[:examples]
     if truncated:
         finding.raise_to("warning", f"{truncated} of {n} rows are longer than data.max_length={max_length} tokens "
                          f"(longest {longest}) and will be cut, often before the end-of-turn token; raise "
