@@ -110,8 +110,11 @@ def cmd_check(args: argparse.Namespace) -> int:
                 out.print(f"  - {escape(problem)}")
             for example in finding.examples:
                 out.print(f"    [dim]{escape(example)}[/]")
-    out.print("[green]check passed[/]" if ok else "[red]check failed[/]"
-              + (" (--strict: warnings fail)" if guards.strict and ok is False else ""))
+    warned = sum(f.status == "warning" for f in findings)
+    if ok:
+        out.print("[green]check passed[/]" + (f" with {warned} warning(s); --strict would fail" if warned else ""))
+    else:
+        out.print("[red]check failed[/]" + (" (--strict: warnings fail)" if guards.strict and warned else ""))
     return 0 if ok else 1
 
 

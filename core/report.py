@@ -60,7 +60,10 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
             continue
         table.add_row(key.replace("_", " "), f"{_fmt(before.get(key))} -> {_fmt(after.get(key))}")
     table.add_row("tokens/s", _fmt(summary.get("tokens_per_s")))
-    table.add_row("train time", f"{_fmt(summary.get('train_time_s'))} s (total {_fmt(summary.get('total_time_s'))} s)")
+    guard_time = f"; guards measured the model for {_fmt(summary['guards_measure_time_s'])} s of it" \
+        if summary.get("guards_measure_time_s") else ""
+    table.add_row("train time", f"{_fmt(summary.get('train_time_s'))} s (total {_fmt(summary.get('total_time_s'))} s"
+                  f"{guard_time})")
     table.add_row("saved", _fmt(summary.get("final")))
     return table.rows
 

@@ -18,11 +18,11 @@ from lft.report import summary_rows, write_text
 #: Metric families plotted when the history has them, each in its own chart.
 FAMILIES = ("reward", "kl", "margin", "accuracy")
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
-WIDTH, HEIGHT, PAD = 520, 200, 44
+WIDTH, HEIGHT, PAD = 520, 200, 50
 
 
 def _fmt(value: float) -> str:
-    return f"{value:.4g}"
+    return f"{value:.3g}"
 
 
 def svg_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, x_label: str = "step") -> str:
@@ -36,7 +36,7 @@ def svg_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, x
     if y1 == y0:
         y0, y1 = y0 - abs(y0) * 0.1 - 1e-3, y1 + abs(y1) * 0.1 + 1e-3
     span = y1 - y0
-    y0, y1 = y0 - 0.05 * span, y1 + 0.05 * span
+    y0, y1 = (y0 - 0.05 * span if y0 - 0.05 * span >= 0 or y0 < 0 else 0.0), y1 + 0.05 * span
     left, right, top, bottom = PAD + 8, WIDTH - 12, 26, HEIGHT - 28
 
     def px(x: float) -> float:
@@ -69,13 +69,14 @@ def svg_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, x
     return "\n".join(out)
 
 
-def charts(history: list[dict]) -> list[tuple[str, str]]:
-    """``(name, svg)`` of every chart the history supports."""
+def charts(history: list[dict], eval_before: float | None = None) -> list[tuple[str, str]]:
+    """``(name, svg)`` of every chart the history supports; ``eval_before`` is the eval loss at step 0."""
     def series(key: str) -> list[tuple[float, float]]:
         return [(h["step"], float(h[key])) for h in history if isinstance(h.get(key), (int, float)) and "step" in h]
 
     out = []
-    loss = [(name, pts) for name, pts in (("train loss", series("loss")), ("eval loss", series("eval_loss"))) if pts]
+    evals = ([(0, float(eval_before))] if eval_before is not None else []) + series("eval_loss")
+    loss = [(name, pts) for name, pts in (("train loss", series("loss")), ("eval loss", evals)) if pts]
     if loss:
         out.append(("loss", svg_chart(loss, "loss")))
     keys = sorted({k for h in history for k in h if isinstance(h.get(k), (int, float))})
@@ -103,10 +104,13 @@ def build(summary: dict, history: list[dict]) -> list[tuple]:
             if g["problems"] or g["examples"]:
                 blocks.append(("h3", TITLES.get(g["guard"], g["guard"])))
                 blocks.append(("list", list(g["problems"]) + [f"example: {e}" for e in g["examples"]]))
-    answers = next((g["data"].get("answers") for g in guards if g["guard"] == "repetition" and g.get("data")), None)
-    if answers:
-        blocks += [("h", "Sampled answers after training"), ("list", [" ".join(a.split()) for a in answers])]
-    plots = charts(history)
+    repetition = next((g["data"] for g in guards if g["guard"] == "repetition" and g.get("data")), {})
+    if repetition.get("answers"):
+        answers, base = repetition["answers"], list(repetition.get("base_answers") or [])
+        base += [""] * (len(answers) - len(base))
+        rows = [(" ".join(b.split()), " ".join(a.split())) for a, b in zip(answers, base)]
+        blocks += [("h", "Sampled answers to held-out prompts"), ("table", ["base model", "tuned model"], rows)]
+    plots = charts(history, (summary.get("before") or {}).get("eval_loss"))
     if plots:
         blocks.append(("h", "Curves"))
         blocks += [("chart", name, svg) for name, svg in plots]

@@ -16,9 +16,11 @@ SUMMARY = {"output": "runs/x", "objective": "dpo", "wrapper": "lora", "steps": 5
 def test_svg_chart_scales_points_into_the_plot_area():
     svg = svg_chart([("a", [(0, 0.0), (10, 1.0)]), ("b", [(5, 0.5)])], "title <x>")
     assert svg.startswith("<svg") and svg.endswith("</svg>") and "title &lt;x&gt;" in svg
-    # x 0..10 spans the plot (52..508); y 0..1 is padded by 5% each side inside 26..172:
-    # y=0 -> 172 - 0.05/1.1*146 = 165.4, y=1 -> 172 - 1.05/1.1*146 = 32.6
-    assert '<polyline points="52.0,165.4 508.0,32.6"' in svg
+    # x 0..10 spans the plot (58..508); y 0..1 is padded by 5% above but not below 0, inside 26..172:
+    # y=0 -> 172, y=1 -> 172 - 1/1.05*146 = 33.0
+    assert '<polyline points="58.0,172.0 508.0,33.0"' in svg
+    negative = svg_chart([("a", [(0, -1.0), (10, 1.0)])], "t")  # padded 5% each side: -1.1..1.1
+    assert '<polyline points="58.0,165.4 508.0,32.6"' in negative
     assert svg.count("<circle") == 3
 
 
@@ -30,6 +32,8 @@ def test_charts_for_loss_and_every_reward_kl_metric():
     reward_svg = dict(charts(HISTORY))["reward"]
     assert "reward_mean" in reward_svg and "rewards/chosen" in reward_svg
     assert charts([{"step": 1, "lr": 0.1}]) == []
+    with_before = dict(charts(HISTORY, eval_before=2.5))["loss"]
+    assert with_before.count('fill="#d62728"') == 4  # eval points at steps 0, 3, 5 and the legend
 
 
 def test_markdown_and_html_reports(tmp_path):

@@ -9,6 +9,7 @@ so a resumed run compares against the same base. ``summarize`` turns everything 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ class GuardMonitor(L.Callback):
         self.notes: dict[str, str] = {}
         self._train_losses: list[float] = []
         self._best_weights: dict | None = None
+        self.seconds = 0.0  # spent measuring the model before and after training
 
     # -- the eval curve ------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -118,6 +120,13 @@ class GuardMonitor(L.Callback):
     def measure(self, module: Any, trainer: L.Trainer, base: dict | None) -> dict:
         """Repetition and retain numbers of the model as it is now; with ``base``, on the base's own
         prompts and samples."""
+        started = time.perf_counter()
+        try:
+            return self._measure(module, trainer, base)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _measure(self, module: Any, trainer: L.Trainer, base: dict | None) -> dict:
         out: dict[str, Any] = {}
         seed = self.config.trainer.seed
         if self.opts.on("repetition"):
@@ -161,6 +170,8 @@ class GuardMonitor(L.Callback):
             if self.opts.on(guard):
                 findings.append(build())
         add_to_summary(summary, findings)
+        if self.seconds:
+            summary["guards_measure_time_s"] = round(self.seconds, 2)  # inside the train time
 
     def _overfit(self) -> Finding:
         if not self.points:
@@ -191,7 +202,8 @@ class GuardMonitor(L.Callback):
         margin = self.opts.repetition.margin
         finding = Finding("repetition", detail=f"repetition {after['repetition']:.2f} (base {base['repetition']:.2f}), "
                           f"no stop {after['no_stop']:.0%} (base {base['no_stop']:.0%}) on {after['samples']} prompts",
-                          data={"base": _public(base), "after": _public(after), "answers": after.get("answers", [])})
+                          data={"base": _public(base), "after": _public(after), "answers": after.get("answers", []),
+                                "base_answers": base.get("answers", [])})
         if after["repetition"] > base["repetition"] + margin:
             finding.raise_to("warning", f"sampled answers repeat themselves more than the base model's "
                              f"({after['repetition']:.2f} vs {base['repetition']:.2f} of token 3-grams repeated)")
