@@ -49,6 +49,8 @@ class CorePlugin:
 
     @hookimpl
     def lft_add_commands(self, cli: Any) -> None:
+        from lft import scaffold
         from lft.commands import add_commands
 
+        scaffold.add_command(cli)
         add_commands(cli)

@@ -78,6 +78,8 @@ class RankGuard(Section):
 
 
 class GuardsOptions(Section):
+    """Guards against the known fine-tuning pitfalls, on in every run (see guards.md)."""
+
     enabled: bool = Field(True, description="Run the guards at all.")
     strict: bool = Field(False, description="Preflight warnings (template, data, contamination) stop the run.")
     report: Literal["both", "html", "markdown", "none"] = Field(
