@@ -129,14 +129,14 @@ class GuardMonitor(L.Callback):
     def _measure(self, module: Any, trainer: L.Trainer, base: dict | None) -> dict:
         out: dict[str, Any] = {}
         seed = self.config.trainer.seed
-        if self.opts.on("repetition"):
+        if self.opts.on("repetition") and (base is None or "repetition" in base):
             rep = self.opts.repetition
             prompts = base["repetition"]["prompts"] if base else self._held_out_prompts(trainer, rep.samples)
             if prompts:
                 samples = measure.sample(module.model, module.tokenizer, prompts, rep.max_new_tokens, rep.temperature, seed)
                 out["repetition"] = {"prompts": prompts, **measure.generation_stats(samples)}
                 out["repetition"]["answers"] = [module.tokenizer.decode(s, skip_special_tokens=True) for s, _ in samples[:3]]
-        if self.opts.on("forgetting"):
+        if self.opts.on("forgetting") and (base is None or "forgetting" in base):
             out["forgetting"] = self._retain(module, base["forgetting"] if base else None, seed)
         return out
 

@@ -139,9 +139,7 @@ def check_template(tokenizer: Any, rows: Any, hook: Any, config: Any, objective:
         elif prefix_problem(tokenizer, PROBE):
             finding.raise_to("info", "the chat template is not prefix-preserving on a two-exchange conversation "
                              f"({prefix_problem(tokenizer, PROBE)}); multi-turn rows would fail to format")
-    if errors:
-        finding.raise_to("error" if not sample else "warning",
-                         f"{len(errors)} of {min(limit, len(rows))} checked rows cannot be formatted, e.g. {errors[0]}")
+    finding.data["unformatted"] = len(errors)  # the formatting itself reports bad rows, with its own message
     if not sample:
         finding.detail = "no row could be formatted"
         return finding
