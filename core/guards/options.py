@@ -48,7 +48,7 @@ class RepetitionGuard(Section):
     enabled: bool = Field(True, description="Sample answers on held-out prompts before and after training; warn "
                           "when the tuned model repeats itself or fails to stop more than the base.")
     samples: int = Field(16, ge=1, description="Held-out prompts sampled.")
-    max_new_tokens: int = Field(64, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
     temperature: float = Field(0.7, gt=0)
     margin: float = Field(0.1, ge=0, description="Allowed rise of the repetition rate or the no-stop rate over the base.")
 
@@ -60,9 +60,9 @@ class ForgettingGuard(Section):
                              "empty means lft's embedded general text.")
     samples: int = Field(16, ge=1, description="General rows used: their texts for the perplexity, their prompts "
                          "for the base model's samples (the KL).")
-    max_new_tokens: int = Field(48, gt=0, description="Length of the base model's samples.")
+    max_new_tokens: int = Field(32, gt=0, description="Length of the base model's samples.")
     max_ppl_increase: float = Field(0.2, ge=0, description="Warn when the perplexity rises by more than this fraction.")
-    max_kl: float = Field(0.1, ge=0, description="Warn when KL(base || tuned) exceeds this many nats per token.")
+    max_kl: float = Field(0.5, ge=0, description="Warn when KL(base || tuned) exceeds this many nats per token.")
     mix_data: str | None = Field(None, description="General rows mixed into the training data when mix_ratio > 0, in "
                                  "the objective's format; empty means lft's embedded general conversations.")
     mix_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of the training rows taken from mix_data.")
