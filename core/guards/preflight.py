@@ -13,10 +13,12 @@ import math
 import random
 from typing import Any
 
+from rich.markup import escape
+
 from lft import task
 from lft.data import Rows, read_rows
 from lft.guards.contamination import check_contamination
-from lft.guards.findings import Finding, add_to_summary, enforce
+from lft.guards.findings import TITLES, Finding, add_to_summary, enforce
 from lft.guards.lint import lint_rows
 from lft.guards.template import check_template
 
@@ -60,6 +62,10 @@ class RunGuards:
         self.findings.sort(key=lambda f: ORDER.index(f.guard) if f.guard in ORDER else len(ORDER))
         if not self.check_only:
             enforce(self.findings, strict=self.opts.strict)
+            for finding in self.findings:  # shown now, not only in the summary after training
+                for problem in finding.problems if finding.fired else []:
+                    self.console.print(f"[yellow]guard warning:[/] {escape(TITLES.get(finding.guard, finding.guard))}: "
+                                       f"{escape(problem)}")
 
     def contamination(self, train: Rows, eval_rows: Rows | None) -> Rows:
         opts = self.opts.contamination
