@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -140,6 +141,15 @@ class FormatStats:
     notes: list[str] = field(default_factory=list)
 
 
+class Examples(list):
+    """Formatted examples (a plain list) that remember where each came from (``where``), so a
+    fault during training can name the rows of the batch."""
+
+    def __init__(self, features: list[dict], where: list[str]):
+        super().__init__(features)
+        self.where = list(where)
+
+
 def _length(feature: dict) -> int:
     lengths = [len(v) for k, v in feature.items() if k.endswith("input_ids") and isinstance(v, (list, tuple))]
     return max(lengths) if lengths else 0
@@ -153,7 +163,7 @@ def format_rows(rows: Rows, hook: Any, tokenizer: Any, config: Any) -> tuple[lis
     """Run ``lft_format_example`` on every row. Rows the hook returns ``{"skip": reason}`` for
     are left out and counted; DataErrors get the row's location added."""
     stats = FormatStats(rows=len(rows))
-    features = []
+    features, kept = [], []
     policy = config.data.truncation
     for row, where in zip(rows.rows, rows.where):
         try:
@@ -187,11 +197,12 @@ def format_rows(rows: Rows, hook: Any, tokenizer: Any, config: Any) -> tuple[lis
         stats.tokens += length
         stats.trained_tokens += trained
         features.append(feature)
+        kept.append(where)
     stats.examples = len(features)
     if not features:
         raise DataError(f"{rows.source}: no usable examples ({stats.dropped} dropped as too long, "
                         f"{stats.skipped} skipped)")
-    return features, stats
+    return Examples(features, kept), stats
 
 
 class ResumableLoader(DataLoader):
@@ -210,6 +221,8 @@ class ResumableLoader(DataLoader):
         self._epoch = 0
         self._consumed = 0
         self._resume_at = 0
+        self._served: deque[tuple[int, list[int]]] = deque(maxlen=64)  # (serial, dataset indices)
+        self._serial = 0
         super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn, shuffle=False, drop_last=drop_last)
 
     def _order(self, epoch: int) -> list[int]:
@@ -231,6 +244,8 @@ class ResumableLoader(DataLoader):
         for index in range(start, len(batches)):
             batch = self.collate_fn([self.dataset[i] for i in batches[index]])
             self._consumed = index + 1
+            self._served.append((self._serial, batches[index]))
+            self._serial += 1
             yield batch
         self._epoch += 1
         self._consumed = 0
@@ -238,6 +253,15 @@ class ResumableLoader(DataLoader):
     def __len__(self) -> int:
         n = len(self.dataset) // self._world
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def rows_of(self, serial: int) -> list[str] | None:
+        """Where the rows of the ``serial``-th batch this loader served (counting from 0) came
+        from, when the dataset is ``Examples``; None when unknown."""
+        where = getattr(self.dataset, "where", None)
+        for number, indices in self._served:
+            if number == serial and where is not None:
+                return [where[i] for i in indices]
+        return None
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "consumed": self._consumed}

@@ -10,7 +10,8 @@ from lft.manager import hookimpl
 
 
 class CorePlugin:
-    """Loads models the standard way and pads batches when no selected plugin does."""
+    """Loads models the standard way, pads batches when no selected plugin does, saves the
+    random states in checkpoints and guards against NaN/Inf losses and gradients."""
 
     name = "core"
     kind = "core"
@@ -26,6 +27,15 @@ class CorePlugin:
     @hookimpl(trylast=True)
     def lft_collate(self, features: list, tokenizer: Any, config: Any) -> Any:
         return pad_collate(features, tokenizer.pad_token_id)
+
+    @hookimpl
+    def lft_callbacks(self, config: Any) -> Any:
+        from lft.checkpoint import RngState
+        from lft.numerics import NonFiniteGuard
+
+        tc = config.trainer
+        guard = NonFiniteGuard(tc.on_nonfinite, config.output, check_gradients=tc.precision != "16-mixed")
+        return [RngState(), guard]
 
     @hookimpl(trylast=True)
     def lft_save_model(self, model: Any, tokenizer: Any, path: str, config: Any) -> Any:
