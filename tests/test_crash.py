@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,7 +164,8 @@ def test_checkpoint_round_trip_keeps_types(tmp_path):
 
 
 def enospc_when(monkeypatch, predicate):
-    """Make safetensors writes whose file name matches ``predicate`` fail half-way with ENOSPC."""
+    """Make lft's checkpoint writes whose file name matches ``predicate`` fail half-way with ENOSPC."""
+    import peft  # noqa: F401  (imported first, so it keeps the real safetensors writer)
     import safetensors.torch
 
     real = safetensors.torch.save_file
@@ -205,7 +207,13 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys, 
 def test_disk_full_while_saving_the_final_model(tmp_path, capsys, monkeypatch, lft_tiny_model, lft_sft_data):
     out = tmp_path / "out"
     args = argv(lft_tiny_model, lft_sft_data, out, "trainer.max_steps=3")
-    enospc_when(monkeypatch, lambda name, calls: name.endswith("adapter_model.safetensors"))
+    import peft
+
+    def full_disk(self, path, **kwargs):
+        (Path(path) / "adapter_model.safetensors").write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(peft.PeftModel, "save_pretrained", full_disk)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "could not save the final model" in err and "No space left on device" in err
