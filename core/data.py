@@ -38,6 +38,15 @@ class Rows:
         return Rows(self.source, [self.rows[i] for i in indices], [self.where[i] for i in indices])
 
 
+def _check_surrogates(row: dict, where: str) -> None:
+    """JSON escapes can spell half of a UTF-16 pair (\\ud800), which is no character at all."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end].encode("unicode_escape").decode()
+        raise DataError(f"{where}: contains an unpaired surrogate escape ({bad}), which is not text") from None
+
+
 def _read_jsonl(path: Path) -> Rows:
     rows, where = [], []
     try:
@@ -51,6 +60,8 @@ def _read_jsonl(path: Path) -> Rows:
                     raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+                if "\\u" in line.lower():
+                    _check_surrogates(row, f"{path}:{lineno}")
                 rows.append(row)
                 where.append(f"{path}:{lineno}")
     except UnicodeDecodeError as exc:
@@ -76,17 +87,29 @@ def _read_json(path: Path) -> Rows:
 
 
 def _read_with_datasets(spec: str, kind: str | None, split: str) -> Rows:
+    import logging
+
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(logging.CRITICAL)  # its error lines would repeat ours
     datasets.disable_progress_bars()
     try:
         if kind is not None:
             table = datasets.load_dataset(kind, data_files=spec, split="train")
         else:
             table = datasets.load_dataset(spec, split=split)
-    except Exception as exc:  # datasets raises many types; the user needs the first line only
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # datasets raises many types; the user needs the root cause, in one line
+        chain: list[BaseException] = [exc]
+        while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+        for cause in chain:
+            if isinstance(cause, UnicodeDecodeError):
+                raise DataError(f"{spec}: not UTF-8 text (invalid byte at offset {cause.start}); "
+                                "re-encode it as UTF-8") from None
+            if type(cause).__name__ == "EmptyDataError":
+                raise DataError(f"{spec}: no rows; the dataset is empty") from None
+        root = next((c for c in chain if not type(c).__module__.startswith("datasets")), exc)
+        message = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
         raise DataError(f"{spec}: could not be read ({message})") from None
     rows = table.to_list()
     return Rows(spec, rows, [f"{spec}: row {i + 1}" for i in range(len(rows))])
@@ -200,8 +223,9 @@ def format_rows(rows: Rows, hook: Any, tokenizer: Any, config: Any) -> tuple[lis
         kept.append(where)
     stats.examples = len(features)
     if not features:
-        raise DataError(f"{rows.source}: no usable examples ({stats.dropped} dropped as too long, "
-                        f"{stats.skipped} skipped)")
+        reason = f"; first: {stats.notes[0]}" if stats.notes else ""
+        raise DataError(f"{rows.source}: no usable examples ({stats.truncated} truncated and {stats.dropped} dropped "
+                        f"at data.max_length={config.data.max_length}, {stats.skipped} skipped{reason})")
     return Examples(features, kept), stats
 
 
