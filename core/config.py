@@ -71,7 +71,7 @@ class TrainerConfig(Section):
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"] = Field(
         "auto", description="auto: bf16-mixed where the hardware has fast bf16, else 32-true."
     )
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of every random number generator.")
     accelerator: str = Field("auto", description="cpu, gpu, or auto.")
     devices: Union[int, str] = Field("auto", description="Number of devices, or auto.")
     num_nodes: int = Field(1, gt=0)

@@ -49,23 +49,25 @@ def _check_surrogates(row: dict, where: str) -> None:
 
 def _read_jsonl(path: Path) -> Rows:
     rows, where = [], []
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-                if "\\u" in line.lower():
-                    _check_surrogates(row, f"{path}:{lineno}")
-                rows.append(row)
-                where.append(f"{path}:{lineno}")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); re-encode it as UTF-8") from None
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            if "\\u" in line.lower():
+                _check_surrogates(row, f"{path}:{lineno}")
+            rows.append(row)
+            where.append(f"{path}:{lineno}")
     return Rows(str(path), rows, where)
 
 
