@@ -369,6 +369,7 @@ class Run:
         history = monitor.history
         self.summary.update(
             steps=trainer.global_step,
+            processes=trainer.world_size,
             train_time_s=round(train_time, 2),
             total_time_s=round(time.perf_counter() - started, 2),
             first_loss=history[0].get("loss") if history else None,
