@@ -5,7 +5,7 @@
 * ``ddp``: one process per device; on CPU the processes talk over gloo;
 * ``fsdp``: fully sharded data parallel, on CUDA GPUs; each transformer block is one unit;
 * ``deepspeed``, ``deepspeed_stage_2``, ``deepspeed_stage_3``, ...: when ``deepspeed`` is installed;
-* ``model_parallel``: FSDP2 (``fully_shard``) through ``ModelParallelStrategy``, CPU included;
+* ``model_parallel`` is refused (see ``validate``): sharding on CPU is not available yet;
 * any other Lightning strategy name is passed through unchanged.
 
 Every process runs the whole ``lft run`` (Lightning starts the extra local processes by
@@ -23,9 +23,6 @@ from typing import Any, Iterator
 import torch
 
 from lft.errors import ConfigError
-
-SHARDED = ("fsdp", "model_parallel")
-
 
 def is_main_process() -> bool:
     """True in the process that should write outputs, judged from the launcher's environment
@@ -52,6 +49,10 @@ def validate(tc: Any) -> None:
         raise ConfigError(f"trainer.strategy={tc.strategy} needs the deepspeed package: pip install deepspeed")
     if name.startswith("deepspeed") and not _cuda(tc.accelerator):
         raise ConfigError(f"trainer.strategy={tc.strategy} needs CUDA GPUs")
+    if name == "model_parallel":
+        raise ConfigError("trainer.strategy=model_parallel is not supported: lft's log-prob code reads the output "
+                          "head's weight outside the model's forward, which FSDP2 keeps sharded there; use "
+                          "trainer.strategy=ddp on CPU or trainer.strategy=fsdp on GPUs")
     if tc.precision == "16-mixed" and not _cuda(tc.accelerator):
         raise ConfigError("trainer.precision=16-mixed needs a CUDA GPU; on CPU use 32-true or bf16-mixed")
 
@@ -89,51 +90,24 @@ def strategy(tc: Any) -> Any:
         # "full" gathers the trained weights into one lft checkpoint file on rank 0.
         return FSDPStrategy(auto_wrap_policy=LayerWrapPolicy(), use_orig_params=True, state_dict_type="full",
                             sharding_strategy="FULL_SHARD")
-    if name == "model_parallel":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        backend = None if _cuda(tc.accelerator) else "gloo"
-        return ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1,
-                                     save_distributed_checkpoint=False, process_group_backend=backend)
     return tc.strategy
 
 
-def shard_for_model_parallel(model: torch.nn.Module, device_mesh: Any) -> None:
-    """FSDP2 for ``model_parallel``: shard each transformer block, then the whole model, over the
-    data-parallel dimension of the mesh."""
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = device_mesh["data_parallel"]
-    names: set[str] = set()
-    for sub in model.modules():
-        names.update(getattr(sub, "_no_split_modules", None) or [])
-    for sub in model.modules():
-        if type(sub).__name__ in names:
-            fully_shard(sub, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
 @contextmanager
-def full_weights(trainer: Any) -> Iterator[None]:
-    """Make the model's full (unsharded) weights visible on rank 0 for saving the final model.
-    A no-op for unsharded strategies; every process must enter it together."""
-    wrapped = getattr(trainer.strategy, "model", None)
-    name = type(trainer.strategy).__name__
-    if name == "FSDPStrategy" and wrapped is not None:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False, rank0_only=True,
-                                                         offload_to_cpu=True):
-            yield
+def full_weights(trainer: Any, model: torch.nn.Module) -> Iterator[None]:
+    """Let rank 0 save the full weights of ``model`` (the LftModule's ``model``) when a sharded
+    strategy holds only a slice of them in each process: the strategy gathers them (a
+    collective, so every process enters this together) and, while the block runs,
+    ``model.state_dict()`` on rank 0 returns the gathered tensors, which is what
+    ``save_pretrained`` (transformers and peft) reads. A no-op for unsharded strategies."""
+    if type(trainer.strategy).__name__ not in ("FSDPStrategy", "DeepSpeedStrategy"):
+        yield
         return
-    if name == "ModelParallelStrategy" and wrapped is not None:
-        units = [m for m in wrapped.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
-        for unit in units:
-            unit.unshard()
-        try:
-            yield
-        finally:
-            for unit in units:
-                unit.reshard()
-        return
-    yield
+    gathered = trainer.strategy.lightning_module_state_dict()  # full on rank 0, CPU-offloaded
+    prefix = "model."
+    full = {key[len(prefix):]: value for key, value in gathered.items() if key.startswith(prefix)}
+    model.state_dict = lambda *args, **kwargs: dict(full)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.state_dict  # back to the class's method

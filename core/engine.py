@@ -361,7 +361,7 @@ class Run:
             raise LftError(f"interrupted at step {trainer.global_step}; a checkpoint was saved in "
                            f"{self.output / CHECKPOINTS}; continue with --resume")
         trainer.save_checkpoint(self.output / CHECKPOINTS / "last.ckpt")
-        with distributed.full_weights(trainer):
+        with distributed.full_weights(trainer, module.model):
             final = self.save_final(module) if trainer.global_rank == 0 else None
         if trainer.global_rank != 0:  # evaluation and the summary are the main process's job
             return RunResult(self.output, None, {"rank": trainer.global_rank}, monitor.history, cfg)

@@ -102,12 +102,12 @@ def trainer_config(**values):
 
 
 def test_strategy_mapping_on_cpu():
-    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DDPStrategy
 
     ddp = distributed.strategy(trainer_config(strategy="ddp", accelerator="cpu"))
     assert isinstance(ddp, DDPStrategy) and ddp._process_group_backend == "gloo"
-    sharded = distributed.strategy(trainer_config(strategy="model_parallel", accelerator="cpu"))
-    assert isinstance(sharded, ModelParallelStrategy) and sharded._save_distributed_checkpoint is False
+    with pytest.raises(ConfigError, match="trainer.strategy=model_parallel is not supported"):
+        distributed.validate(trainer_config(strategy="model_parallel", accelerator="cpu"))
     assert distributed.strategy(trainer_config(strategy="ddp_spawn")) == "ddp_spawn"  # other names: Lightning's
     with pytest.raises(ConfigError, match="trainer.strategy=fsdp needs CUDA GPUs in Lightning; on CPU use"):
         distributed.validate(trainer_config(strategy="fsdp", accelerator="cpu"))
@@ -140,3 +140,24 @@ def test_gpu_strategies_map_at_config_level(monkeypatch, lft_tiny_model):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "deepspeed" else real_find_spec(name))
     distributed.validate(trainer_config(strategy="deepspeed_stage_2", accelerator="gpu"))
     assert distributed.strategy(trainer_config(strategy="deepspeed_stage_2")) == "deepspeed_stage_2"
+
+
+def test_sharded_final_save_reads_the_gathered_weights(lft_tiny_model):
+    """Under FSDP/DeepSpeed the final model is saved from weights the strategy gathers on rank 0."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(lft_tiny_model)
+    gathered = {f"model.{k}": torch.zeros_like(v) for k, v in model.state_dict().items()}
+
+    class FSDPStrategy:  # the name is what full_weights looks at
+        def lightning_module_state_dict(self):
+            return gathered
+
+    class Trainer:
+        strategy = FSDPStrategy()
+
+    with distributed.full_weights(Trainer(), model):
+        inside = model.state_dict()
+    assert inside.keys() == model.state_dict().keys() and all(not v.any() for v in inside.values())
+    assert any(v.any() for v in model.state_dict().values())  # the model's own method is back
