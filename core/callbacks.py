@@ -19,38 +19,55 @@ __all__ = ["AtomicCheckpointIO", "GracefulStop", "RunMonitor"]
 
 
 class GracefulStop(L.Callback):
-    """Turns the first Ctrl-C (SIGINT) into a clean stop after the current optimizer step, so
-    the engine can save a checkpoint; a second Ctrl-C aborts at once."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a clean stop after the current optimizer
+    step, so the engine can save a checkpoint; a second Ctrl-C aborts at once.
+
+    SIGTERM is taken over once training starts, from Lightning's own handler, which would end
+    the process at the next batch with exit status 0 and no checkpoint."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
         self._last_step = -1
 
-    def install(self) -> None:
+    def _handler(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.requested:
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            again = " (Ctrl-C again to abort)" if signum == signal.SIGINT else ""
+            print(f"\n{name}: stopping after this step and saving a checkpoint{again}", file=sys.stderr)
+        self.requested = True
+
+    def _take(self, signum: int) -> None:
         import signal
         import threading
 
-        if threading.current_thread() is not threading.main_thread():
-            return
+        if threading.current_thread() is threading.main_thread():  # signals can be set there only
+            previous = signal.signal(signum, self._handler)
+            self._previous.setdefault(signum, previous)
 
-        def handler(signum: int, frame: Any) -> None:
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+    def install(self) -> None:
+        import signal
 
-        self._previous = signal.signal(signal.SIGINT, handler)
+        self._take(signal.SIGINT)
+        self._take(signal.SIGTERM)  # again in on_train_start, after Lightning sets its own
 
     def uninstall(self) -> None:
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        import signal
+
         self._last_step = trainer.global_step
+        self._take(signal.SIGTERM)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         stepped = trainer.global_step != self._last_step

@@ -222,3 +222,23 @@ def test_disk_full_while_saving_the_final_model(tmp_path, capsys, monkeypatch, l
     monkeypatch.undo()
     assert main(args + ["--resume"]) == 0
     assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_with_an_error(tmp_path, lft_tiny_model, lft_sft_data):
+    out = tmp_path / "out"
+    args = argv(lft_tiny_model, lft_sft_data, out, "trainer.max_steps=400", "trainer.checkpoint_every=100")
+    proc = subprocess.Popen([sys.executable, "-m", "lft.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        while last_step(out) < 3:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 2  # a scheduler's SIGTERM is never taken for success
+    step = checkpoint.load(out / "checkpoints" / "last.ckpt")["global_step"]
+    assert err.strip().endswith(f"error: interrupted at step {step}; a checkpoint was saved in {out / 'checkpoints'}; "
+                                "continue with --resume")
+    assert 3 <= step < 400 and max(r["step"] for r in records(out)) == step
