@@ -142,10 +142,12 @@ def test_skip_leaves_weights_and_optimizer_state_untouched(tmp_path, lft_tiny_mo
     assert math.isfinite(result.metrics["after"]["eval_loss"])
 
 
-def test_skipping_forever_stops(tmp_path, lft_tiny_model, lft_sft_data):
-    cfg = config(lft_tiny_model, lft_sft_data, tmp_path / "out",
-                 **{"trainer.max_steps": MAX_CONSECUTIVE_SKIPS + 5, "trainer.on_nonfinite": "skip"})
-    with pytest.raises(lft.LftError, match=f"{MAX_CONSECUTIVE_SKIPS} optimizer steps in a row had a non-finite"):
+def test_skipping_forever_stops(tmp_path, monkeypatch, lft_tiny_model, lft_sft_data):
+    assert MAX_CONSECUTIVE_SKIPS == 20
+    monkeypatch.setattr("lft.numerics.MAX_CONSECUTIVE_SKIPS", 3)  # the same rule, sooner
+    cfg = config(lft_tiny_model, lft_sft_data, tmp_path / "out", **{"trainer.max_steps": 8, "trainer.on_nonfinite": "skip"})
+    with pytest.raises(lft.LftError, match=r"3 optimizer steps in a row had a non-finite loss or gradient \(the last at "
+                                           r"step 3\); stopped"):
         lft.run(cfg, plugins=[FaultySFT({"all"})], quiet=True)
 
 
