@@ -65,13 +65,13 @@ class TrainerConfig(Section):
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Warmup length as a fraction of all steps.")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup length in steps; overrides warmup_ratio.")
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; empty disables clipping.")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"] = Field(
         "auto", description="auto: bf16-mixed where the hardware has fast bf16, else 32-true."
     )
-    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of every random number generator.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for weights init, data order, dropout and sampling.")
     accelerator: str = Field("auto", description="cpu, gpu, or auto.")
     devices: Union[int, str] = Field("auto", description="Number of devices, or auto.")
     num_nodes: int = Field(1, gt=0)

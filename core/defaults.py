@@ -42,3 +42,9 @@ class CorePlugin:
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
         return path
+
+    @hookimpl
+    def lft_add_commands(self, cli: Any) -> None:
+        from lft import scaffold
+
+        scaffold.add_command(cli)

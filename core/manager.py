@@ -140,7 +140,7 @@ class PluginManager:
         try:
             self.pm.register(obj, name=info.name)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {info.name!r} from {info.package or 'python'}: {exc}") from None
+            raise PluginError(f"plugin {info.name!r} from {info.package or 'python'}: {_signature_problem(obj, exc)}") from None
         except ValueError as exc:
             raise PluginError(f"plugin {info.name!r} could not be registered: {exc}") from None
         info.hooks = sorted(c.name for c in self.pm.get_hookcallers(obj) or [])
@@ -238,6 +238,23 @@ class _SubsetRelay:
             caller = self._pm.subset_hook_caller(name, self._excluded)
             self._callers[name] = caller
         return caller
+
+
+def _signature_problem(obj: Any, exc: Exception) -> str:
+    """One line saying which hook of a plugin does not fit lft's hookspec, and how."""
+    import inspect
+
+    for name in dir(obj):
+        spec = getattr(hookspecs, name, None)
+        if not name.startswith("lft_") or spec is None:
+            continue
+        impl = [p for p in inspect.signature(getattr(obj, name)).parameters if p != "self"]
+        allowed = list(inspect.signature(spec).parameters)
+        unknown = [p for p in impl if p not in allowed]
+        if unknown:
+            return (f"hook {name}({', '.join(impl)}) does not match lft's {name}({', '.join(allowed)}): "
+                    f"unknown argument(s) {', '.join(unknown)}; the plugin was written for another lft version")
+    return " ".join(str(exc).split())
 
 
 def _lft_version() -> str:

@@ -156,3 +156,20 @@ def lft_run(tmp_path: Path, lft_tiny_model: Path, lft_sft_data: dict) -> Callabl
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def install_fake_distribution(root: Path, name: str, entry_points: dict[str, str],
+                              modules: dict[str, str] | None = None, version: str = "1.0") -> Path:
+    """Make a distribution visible to ``importlib.metadata`` without pip: writes
+    ``NAME-VERSION.dist-info`` (with ``[lft]`` entry points) and the given module sources into
+    ``root``. Put ``root`` on ``sys.path`` (pytest's ``monkeypatch.syspath_prepend``) to install it.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    dist = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8")
+    lines = ["[lft]"] + [f"{key} = {value}" for key, value in entry_points.items()]
+    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for module, source in (modules or {}).items():
+        (root / f"{module}.py").write_text(source, encoding="utf-8")
+    return root

@@ -1,0 +1,161 @@
+"""One benchmark side in its own process: ``python -m lft.bench.workers TOOL SETTINGS.json OUT.json``.
+
+Each worker trains ``steps`` optimizer steps and records, per step, the wall time, the non-pad
+tokens processed and the loss, then its peak resident memory. The orchestrator (``lft.bench``)
+turns that into medians, throughput and ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lft.bench.common import Settings
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- lft ------------------------------------------------------------------------------------------
+
+def lft_config(s: Settings) -> dict:
+    config: dict[str, Any] = {
+        "model.path": s.model, "data.train": s.data, "data.eval_split": 0, "data.max_length": s.max_length,
+        "plugins": [s.method, "lora"], "output": str(Path(s.work) / f"lft-{s.method}"), "overwrite": True,
+        "trainer.max_steps": s.steps, "trainer.batch_size": s.batch_size, "trainer.lr": s.lr,
+        "trainer.schedule": "constant", "trainer.warmup_steps": 0, "trainer.precision": s.precision,
+        "trainer.seed": s.seed, "trainer.checkpoint_every": 0, "eval.task": "none", "eval.before": False,
+        "lora.r": s.lora_r, "lora.alpha": s.lora_alpha, "lora.target_modules": s.targets,
+    }
+    method_keys = {
+        "dpo": {"dpo.beta": s.beta},
+        "simpo": {},
+        "orpo": {},
+        "grpo": {"grpo.num_generations": s.num_generations, "grpo.max_new_tokens": s.max_new_tokens},
+        "ppo": {"ppo.max_new_tokens": s.max_new_tokens},
+    }
+    config.update(method_keys.get(s.method, {}))
+    return config
+
+
+def run_lft(s: Settings) -> dict:
+    import lft
+
+    result = lft.run(lft_config(s), quiet=True)
+    steps = [{"time": h["step_time"], "tokens": h["tokens"], "loss": h.get("loss")} for h in result.history]
+    return {"steps": steps}
+
+
+# -- the peer -------------------------------------------------------------------------------------
+
+def _trl_common(s: Settings) -> dict:
+    return dict(
+        output_dir=str(Path(s.work) / f"peer-{s.method}"), per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=1, learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0,
+        max_steps=s.steps, logging_steps=1, save_strategy="no", report_to=[], seed=s.seed, use_cpu=True,
+        bf16=s.precision.startswith("bf16"), dataloader_num_workers=0, disable_tqdm=True,
+    )
+
+
+class _Counter:
+    """Wraps a data collator and counts the non-pad tokens of every batch it makes."""
+
+    def __init__(self, collator: Any):
+        self.collator = collator
+        self.pending = 0
+
+    def __call__(self, features: list) -> Any:
+        batch = self.collator(features)
+        self.pending += int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
+        return batch
+
+
+def run_trl(s: Settings) -> dict:
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    data = datasets.load_dataset("json", data_files=s.data, split="train")
+    tokenizer = AutoTokenizer.from_pretrained(s.model)
+    model = AutoModelForCausalLM.from_pretrained(s.model)
+    lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules=s.targets,
+                      task_type="CAUSAL_LM")
+    common = _trl_common(s)
+    if s.method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**common, max_length=s.max_length, packing=False)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
+    elif s.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common, beta=s.beta, max_length=s.max_length)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
+    elif s.method in ("orpo", "simpo"):
+        if s.method == "orpo":
+            from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+            extra: dict = {}
+        else:
+            from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+            extra = {"loss_type": "simpo", "cpo_alpha": 0.0}
+        args = Config(**common, max_length=s.max_length, **extra)
+        trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
+    elif s.method == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        from lft import task
+
+        def exact_answer(completions: list, answer: list, **_: Any) -> list[float]:
+            texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+            return [task.score(t, a) for t, a in zip(texts, answer)]
+
+        args = GRPOConfig(**common, num_generations=s.num_generations, max_completion_length=s.max_new_tokens,
+                          steps_per_generation=1, beta=0.0, temperature=1.0)
+        trainer = GRPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                              reward_funcs=exact_answer, peft_config=lora)
+    else:
+        raise SystemExit(f"the peer has no {s.method}")
+
+    counter = _Counter(trainer.data_collator)
+    trainer.data_collator = counter
+    steps: list[dict] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            steps.append({"time": time.perf_counter() - self.started, "tokens": counter.pending})
+            counter.pending = 0
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if logs and "loss" in logs and steps:
+                steps[-1]["loss"] = float(logs["loss"])
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    return {"steps": steps}
+
+
+def main() -> None:
+    tool, settings_path, out_path = sys.argv[1:4]
+    settings = Settings.load(Path(settings_path))
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.perf_counter()
+    result = run_lft(settings) if tool == "lft" else run_trl(settings)
+    result.update(tool=tool, method=settings.method, peak_rss_mb=peak_rss_mb(), wall_s=time.perf_counter() - started)
+    Path(out_path).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
