@@ -194,7 +194,7 @@ class RunMonitor(L.Callback):
             except json.JSONDecodeError:
                 dropped += 1
                 continue
-            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept.append(line)
             else:
                 dropped += 1

@@ -258,3 +258,15 @@ def test_sigterm_saves_a_checkpoint_and_stops_with_an_error(tmp_path, lft_tiny_m
         lft.run(config, plugins=[Terminate(3)], quiet=True)
     assert checkpoint.load(out / "checkpoints" / "last.ckpt")["global_step"] == 3
     assert signal.getsignal(signal.SIGTERM) == before  # handlers are given back
+
+
+def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
+    from lft.callbacks import RunMonitor
+
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)] + [json.dumps({"step": 3, "eval_loss": 2.0})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "lo')  # the kill cut the last line
+    RunMonitor(tmp_path)._forget_after(3)
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 1 / 3},
+                    {"step": 3, "eval_loss": 2.0}]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
