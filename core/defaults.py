@@ -11,7 +11,9 @@ from lft.manager import hookimpl
 
 
 class CorePlugin:
-    """Loads models the standard way and pads batches when no selected plugin does; guards every run."""
+    """Loads models the standard way, pads batches when no selected plugin does, saves the
+    random states in checkpoints, guards against NaN/Inf losses and gradients, and runs the
+    guards against fine-tuning pitfalls (``lft.guards``)."""
 
     name = "core"
     kind = "core"
@@ -28,6 +30,19 @@ class CorePlugin:
     def lft_collate(self, features: list, tokenizer: Any, config: Any) -> Any:
         return pad_collate(features, tokenizer.pad_token_id)
 
+    @hookimpl
+    def lft_callbacks(self, config: Any) -> Any:
+        from lft.checkpoint import RngState
+        from lft.guards import GuardMonitor
+        from lft.numerics import NonFiniteGuard
+
+        tc = config.trainer
+        guard = NonFiniteGuard(tc.on_nonfinite, config.output, check_gradients=tc.precision != "16-mixed")
+        callbacks = [RngState(), guard]
+        if config.section("guards").enabled:
+            callbacks.append(GuardMonitor(config))
+        return callbacks
+
     @hookimpl(trylast=True)
     def lft_save_model(self, model: Any, tokenizer: Any, path: str, config: Any) -> Any:
         model.save_pretrained(path, safe_serialization=True)
@@ -39,13 +54,6 @@ class CorePlugin:
         from lft.guards import GuardsOptions
 
         register("guards", GuardsOptions)
-
-    @hookimpl
-    def lft_callbacks(self, config: Any) -> Any:
-        from lft.guards import GuardMonitor
-
-        guards = getattr(config, "guards", None)
-        return [GuardMonitor(config)] if guards is not None and guards.enabled else []
 
     @hookimpl
     def lft_add_commands(self, cli: Any) -> None:

@@ -55,9 +55,7 @@ class LftModule(L.LightningModule):
         else:
             loss, metrics = self.compute(batch)
         metrics = {k: _scalar(v) for k, v in (metrics or {}).items()}
-        metrics["loss"] = _scalar(loss)
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"the loss is {metrics['loss']} at step {self.global_step} (batch {batch_idx})")
+        metrics["loss"] = _scalar(loss)  # a NaN/Inf loss is handled by lft.numerics.NonFiniteGuard
         self.last_metrics = metrics
         self.log("train/loss", loss.detach(), prog_bar=False, logger=True, batch_size=1)
         for key, value in metrics.items():

@@ -12,8 +12,9 @@ import html
 from pathlib import Path
 from typing import Any
 
+from lft.checkpoint import atomic_write_text
 from lft.guards.findings import TITLES
-from lft.report import summary_rows, write_text
+from lft.report import summary_rows
 
 #: Metric families plotted when the history has them, each in its own chart.
 FAMILIES = ("reward", "kl", "margin", "accuracy")
@@ -182,14 +183,14 @@ def write_report(output: Path, summary: dict, history: list[dict], config: Any) 
     blocks = build(summary, history)
     written = []
     if form in ("html", "both"):
-        write_text(output / "report.html", to_html(blocks))
+        atomic_write_text(output / "report.html", to_html(blocks), "report")
         written.append(output / "report.html")
     if form in ("markdown", "both"):
         folder = output / "report"
         folder.mkdir(exist_ok=True)
         for block in blocks:
             if block[0] == "chart":
-                write_text(folder / f"{block[1]}.svg", block[2] + "\n")
-        write_text(output / "report.md", to_markdown(blocks, folder.name))
+                atomic_write_text(folder / f"{block[1]}.svg", block[2] + "\n", "plot")
+        atomic_write_text(output / "report.md", to_markdown(blocks, folder.name), "report")
         written.append(output / "report.md")
     return written
