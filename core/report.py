@@ -60,6 +60,8 @@ def print_summary(console: Any, summary: dict) -> None:
     table.add_row("tokens/s", _fmt(summary.get("tokens_per_s")))
     table.add_row("train time", f"{_fmt(summary.get('train_time_s'))} s (total {_fmt(summary.get('total_time_s'))} s)")
     table.add_row("saved", _fmt(summary.get("final")))
+    for key, value in (summary.get("notes") or {}).items():
+        table.add_row(key.replace("_", " "), _fmt(value))
     for warning in summary.get("warnings", []):
         table.add_row("[yellow]warning[/]", warning)
     console.print(table)
