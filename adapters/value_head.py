@@ -28,6 +28,11 @@ def backbone(model: Any) -> Any:
     return getattr(base, base.base_model_prefix)
 
 
+def is_quantized(model: Any) -> bool:
+    base = unwrap(model)
+    return getattr(base, "hf_quantizer", None) is not None or bool(getattr(base, "is_quantized", False))
+
+
 def attach(model: Any) -> torch.nn.Linear:
     """The model's value head, created (trainable, small random weights) if it has none."""
     head = getattr(model, HEAD, None)
@@ -52,7 +57,8 @@ def rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     """The scalar reward of each sequence, shape (B,)."""
     hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token(input_ids, pad_id)]
-    return getattr(model, HEAD)(pooled).squeeze(-1).float()
+    head = getattr(model, HEAD)
+    return head(pooled.to(head.weight.dtype)).squeeze(-1).float()
 
 
 def merged_backbone_state(model: Any) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lft.losses.preference import PairLogps, PairLoss
+from lft.losses.preference import PairLogps, PairLoss, chosen_nll
 
 
 def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ class ORPOLoss:
         self.weight = weight
 
     def __call__(self, logps: PairLogps) -> PairLoss:
-        nll = -logps.chosen.sum() / logps.chosen_tokens.sum().clamp(min=1).to(logps.chosen.dtype)
+        nll = chosen_nll(logps)
         chosen_odds, rejected_odds = log_odds(logps.chosen_mean()), log_odds(logps.rejected_mean())
         odds_ratio = -F.logsigmoid(chosen_odds - rejected_odds).mean()
         loss = nll + self.weight * odds_ratio

@@ -66,3 +66,27 @@ class PairLoss:
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def chosen_nll(logps: PairLogps) -> torch.Tensor:
+    """Mean negative log-likelihood per token of the chosen completions (as in SFT)."""
+    return -logps.chosen.sum() / logps.chosen_tokens.sum().clamp(min=1).to(logps.chosen.dtype)
+
+
+class WithChosenNLL:
+    """A pair loss plus ``weight`` times the chosen completions' NLL, which keeps the chosen
+    answers likely while the margin grows; with DPO this is RPO (Pang et al. 2024,
+    https://arxiv.org/abs/2404.19733, eq. 2, the NLL normalised by length)."""
+
+    def __init__(self, loss: object, weight: float):
+        if weight < 0:
+            raise ValueError(f"the NLL weight must be >= 0, got {weight}")
+        self.loss, self.weight = loss, weight
+        self.needs_reference = bool(getattr(loss, "needs_reference", False))
+
+    def __call__(self, logps: PairLogps) -> PairLoss:
+        out = self.loss(logps)  # type: ignore[operator]
+        nll = chosen_nll(logps)
+        out.loss = out.loss + self.weight * nll
+        out.metrics = {**out.metrics, "nll": nll.detach()}
+        return out

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from lft.losses.dpo import VARIANTS
+from lft.losses.preference import WithChosenNLL
 import lft
 from lft.plugins.preference import Preference, PreferenceOptions, precompute_callback
 
@@ -24,6 +25,8 @@ class DPOOptions(PreferenceOptions):
         "sigmoid", description="sigmoid (DPO), ipo (Azar et al.), hinge (SLiC-style), robust (Chowdhury et al.).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed rate of flipped labels: conservative "
                                    "DPO with loss=sigmoid, the unbiased estimator with loss=robust.")
+    nll_weight: float = Field(0.0, ge=0, description="Add this times the chosen completions' per-token NLL "
+                              "(RPO, Pang et al. 2024): keeps chosen answers likely while the margin grows.")
     precompute_reference: bool = Field(False, description="Compute the reference log-probs of every pair once "
                                        "before training (and free the frozen copy under full fine-tuning).")
     reference_cache: bool = Field(True, description="Keep precomputed reference log-probs on disk, keyed on the "
@@ -45,8 +48,10 @@ class DPO(Preference):
     def loss(self, options: DPOOptions) -> Any:
         cls = VARIANTS[options.loss]
         if options.loss in ("sigmoid", "robust"):
-            return cls(beta=options.beta, label_smoothing=options.label_smoothing)
-        return cls(beta=options.beta)
+            loss = cls(beta=options.beta, label_smoothing=options.label_smoothing)
+        else:
+            loss = cls(beta=options.beta)
+        return WithChosenNLL(loss, options.nll_weight) if options.nll_weight else loss
 
     @lft.hookimpl
     def lft_callbacks(self, config: Any) -> Any:

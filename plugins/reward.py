@@ -36,6 +36,9 @@ class RewardObjective:
         self.loss = loss
 
     def setup(self, module: Any) -> None:
+        if value_head.is_quantized(module.model):
+            raise lft.ModelError("a reward model is saved as a full-precision sequence classifier, which a quantized "
+                                 "base cannot be merged into; train it with --plugin lora or --plugin full")
         value_head.attach(module.model)
 
     def __call__(self, module: Any, batch: dict) -> tuple[Any, dict]:
@@ -67,8 +70,11 @@ class Reward(Preference):
                 raise lft.DataError(f"'{column}' must be a number, got {example[column]!r}") from None
         return feature
 
+    def loss(self, options: RewardOptions) -> Any:
+        return BradleyTerryLoss(options.center_coefficient)
+
     def objective(self, config: Any) -> Any:
-        return RewardObjective(BradleyTerryLoss(config.section(self.name).center_coefficient))
+        return RewardObjective(self.loss(config.section(self.name)))
 
     @lft.hookimpl
     def lft_save_model(self, model: Any, tokenizer: Any, path: str, config: Any) -> Any:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lft.losses import (BradleyTerryLoss, DPOLoss, HingeDPOLoss, IPOLoss, ORPOLoss, PairLogps, RobustDPOLoss,
-                        SimPOLoss)
+                        SimPOLoss, WithChosenNLL)
 from lft.losses.orpo import log_odds
 
 
@@ -100,6 +100,18 @@ def test_hinge_by_hand():
     met = pair(chosen=-1, rejected=-20, ref_chosen=-11, ref_rejected=-11)
     out = HingeDPOLoss(beta=0.1)(met)
     assert out.loss.item() == 0.0 and grads(met, out.loss) == (0.0, 0.0)
+
+
+def test_dpo_with_chosen_nll_is_rpo():
+    """DPO pair above, chosen sum -10 over 5 tokens: NLL = 10 / 5 = 2; weight 0.5:
+    0.598139 + 0.5 * 2 = 1.598139. d/d pi_c = -0.0450166 - 0.5 / 5 = -0.1450166;
+    the rejected gradient is DPO's alone, +0.0450166."""
+    logps = pair(**DPO_PAIR, chosen_tokens=5, rejected_tokens=5)
+    loss = WithChosenNLL(DPOLoss(beta=0.1), weight=0.5)
+    assert loss.needs_reference
+    out = loss(logps)
+    assert out.loss.item() == pytest.approx(1.598139, abs=1e-6) and out.metrics["nll"].item() == pytest.approx(2.0)
+    assert grads(logps, out.loss) == pytest.approx((-0.1450166, 0.0450166), abs=1e-6)
 
 
 def test_dpo_family_needs_the_reference():
