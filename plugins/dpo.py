@@ -44,6 +44,9 @@ class DPO(Preference):
 
     name = "dpo"
     options = DPOOptions
+    #: On the embedded arithmetic pairs the pure loss lowers the chosen answers' likelihood along with the
+    #: rejected ones (the task metric falls); the NLL term keeps them likely, so the demo job uses it.
+    default_settings = {**Preference.default_settings, "dpo.nll_weight": 1.0}
 
     def loss(self, options: DPOOptions) -> Any:
         cls = VARIANTS[options.loss]

@@ -139,7 +139,7 @@ class DisplacementWatch:
         chosen = sum(h[0] for h in self.history) / self.window
         grown = sum(h[1] for h in self.history) / self.window
         if chosen < -self.tolerance and grown > self.tolerance:
-            return (f"likelihood displacement from step {step}: the chosen completions are {-chosen:.2f} nats less "
+            return (f"likelihood displacement at step {step}: the chosen completions are {-chosen:.2f} nats less "
                     f"likely than under the reference while the log-ratio margin grew to {grown:.2f}; the model "
                     "lowers rejected answers faster than it keeps chosen ones (consider a lower trainer.lr, a "
                     "higher beta, or an NLL term on the chosen answers: dpo.nll_weight=1, or orpo)")

@@ -207,3 +207,20 @@ def test_losses_average_over_the_batch():
     logps = PairLogps(torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -5.0]), torch.tensor([1, 1]),
                       torch.tensor([1, 1]), torch.tensor([-11.0, -5.0]), torch.tensor([-11.0, -5.0]))
     assert DPOLoss(beta=0.1)(logps).loss.item() == pytest.approx(0.645643, abs=1e-6)
+
+
+def test_plugins_build_their_losses_from_options():
+    from lft.plugins.dpo import DPO, DPOOptions
+    from lft.plugins.orpo import ORPO, ORPOOptions
+    from lft.plugins.simpo import SimPO, SimPOOptions
+
+    assert isinstance(DPO().loss(DPOOptions(loss="ipo", beta=0.5)), IPOLoss)
+    robust = DPO().loss(DPOOptions(loss="robust", label_smoothing=0.2))
+    assert isinstance(robust, RobustDPOLoss) and robust.label_smoothing == 0.2
+    rpo = DPO().loss(DPOOptions(nll_weight=1.0))
+    assert isinstance(rpo, WithChosenNLL) and rpo.needs_reference and isinstance(rpo.loss, DPOLoss)
+    simpo = SimPO().loss(SimPOOptions(nll_weight=0.5, gamma=0.3))
+    assert isinstance(simpo, WithChosenNLL) and not simpo.needs_reference and simpo.loss.gamma == 0.3
+    assert ORPO().loss(ORPOOptions(odds_ratio_weight=0.2)).weight == 0.2
+    with pytest.raises(ValueError, match="label_smoothing applies to loss=sigmoid or robust"):
+        DPOOptions(loss="ipo", label_smoothing=0.1)

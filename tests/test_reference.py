@@ -142,7 +142,7 @@ def test_likelihood_displacement_is_reported_once():
     for step in range(1, 8):  # chosen 3 nats below the reference, rejected 9 below: margin 6
         objective.observe(fake_module(step), pairs(-13.0, -21.0, -10.0, -12.0))
     assert len(objective.warnings) == 1
-    assert objective.warnings[0].startswith("likelihood displacement from step 3: the chosen completions are 3.00 nats")
+    assert objective.warnings[0].startswith("likelihood displacement at step 3: the chosen completions are 3.00 nats")
 
 
 def test_precomputed_and_live_references_train_the_same(tmp_path, monkeypatch, lft_tiny_model, lft_pref_data):
