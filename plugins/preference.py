@@ -123,26 +123,34 @@ def pair_logps(model: Any, batch: dict, pad_id: int, chunk: int) -> tuple[torch.
 # -- the objective ---------------------------------------------------------------------------------
 
 class DisplacementWatch:
-    """Likelihood displacement (Razin et al. 2024, https://arxiv.org/abs/2410.08847): the margin
-    grows while the chosen completions become less likely than under the reference. Over the last
-    ``window`` steps, a chosen log-ratio below ``-tolerance`` nats with a log-ratio margin above
-    ``tolerance`` counts as displacement."""
+    """Likelihood displacement (Razin et al. 2024, https://arxiv.org/abs/2410.08847): the reward
+    margin grows while the chosen completions become less likely. Over the last ``window`` steps,
+    the chosen log-prob per token is compared with the reference's (or, for a reference-free loss,
+    with its own mean over the first ``window`` steps), and the margin with its first-window mean;
+    a fall of more than ``tolerance`` nats per token while the margin grew counts."""
 
-    def __init__(self, window: int = 10, tolerance: float = 1.0):
+    def __init__(self, window: int = 10, tolerance: float = 0.1):
         self.window, self.tolerance = window, tolerance
-        self.history: list[tuple[float, float]] = []
+        self.first: list[tuple[float, float]] = []
+        self.recent: list[tuple[float, float]] = []
 
-    def update(self, step: int, chosen_logratio: float, margin: float) -> str | None:
-        self.history = (self.history + [(chosen_logratio, margin)])[-self.window:]
-        if len(self.history) < self.window:
+    def update(self, step: int, chosen: float, margin: float, relative: bool) -> str | None:
+        """``chosen``: mean log-prob per token of the chosen completions, minus the reference's
+        when ``relative``; ``margin``: the mean reward margin."""
+        if len(self.first) < self.window:
+            self.first.append((chosen, margin))
+        self.recent = (self.recent + [(chosen, margin)])[-self.window:]
+        if len(self.recent) < self.window:
             return None
-        chosen = sum(h[0] for h in self.history) / self.window
-        grown = sum(h[1] for h in self.history) / self.window
-        if chosen < -self.tolerance and grown > self.tolerance:
-            return (f"likelihood displacement at step {step}: the chosen completions are {-chosen:.2f} nats less "
-                    f"likely than under the reference while the log-ratio margin grew to {grown:.2f}; the model "
-                    "lowers rejected answers faster than it keeps chosen ones (consider a lower trainer.lr, a "
-                    "higher beta, or an NLL term on the chosen answers: dpo.nll_weight=1, or orpo)")
+        mean = lambda rows, i: sum(r[i] for r in rows) / len(rows)  # noqa: E731
+        fall = -mean(self.recent, 0) if relative else mean(self.first, 0) - mean(self.recent, 0)
+        grown = mean(self.recent, 1) - mean(self.first, 1)
+        if fall > self.tolerance and grown > 0:
+            baseline = "under the reference" if relative else "at the start of training"
+            return (f"likelihood displacement at step {step}: the chosen completions are {fall:.2f} nats per token "
+                    f"less likely than {baseline} while the reward margin grew by {grown:.2f}; the model lowers "
+                    "rejected answers faster than it keeps chosen ones (consider a lower trainer.lr, or an NLL "
+                    "term on the chosen answers: dpo.nll_weight=1, simpo.nll_weight=1, or orpo)")
         return None
 
 
@@ -188,7 +196,7 @@ class PreferenceObjective:
         out = self.loss(pairs)
         metrics = self.metrics(pairs, out)
         if module.model.training:
-            self.observe(module, pairs)
+            self.observe(module, pairs, out)
         return out.loss, metrics
 
     @staticmethod
@@ -206,22 +214,20 @@ class PreferenceObjective:
         metrics.update(out.metrics)
         return metrics
 
-    def observe(self, module: Any, pairs: PairLogps) -> None:
+    def observe(self, module: Any, pairs: PairLogps, out: PairLoss) -> None:
         """Training-time checks: policy equals reference at the start; likelihood displacement."""
-        if pairs.ref_chosen is None or pairs.ref_rejected is None:
-            return
-        chosen, rejected = pairs.logratios()
-        if not self._start_checked and module.global_step == 0:
+        relative = pairs.ref_chosen is not None and pairs.ref_rejected is not None
+        if relative and not self._start_checked and module.global_step == 0:
             self._start_checked = True
-            tokens = torch.cat([pairs.chosen_tokens, pairs.rejected_tokens]).clamp(min=1)
-            gap = float((torch.cat([chosen, rejected]).detach().abs() / tokens).mean())
+            gap = float(torch.cat(pairs.logratios(per_token=True)).detach().abs().mean())
             self.notes["reference_start_gap"] = round(gap, 6)
             if gap > START_TOLERANCE:
                 self.warn(f"the policy and the reference differ before training (mean |log-prob difference| "
                           f"{gap:.3f} nats per token on the first batch): the reference should be the model "
                           "training starts from; look for a stale reference cache or an adapter trained earlier")
-        message = self.watch.update(module.global_step, float(chosen.detach().mean()),
-                                    float((chosen - rejected).detach().mean()))
+        chosen = pairs.logratios(per_token=True)[0] if relative else pairs.chosen_mean()
+        margin = (out.chosen_rewards - out.rejected_rewards).mean()
+        message = self.watch.update(module.global_step, float(chosen.detach().mean()), float(margin), relative)
         if message and not any(w.startswith("likelihood displacement") for w in self.warnings):
             self.warn(message)
 

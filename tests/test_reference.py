@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lft import reference as refmod
 from lft.adapters.lora import apply_lora
 from lft.data import pad_collate
-from lft.losses import DPOLoss, PairLogps
+from lft.losses import DPOLoss, PairLogps, SimPOLoss
 from lft.plugins.dpo import DPOOptions
 from lft.plugins.preference import REFERENCE_KEYS, TOKEN_KEYS, DisplacementWatch, PreferenceObjective, format_pair, pair_logps
 from test_pair_logprobs import ROWS
@@ -119,30 +119,58 @@ def fake_module(step=0):
     return SimpleNamespace(global_step=step)
 
 
-def pairs(chosen, rejected, ref_chosen, ref_rejected, tokens=10):
-    t = torch.tensor
-    return PairLogps(t([chosen]), t([rejected]), t([tokens]), t([tokens]), t([ref_chosen]), t([ref_rejected]))
+def pairs(chosen, rejected, ref_chosen=None, ref_rejected=None, tokens=10):
+    t = lambda v: None if v is None else torch.tensor([v])  # noqa: E731
+    return PairLogps(t(chosen), t(rejected), t(tokens), t(tokens), t(ref_chosen), t(ref_rejected))
+
+
+def observe(objective, step, logps):
+    objective.observe(fake_module(step), logps, objective.loss(logps))
 
 
 def test_start_check_warns_when_policy_and_reference_differ():
     objective = PreferenceObjective(DPOLoss())
-    objective.observe(fake_module(0), pairs(-10.0, -12.0, -10.0, -12.0))
+    observe(objective, 0, pairs(-10.0, -12.0, -10.0, -12.0))
     assert objective.warnings == [] and objective.notes["reference_start_gap"] == 0.0
     objective = PreferenceObjective(DPOLoss())
-    objective.observe(fake_module(0), pairs(-10.0, -12.0, -15.0, -12.0))  # 5 nats over 10 tokens: 0.25/token
+    observe(objective, 0, pairs(-10.0, -12.0, -15.0, -12.0))  # log-ratios 5/10 and 0/10 per token: mean 0.25
     assert len(objective.warnings) == 1 and "differ before training" in objective.warnings[0]
     assert objective.notes["reference_start_gap"] == pytest.approx(0.25)
 
 
-def test_likelihood_displacement_is_reported_once():
-    watch = DisplacementWatch(window=3, tolerance=1.0)
-    assert [watch.update(s, 0.5, 2.0) for s in range(3)] == [None] * 3  # chosen rising: fine
-    objective = PreferenceObjective(DPOLoss())
-    objective.watch = DisplacementWatch(window=3, tolerance=1.0)
-    for step in range(1, 8):  # chosen 3 nats below the reference, rejected 9 below: margin 6
-        objective.observe(fake_module(step), pairs(-13.0, -21.0, -10.0, -12.0))
+def test_likelihood_displacement_against_the_reference_is_reported_once():
+    """Window 3. Steps 1-3: chosen log-ratio +0.1 per token (margin 0.1 * (1 + 2) = 0.3). From step 4:
+    chosen -0.3 per token, rejected -0.9 (margin 0.6). At step 5 the last three steps average
+    (0.1 - 0.3 - 0.3) / 3 = -0.17 per token, below -0.1, and their margin (0.3 + 0.6 + 0.6) / 3 = 0.5
+    exceeds the first three steps' (0 + 0.3 + 0.3) / 3 = 0.2: displacement, reported once."""
+    objective = PreferenceObjective(DPOLoss(beta=0.1))
+    objective.watch = DisplacementWatch(window=3, tolerance=0.1)
+    observe(objective, 0, pairs(-10.0, -12.0, -10.0, -12.0))  # starts equal: reward margin 0
+    for step in range(1, 4):  # chosen 0.1 nats per token up, rejected down: not displacement
+        observe(objective, step, pairs(-9.0, -14.0, -10.0, -12.0))
+    assert objective.warnings == []
+    for step in range(4, 10):  # chosen 3 nats (0.3 per token) below the reference, rejected 9 below
+        observe(objective, step, pairs(-13.0, -21.0, -10.0, -12.0))
     assert len(objective.warnings) == 1
-    assert objective.warnings[0].startswith("likelihood displacement at step 3: the chosen completions are 3.00 nats")
+    assert objective.warnings[0].startswith("likelihood displacement at step 5: the chosen completions are 0.17 "
+                                            "nats per token less likely than under the reference while the reward "
+                                            "margin grew by 0.30")
+
+
+def test_likelihood_displacement_without_a_reference_uses_the_first_steps():
+    """SimPO (beta 2), window 2. Steps 0-1: chosen -1.0 per token, rejected -1.2: margin 0.4. Steps 2-3:
+    chosen -1.5, rejected -2.5: margin 2.0. At step 2 the last two steps average -1.25 per token, 0.25
+    below the first two steps' -1.0, and their margin (0.4 + 2.0) / 2 = 1.2 grew by 0.8."""
+    objective = PreferenceObjective(SimPOLoss())
+    objective.watch = DisplacementWatch(window=2, tolerance=0.1)
+    for step in range(2):
+        observe(objective, step, pairs(-10.0, -12.0))
+    for step in range(2, 4):
+        observe(objective, step, pairs(-15.0, -25.0))
+    assert len(objective.warnings) == 1 and "than at the start of training" in objective.warnings[0]
+    assert objective.warnings[0].startswith("likelihood displacement at step 2: the chosen completions are 0.25 "
+                                            "nats per token less likely than at the start of training while the "
+                                            "reward margin grew by 0.80")
 
 
 def test_precomputed_and_live_references_train_the_same(tmp_path, monkeypatch, lft_tiny_model, lft_pref_data):
