@@ -317,6 +317,15 @@ class Run:
         shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def collect_objective_report(self, objective: Any) -> None:
+        """An objective's ``notes`` (a dict) and ``warnings`` (a list of lines) go into the summary."""
+        notes = dict(getattr(objective, "notes", None) or {})
+        if notes:
+            self.summary["notes"] = notes
+        found = [str(w) for w in getattr(objective, "warnings", None) or []]
+        if found:
+            self.summary.setdefault("warnings", []).extend(found)
+
     # -- the run -----------------------------------------------------------------------------------
     def execute(self) -> RunResult:
         started = time.perf_counter()
@@ -371,6 +380,7 @@ class Run:
         if trainer.global_rank != 0:  # evaluation and the summary are the main process's job
             return RunResult(self.output, None, {"rank": trainer.global_rank}, monitor.history, cfg)
         self.summary["after"] = self.measure(module, datamodule, task_rows)
+        self.collect_objective_report(objective)
         history = monitor.history
         self.summary.update(
             steps=trainer.global_step,

@@ -61,6 +61,8 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     table.add_row("train time", f"{_fmt(summary.get('train_time_s'))} s (total {_fmt(summary.get('total_time_s'))} s"
                   f"{guard_time})")
     table.add_row("saved", _fmt(summary.get("final")))
+    for key, value in (summary.get("notes") or {}).items():
+        table.add_row(key.replace("_", " "), _fmt(value))
     return table.rows
 
 

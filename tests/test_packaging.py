@@ -10,7 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SUBPACKAGES = ["lft", "lft.plugins", "lft.adapters", "lft.losses", "lft.assets", "lft.plugins.sft",
                "lft.plugins.lora", "lft.plugins.full", "lft.losses.logprobs", "lft.adapters.lora", "lft.cli",
-               "lft.testing", "lft.guards", "lft.guards.monitor", "lft.commands", "lft.runreport"]
+               "lft.testing", "lft.guards", "lft.guards.monitor", "lft.commands", "lft.runreport", "lft.plugins.dpo", "lft.plugins.orpo", "lft.plugins.simpo", "lft.plugins.reward",
+               "lft.plugins.preference", "lft.losses.dpo", "lft.adapters.value_head", "lft.reference",
+               "lft.reward_model"]
 
 
 @pytest.fixture(scope="module")
