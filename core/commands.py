@@ -1,272 +1,214 @@
-"""The commands that use trained models: ``lft generate``, ``lft chat``, ``lft eval`` and
-``lft merge``. lft's core plugin adds them through ``lft_add_commands``, as any plugin would."""
+"""``lft check`` (the preflight guards, without training) and ``lft inspect`` (the label-mask viewer).
+
+Both read and format data exactly as ``lft run`` does, through the selected objective's
+``lft_format_example``, and load only the tokenizer when no selected plugin loads models its own way.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
-from lft.errors import ConfigError, DataError
+IGNORE = -100
 
-GENERATE_EXAMPLES = """examples:
-  lft generate --prompt "Tom has 3 apples and gets 4 more. How many?"
-  lft generate --adapter runs/lft/final --prompts questions.txt --out answers.jsonl
-  lft generate --adapter support=runs/a/final --adapter code=runs/b/final --prompt "Hi"
-"""
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    from lft.cli import _add_config_sources
+
+    _add_config_sources(parser, with_flags=False)
+    parser.add_argument("--model", "-m", metavar="PATH_OR_ID", help="model whose tokenizer is used (default: embedded)")
+    parser.add_argument("--data", "-d", metavar="FILE", help="training data (default: the objective's embedded data)")
+    parser.add_argument("--eval-data", metavar="FILE", help="held-out data")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
 def add_commands(cli: Any) -> None:
-    generate = cli.add_parser("generate", help="complete prompts with a model and its adapters",
-                              description="Complete prompts through the model's chat template. With several "
-                              "named adapters, each one answers (or those chosen with --use).",
-                              epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _model_args(generate)
-    source = generate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
-    source.add_argument("--prompts", metavar="FILE", help="prompts, one a line (or .jsonl rows with 'prompt' "
-                        "or 'messages'); writes JSONL")
-    generate.add_argument("--out", metavar="OUT.jsonl", help="write JSONL here instead of to stdout")
-    generate.add_argument("--use", action="append", metavar="NAME", help="adapters that answer (repeatable; "
-                          "'base' is the bare base model); default: every adapter")
-    _sampling_args(generate)
-    generate.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts per generate call")
-    generate.set_defaults(handler=cmd_generate)
-
-    chat = cli.add_parser("chat", help="chat with a model in the terminal",
-                          description="Interactive chat through the model's chat template; the reply streams as "
-                          "it is generated. Type /adapter NAME to switch adapters, /reset to forget the "
-                          "conversation, /exit (or Ctrl-D) to quit.")
-    _model_args(chat)
-    chat.add_argument("--use", metavar="NAME", help="the adapter to start with (default: the first)")
-    _sampling_args(chat)
-    chat.set_defaults(handler=cmd_chat)
-
-    evaluate = cli.add_parser("eval", help="measure a model and its adapters on held-out data",
-                              description="Held-out loss and perplexity (SFT rows), preference accuracy "
-                              "(prompt/chosen/rejected rows: the chosen completion has the higher summed "
-                              "log-prob) and the embedded task's accuracy, by the same code as `lft run`'s "
-                              "summary. With no --data, the embedded task's held-out files.")
-    _model_args(evaluate)
-    evaluate.add_argument("--data", "-d", action="append", metavar="FILE", help="held-out data (repeatable, one "
-                          "file per form: SFT, preference, prompt/answer)")
-    evaluate.add_argument("--base", action="store_true", help="also measure the base model without adapters")
-    evaluate.add_argument("--task", choices=["auto", "arith", "none"], help="the embedded task metric "
-                          "(default auto: when the data is the embedded task's)")
-    evaluate.add_argument("--max-rows", type=int, metavar="N", help="rows used per file (default data.max_eval_rows "
-                          "of the adapter's run, as `lft run` uses)")
-    evaluate.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
-    evaluate.set_defaults(handler=cmd_eval)
-
-    merge = cli.add_parser("merge", help="merge an adapter into its base model",
-                           description="Fold an adapter into its base weights (W + BA) and save a plain "
-                           "transformers folder with the tokenizer and chat template. A QLoRA adapter is "
-                           "merged into a full-precision copy of its base.")
-    merge.add_argument("adapter", metavar="ADAPTER_DIR")
-    merge.add_argument("--out", "-o", required=True, metavar="OUT")
-    merge.add_argument("--model", "-m", metavar="PATH_OR_ID", help="the base (default: the one the adapter "
-                       "was trained on)")
-    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="save the weights in this dtype")
-    merge.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    merge.set_defaults(handler=cmd_merge)
+    check = cli.add_parser("check", help="preflight: template lint, data lint, contamination",
+                           description="Run the guards that look at the data, exactly as `lft run` does before "
+                           "training, and report what they find. Exit status 1 when a guard reports an error "
+                           "(or, with --strict, a warning).")
+    _data_flags(check)
+    check.add_argument("--against", action="append", default=[], metavar="FILE",
+                       help="also check the training data for overlap with FILE (repeatable), e.g. a benchmark")
+    check.add_argument("--strict", action="store_true", help="warnings fail the check too")
+    check.set_defaults(handler=cmd_check)
+    inspect = cli.add_parser("inspect", help="show how examples are tokenised and which tokens are trained",
+                             description="Format rows with the selected objective, exactly as training does, and "
+                             "show every token: trained (in the label mask) or masked, special tokens visible.")
+    _data_flags(inspect)
+    inspect.add_argument("-n", type=int, default=3, metavar="N", help="examples to show (default 3)")
+    inspect.set_defaults(handler=cmd_inspect)
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", metavar="PATH_OR_ID", help="the base model (default: the adapter's base, "
-                        "else the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", "-a", action="append", metavar="[NAME=]DIR",
-                        help="an adapter folder, optionally named (repeatable: many adapters on one base)")
+def prepare(args: argparse.Namespace, console: Console) -> tuple[Any, Any, Any]:
+    """The run (not started) and tokenizer a command works with."""
+    from lft.cli import _resolve
+    from lft.engine import Run, quiet_libraries
+
+    quiet_libraries()
+    config, manager = _resolve(args)
+    selection = manager.select(config.plugins)
+    run = Run(config, selection, console=console)
+    return config, run, load_tokenizer(run)
 
 
-def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--system", metavar="TEXT", help="a system message before each prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
-    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 means greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold")
-    parser.add_argument("--seed", type=int, metavar="N", help="makes sampling reproducible")
+def load_tokenizer(run: Any) -> Any:
+    """The run's tokenizer: loaded alone when only lft's own loader is selected, else through the hook."""
+    from lft import models
 
-
-def _err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def _load(args: argparse.Namespace) -> Any:
-    import warnings
-
-    from lft.inference import load
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = load(args.model, args.adapter)
-    for note in loaded.notes:
-        _err().print(f"[yellow]note:[/] {note}")
-    return loaded
-
-
-def _sampling(args: argparse.Namespace) -> dict:
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ConfigError("expected --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "system": args.system}
-
-
-# -- generate --------------------------------------------------------------------------------------
-
-def read_prompts(spec: str) -> list[dict]:
-    """Rows with a ``prompt`` (string or messages): from a data file's ``prompt`` or ``messages``
-    column (a trailing assistant turn is dropped), or one prompt per line of a text file."""
-    from lft import data as datamod
-
-    path = Path(spec)
-    if path.suffix.lower() not in datamod.SUFFIXES:
-        if not path.is_file():
-            raise DataError(f"prompts file {spec} not found")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        rows = [{"prompt": line} for line in lines if line]
-    else:
-        rows = []
-        source = datamod.read_rows(spec)
-        for row, where in zip(source.rows, source.where):
-            if "prompt" in row:
-                rows.append(dict(row))
-            elif isinstance(row.get("messages"), list) and row["messages"]:
-                messages = row["messages"][:-1] if row["messages"][-1].get("role") == "assistant" else row["messages"]
-                rows.append({**row, "prompt": messages})
-            else:
-                raise DataError(f"{where}: expected a 'prompt' or 'messages' column")
-    if not rows:
-        raise DataError(f"{spec}: no prompts")
-    return rows
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    sampling = _sampling(args)
-    rows = [{"prompt": p} for p in args.prompt] if args.prompt else read_prompts(args.prompts)
-    loaded = _load(args)
-    names = args.use or loaded.names or ["base"]
-    results = []
-    for name in names:
-        completions = loaded.generate([r["prompt"] for r in rows], adapter=name, seed=args.seed,
-                                      batch_size=args.batch_size, **sampling)
-        results += [{**r, "adapter": name if loaded.names else None, "completion": c} for r, c in zip(rows, completions)]
-    if args.prompt and not args.out:
-        for result in results:
-            if len(names) > 1:
-                print(f"--- {result['adapter']} ---")
-            print(result["completion"])
-        return 0
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
-    if args.out:
-        write_text_atomic(Path(args.out), text)
-        _err().print(f"wrote {len(results)} completions to {args.out}")
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-# -- chat ------------------------------------------------------------------------------------------
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import TextStreamer
-
-    sampling = _sampling(args)
-    system = sampling.pop("system")
-    loaded = _load(args)
-    adapter = loaded.resolve(args.use or (loaded.names[0] if loaded.names else None))
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    err = _err()
-    err.print(f"[bold]lft chat[/] · {loaded.label} · adapter {adapter}"
-              + (f" (loaded: {', '.join(loaded.names)})" if len(loaded.names) > 1 else "")
-              + " · /adapter NAME, /reset, /exit")
-    history: list[dict] = [{"role": "system", "content": system}] if system else []
-    messages = list(history)
-    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    while True:
+    impls = run.hook.lft_load_model.get_hookimpls()
+    if all(impl.plugin_name == "core" for impl in impls):
+        mc = run.config.model
+        source = models.local_folder(mc.path, mc.gguf_file)
+        tokenizer = models.load_tokenizer(source, mc.trust_remote_code, mc.revision)
         try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
-            return 0
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            return 0
-        if line == "/reset":
-            messages = list(history)
-            err.print("[dim]conversation cleared[/]")
-            continue
-        if line.startswith("/adapter"):
-            try:
-                adapter = loaded.resolve(line.split(maxsplit=1)[1].strip() if " " in line else "")
-                err.print(f"[dim]now answering with {adapter}[/]")
-            except Exception as exc:
-                err.print(f"[red]{exc}[/]")
-            continue
-        messages.append({"role": "user", "content": line})
-        print("assistant> ", end="", flush=True)
-        reply = loaded.generate(messages, adapter=adapter, streamer=streamer, **sampling)
-        messages.append({"role": "assistant", "content": reply})
+            from transformers import GenerationConfig
+
+            run.guards.generation_config = GenerationConfig.from_pretrained(source)
+        except Exception:  # a folder without generation_config.json: nothing to compare with
+            run.guards.generation_config = None
+        return tokenizer
+    return run.load()[1]
 
 
-# -- eval ------------------------------------------------------------------------------------------
+# -- lft check ------------------------------------------------------------------------------------
 
-LABELS = {"eval_loss": "held-out loss (per token)", "eval_perplexity": "perplexity", "eval_tokens": "tokens scored",
-          "pref_accuracy": "preference accuracy", "pref_margin": "log-prob margin (chosen - rejected)",
-          "pref_pairs": "preference pairs", "task_accuracy": "task accuracy"}
+def cmd_check(args: argparse.Namespace) -> int:
+    from lft.errors import LftError
+    from lft.guards.findings import Finding, TITLES
+    from lft.report import print_guards
 
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from lft.inference import BASE
-    from lft.report import _fmt, write_json
-
-    loaded = _load(args)
-    names = ([BASE] if args.base or not loaded.names else []) + loaded.names
-    prepared = loaded.eval_data(args.data, args.task, args.max_rows)
-    results = {name: loaded.evaluate(adapter=name, prepared=prepared) for name in names}
-    title = f"lft eval · {loaded.label}" + (f" ({loaded.quantization})" if loaded.quantization else "")
-    table = Table(title=title, header_style="bold")
-    table.add_column("")
-    for name in names:
-        table.add_column(name, justify="right")
-    keys = [k for k in LABELS if any(k in r for r in results.values())]
-    for key in keys:
-        table.add_row(LABELS[key], *[_fmt(results[n].get(key)) for n in names])
-    console = Console(highlight=False)
-    console.print(table)
-    for form, info in prepared["files"].items():
-        console.print(f"[dim]{form}: {info['file']} ({info['rows']} rows)[/]")
+    out = Console(highlight=False)
+    console = Console(stderr=True, highlight=False) if args.json else out
+    config, run, tokenizer = prepare(args, console)
+    guards = config.section("guards")
+    guards.contamination.against = list(guards.contamination.against) + list(args.against)
+    guards.strict = guards.strict or args.strict
+    run.guards.check_only = True
+    info: dict = {}
+    try:
+        _, _, info = run.read_data(tokenizer)
+    except LftError as exc:  # the guards that ran before the failure still report
+        run.guards.findings.append(Finding("format", "error", detail="the data cannot be formatted", problems=[str(exc)]))
+    findings = run.guards.findings
+    failing = ("error", "warning") if guards.strict else ("error",)
+    ok = not any(f.status in failing for f in findings)
     if args.json:
-        write_json(Path(args.json), {"model": loaded.label, "adapters": loaded.adapters,
-                                     "quantization": loaded.quantization, "data": prepared["files"],
-                                     "results": results})
-    return 0
+        print(json.dumps({"ok": ok, "data": info, "findings": [f.as_dict() for f in findings]}, indent=2, default=str))
+        return 0 if ok else 1
+    print_guards(out, [f.as_dict() for f in findings], title="lft check")
+    for finding in findings:
+        if finding.problems or (finding.fired and finding.examples):
+            out.print(f"[bold]{TITLES.get(finding.guard, finding.guard)}[/]")
+            for problem in finding.problems:
+                out.print(f"  - {escape(problem)}")
+            for example in finding.examples:
+                out.print(f"    [dim]{escape(example)}[/]")
+    warned = sum(f.status == "warning" for f in findings)
+    if ok:
+        out.print("[green]check passed[/]" + (f" with {warned} warning(s); --strict would fail" if warned else ""))
+    else:
+        out.print("[red]check failed[/]" + (" (--strict: warnings fail)" if guards.strict and warned else ""))
+    return 0 if ok else 1
 
 
-# -- merge -----------------------------------------------------------------------------------------
+# -- lft inspect ----------------------------------------------------------------------------------
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from lft.inference import merge
+def token_view(tokenizer: Any, ids: list[int], labels: list[int] | None) -> list[dict]:
+    """One entry per token: id, text, whether it is trained, whether it is special."""
+    special = set(tokenizer.all_special_ids or [])
+    return [{"id": int(t), "text": tokenizer.decode([t], skip_special_tokens=False),
+             "trained": labels is not None and labels[i] != IGNORE, "special": int(t) in special}
+            for i, t in enumerate(ids)]
 
-    err = _err()
-    info = merge(args.adapter, args.out, model=args.model, dtype=args.dtype, overwrite=args.overwrite)
-    if info["trained_on"]:
-        err.print(f"the adapter was trained on a {info['trained_on']} base; merged into a full-precision copy "
-                  f"of {info['base']}")
-    err.print(f"merged {args.adapter} into {info['base']} -> {info['output']} ({info['dtype']})")
+
+def render(tokens: list[dict], colour: bool) -> Text:
+    """Trained tokens on green, masked ones dim, special tokens magenta; neighbouring tokens alternate
+    shades so their boundaries show. Without colour, trained runs are wrapped in ⟦ ⟧."""
+    text = Text()
+    inside = False
+    for i, token in enumerate(tokens):
+        piece = token["text"].replace("\n", "↵\n").replace("\t", "→")
+        if not colour and token["trained"] != inside:
+            text.append("⟦" if token["trained"] else "⟧")
+            inside = token["trained"]
+        if token["trained"]:
+            style = "black on green" if i % 2 else "black on bright_green"
+        else:
+            style = "grey50" if i % 2 else "grey70"
+        if token["special"]:
+            style = "bold magenta" + (" on green" if token["trained"] else "")
+        text.append(piece, style=style if colour else "")
+    if inside and not colour:
+        text.append("⟧")
+    return text
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lft import data as datamod
+    from lft.errors import DataError
+    from lft.guards.template import pairs
+
+    out = Console(highlight=False)
+    config, run, tokenizer = prepare(args, Console(stderr=True, highlight=False) if args.json else out)
+    train_spec, _ = run.data_files()
+    rows = datamod.read_rows(train_spec, config.data.split)
+    max_length = config.data.max_length
+    shown, records, errors = [], [], []
+    for index, (row, where) in enumerate(zip(rows.rows, rows.where)):
+        try:
+            feature = run.hook.lft_format_example(example=row, tokenizer=tokenizer, config=config)
+        except (DataError, KeyError, TypeError, ValueError) as exc:
+            errors.append(f"{where}: {exc}")
+            continue
+        if feature is None or "skip" in feature:
+            errors.append(f"{where}: skipped ({(feature or {}).get('skip', 'no plugin formats this row')})")
+            continue
+        parts = pairs(feature)
+        length = max((len(ids) for _, ids, _ in parts), default=0)
+        trained = sum(sum(t != IGNORE for t in labels) for _, _, labels in parts if labels is not None)
+        total = sum(len(ids) for _, ids, _ in parts)
+        truncated = bool(feature.get("truncated")) or length > max_length
+        records.append({"where": where, "length": length, "trained": trained, "masked": total - trained,
+                        "truncated": truncated})
+        if len(shown) < args.n:
+            shown.append({"where": where, "truncated": truncated,
+                          "parts": {name or "input_ids": token_view(tokenizer, ids, labels) for name, ids, labels in parts}})
+    longest = max(records, key=lambda r: r["length"], default=None)
+    stats = {"rows": len(rows), "examples": len(records), "trained_tokens": sum(r["trained"] for r in records),
+             "masked_tokens": sum(r["masked"] for r in records), "truncated": sum(r["truncated"] for r in records),
+             "max_length": max_length, "longest": longest and {"where": longest["where"], "length": longest["length"]},
+             "errors": len(errors), "first_error": errors[0] if errors else None, "data": train_spec}
+    if args.json:
+        print(json.dumps({"examples": shown, "stats": stats}, indent=2))
+        return 0
+    colour = out.color_system is not None
+    legend = (Text.assemble(("trained", "black on green"), "  ", ("masked", "grey50"), "  ", ("<special>", "bold magenta"))
+              if colour else Text("⟦trained⟧ masked"))
+    out.print(Text.assemble("lft inspect ", (train_spec, "bold"), f"  objective {run.selection.objective}  ", legend))
+    for example in shown:
+        out.rule(f"{example['where']}" + ("  (truncated at data.max_length)" if example["truncated"] else ""))
+        for name, tokens in example["parts"].items():
+            if len(example["parts"]) > 1:
+                out.print(f"[bold]{name}[/]")
+            out.print(render(tokens, colour))
+            n_trained = sum(t["trained"] for t in tokens)
+            out.print(f"[dim]{len(tokens)} tokens: {n_trained} trained, {len(tokens) - n_trained} masked[/]")
+    table = Table(title="tokens", header_style="bold", show_header=False)
+    trained, masked = stats["trained_tokens"], stats["masked_tokens"]
+    table.add_row("examples", f"{stats['examples']} of {stats['rows']} rows")
+    table.add_row("trained tokens", f"{trained:,} ({100 * trained / max(1, trained + masked):.1f}%)")
+    table.add_row("masked tokens", f"{masked:,}")
+    table.add_row("truncated at max_length", f"{stats['truncated']} (data.max_length={max_length})")
+    if longest:
+        table.add_row("longest example", f"{longest['length']} tokens ({longest['where']})")
+    if errors:
+        table.add_row("[red]not formatted[/]", escape(f"{len(errors)}, e.g. {errors[0]}"))
+    out.print(table)
     return 0

@@ -116,7 +116,10 @@ def lft_loss(config: Any) -> Any:
     :return: an object callable as ``objective(module, batch) -> (loss, metrics)``, where
         ``module`` is the ``LftModule`` (the model is ``module.model``), ``loss`` a scalar
         tensor and ``metrics`` a dict of floats or 0-d tensors to log. It may set
-        ``needs_reference = True`` to ask the engine for a reference policy.
+        ``needs_reference = True`` to ask the engine for a reference policy, which it then
+        finds as ``module.reference`` (``lft.reference.ReferencePolicy``). After training the
+        engine adds its ``notes`` dict and its ``warnings`` list, when it has them, to the
+        run summary.
 
     Stops at the first non-None result.
     """
