@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from lft.errors import ModelError
 from lft.modeling import unwrap
+from lft.reward_model import load_classifier
 
 
 def hidden_size(model: Any) -> int:
@@ -57,23 +57,6 @@ class TokenCritic(torch.nn.Module):
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
-def load_reward_classifier(path: str | Path) -> Any:
-    """A one-label sequence classifier folder, or a one-line ModelError."""
-    from transformers import AutoModelForSequenceClassification
-
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"{folder} is not a reward model folder (no config.json); train one with "
-                         f"`lft run --plugin reward`")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{folder}: could not load a sequence classifier ({str(exc).splitlines()[0]})") from None
-    if model.config.num_labels != 1:
-        raise ModelError(f"{folder}: a reward model has one output; this one has {model.config.num_labels}")
-    return model
-
-
 def critic_from_classifier(classifier: Any, lora: Any = None) -> TokenCritic:
     """A ``TokenCritic`` from a sequence classifier's body and score head. With ``lora`` (the run's
     LoRA options), the body is frozen and gets LoRA adapters; otherwise every weight trains."""
@@ -99,5 +82,5 @@ def reward_model_critic(config: Any, policy: Any) -> TokenCritic:
     if not path:
         raise ConfigError("ppo.critic=reward_model needs reward_model.path (a model saved by `lft run --plugin reward`)")
     adapters = callable(getattr(policy, "disable_adapter", None))
-    critic = critic_from_classifier(load_reward_classifier(path), config.lora if adapters else None)
+    critic = critic_from_classifier(load_classifier(path), config.lora if adapters else None)
     return critic.to(next(policy.parameters()).device)

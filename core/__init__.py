@@ -3,6 +3,8 @@
 The public names:
 
 * ``lft.run(config, plugins=[...])`` runs a job and returns a ``RunResult``;
+* ``lft.load(model, adapters={...})`` loads a base with named adapters to generate and evaluate;
+* ``lft.merge(adapter, out)`` folds an adapter into its base and saves a plain model folder;
 * ``lft.hookimpl`` marks a plugin's hook implementations;
 * ``lft.RunConfig`` / ``lft.load_config`` build and validate configurations;
 * ``lft.LftError`` and its subclasses are the one-line errors lft reports.
@@ -19,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DataError", "LftError", "ModelError", "PluginError", "RunConfig", "RunResult",
-    "__version__", "hookimpl", "load_config", "run",
+    "__version__", "hookimpl", "load", "load_config", "merge", "run",
 ]
 
 
@@ -28,6 +30,21 @@ def run(config: Any = None, plugins: Any = (), quiet: bool = False) -> Any:
     from lft.engine import run as _run
 
     return _run(config, plugins=plugins, quiet=quiet)
+
+
+def load(model: Any = None, adapters: Any = None, **options: Any) -> Any:
+    """A base model with named adapters on it; see ``lft.inference.load``. Returns a
+    ``LoadedModel`` whose ``generate(prompts, adapter=NAME)`` and ``evaluate(...)`` switch per call."""
+    from lft.inference import load as _load
+
+    return _load(model, adapters, **options)
+
+
+def merge(adapter: Any, out: Any, **options: Any) -> dict:
+    """Fold an adapter into its base and save a transformers folder; see ``lft.inference.merge``."""
+    from lft.inference import merge as _merge
+
+    return _merge(adapter, out, **options)
 
 
 def load_config(file: Any = None, overrides: Any = (), plugins: Any = ()) -> Any:

@@ -1,10 +1,10 @@
-"""The engine's own Lightning pieces: the run monitor (live progress and metric history) and
-atomic checkpoint writing."""
+"""The engine's own Lightning pieces: the run monitor (live progress and metric history) and the
+Ctrl-C handler. Checkpoint writing lives in ``lft.checkpoint``."""
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import sys
 import time
 from pathlib import Path
@@ -12,70 +12,71 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from lft.checkpoint import AtomicCheckpointIO, atomic_write_text
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the same folder, then renames it into place,
-    so a kill during a save never leaves a half-written file under the checkpoint's name."""
-
-    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        # Lightning checkpoints hold optimizer state and plain Python values only.
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+__all__ = ["AtomicCheckpointIO", "GracefulStop", "RunMonitor"]
 
 
 class GracefulStop(L.Callback):
-    """Turns the first Ctrl-C (SIGINT) into a clean stop after the current optimizer step, so
-    the engine can save a checkpoint; a second Ctrl-C aborts at once."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a clean stop after the current optimizer
+    step, so the engine can save a checkpoint; a second Ctrl-C aborts at once.
+
+    SIGTERM is taken over once training starts, from Lightning's own handler, which would end
+    the process at the next batch with exit status 0 and no checkpoint."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
         self._last_step = -1
 
-    def install(self) -> None:
+    def _handler(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.requested:
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            again = " (Ctrl-C again to abort)" if signum == signal.SIGINT else ""
+            print(f"\n{name}: stopping after this step and saving a checkpoint{again}", file=sys.stderr)
+        self.requested = True
+
+    def _take(self, signum: int) -> None:
         import signal
         import threading
 
-        if threading.current_thread() is not threading.main_thread():
-            return
+        if threading.current_thread() is threading.main_thread():  # signals can be set there only
+            previous = signal.signal(signum, self._handler)
+            self._previous.setdefault(signum, previous)
 
-        def handler(signum: int, frame: Any) -> None:
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+    def install(self) -> None:
+        import signal
 
-        self._previous = signal.signal(signal.SIGINT, handler)
+        self._take(signal.SIGINT)
+        self._take(signal.SIGTERM)  # again in on_train_start, after Lightning sets its own
 
     def uninstall(self) -> None:
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        import signal
+
         self._last_step = trainer.global_step
+        self._take(signal.SIGTERM)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         stepped = trainer.global_step != self._last_step
         self._last_step = trainer.global_step
-        if self.requested and stepped:  # never stop halfway through gradient accumulation
+        if not stepped:  # never stop halfway through gradient accumulation
+            return
+        if trainer.world_size > 1:  # a signal that reached one process stops them all at the same step
+            self.requested = bool(trainer.strategy.reduce_boolean_decision(self.requested, all=False))
+        if self.requested:
             trainer.should_stop = True
 
 
@@ -104,6 +105,8 @@ class RunMonitor(L.Callback):
         self._started = time.perf_counter()
         self._step_started = self._started
         self._first_step = self._last_step = trainer.global_step
+        if trainer.global_rank == 0:
+            self._forget_after(trainer.global_step)
         if self.quiet or trainer.global_rank != 0:
             return
         if sys.stdout.isatty():
@@ -128,12 +131,14 @@ class RunMonitor(L.Callback):
         now = time.perf_counter()
         record = _average(self._pending)
         self._pending = []
+        record["tokens"] = self._tokens
+        if trainer.world_size > 1:
+            record = _across_processes(record)
         record["step"] = step
         record["lr"] = _current_lr(trainer)
         record["step_time"] = now - self._step_started
         elapsed_tokens = now - self._step_started
-        record["tokens_per_s"] = self._tokens / elapsed_tokens if elapsed_tokens > 0 else 0.0
-        record["tokens"] = self._tokens
+        record["tokens_per_s"] = record["tokens"] / elapsed_tokens if elapsed_tokens > 0 else 0.0
         record["time"] = now - self._started
         self._step_started = now
         self._tokens = 0
@@ -143,6 +148,7 @@ class RunMonitor(L.Callback):
             self._show(trainer, record)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._step_started = time.perf_counter()  # evaluation time is not the next step's time
         value = trainer.callback_metrics.get("eval/loss")
         if value is not None and self.history:
             self.history[-1]["eval_loss"] = float(value)
@@ -172,8 +178,29 @@ class RunMonitor(L.Callback):
 
     def _write(self, record: dict) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(clean) + "\n")
+
+    def _forget_after(self, step: int) -> None:
+        """On resume, drop the lines of steps after the checkpoint (they will be trained again)
+        and any line cut short by a kill, so metrics.jsonl holds each step once."""
+        path = self.output / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept), "metrics file")
 
     def _show(self, trainer: L.Trainer, record: dict) -> None:
         if self.quiet:
@@ -207,6 +234,17 @@ def _average(records: list[dict]) -> dict:
     for key in keys:
         values = [r[key] for r in records if key in r]
         out[key] = sum(values) / len(values)
+    return out
+
+
+def _across_processes(record: dict) -> dict:
+    """The mean of each metric over all processes (token counts are summed)."""
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, record)
+    out = {}
+    for key in {k for r in gathered for k in r}:
+        values = [r[key] for r in gathered if key in r]
+        out[key] = sum(values) if key in ("tokens", "trained_tokens") else sum(values) / len(values)
     return out
 
 

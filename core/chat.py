@@ -33,6 +33,33 @@ def end_of_turn_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
+#: Named chat templates, for tokenizers that have none (base models). ``chatml`` needs the
+#: <|im_start|> and <|im_end|> special tokens; ``simple`` works with any tokenizer: each assistant
+#: turn ends with its eos token, so the model learns to stop.
+TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "simple": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token + '\n' }}"
+        "{% else %}{{ message['role'] | capitalize + ': ' + message['content'] + '\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    ),
+}
+
+
+def resolve_template(value: str | None) -> str | None:
+    """A named template (``chatml``, ``simple``) or the Jinja text itself."""
+    if value is None:
+        return None
+    return TEMPLATES.get(value.strip().lower(), value)
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -86,7 +113,7 @@ def tokenize_conversation(
     """
     if not has_chat_template(tokenizer):
         raise DataError("the tokenizer has no chat template, so conversational rows cannot be formatted; "
-                        "set sft.chat_template to a Jinja template or use plain 'text' rows")
+                        "set sft.chat_template to chatml, simple or a Jinja template, or use plain 'text' rows")
     messages = check_messages(messages)
     if train_on == "all":
         ids = tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]

@@ -19,6 +19,7 @@ EXAMPLES_RUN = """examples:
   lft run --plugin full --data chat.jsonl   full fine-tuning on your own conversations
   lft run --config run.yaml lora.r=32 trainer.lr=1e-4
   lft run --output runs/a --resume          continue an interrupted run
+  lft run --strict                          refuse to train when a preflight guard warns (see lft check)
 """
 
 RUN_FLAGS = {  # CLI flag -> config key
@@ -76,6 +77,8 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, Any]:
         flags["resume"] = True
     if getattr(args, "overwrite", False):
         flags["overwrite"] = True
+    if getattr(args, "strict", False):
+        flags["guards.strict"] = True
     base = cfgmod.read_yaml(args.config) if args.config else {}
     plugins = list(base.get("plugins") or []) if isinstance(base.get("plugins"), list) else base.get("plugins")
     if args.plugin:
@@ -176,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=EXAMPLES_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_sources(run)
     run.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    run.add_argument("--strict", action="store_true", help="stop before training when a preflight guard warns")
     run.set_defaults(handler=cmd_run)
 
     plugins = sub.add_parser("plugins", help="list installed plugins",

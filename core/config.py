@@ -36,6 +36,8 @@ class ModelConfig(Section):
         "float32", description="Dtype of the weights as loaded. Keep float32 with bf16-mixed training."
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless you ask.")
+    allow_pickle: bool = Field(False, description="Load weights stored as pickle (.bin/.pt) when a model or adapter "
+                               "has no safetensors; off, since unpickling a file can run code.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2.")
 
@@ -69,7 +71,7 @@ class TrainerConfig(Section):
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"] = Field(
         "auto", description="auto: bf16-mixed where the hardware has fast bf16, else 32-true."
     )
-    seed: int = Field(42, description="Seed for weights init, data order, dropout and sampling.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for weights init, data order, dropout and sampling.")
     accelerator: str = Field("auto", description="cpu, gpu, or auto.")
     devices: Union[int, str] = Field("auto", description="Number of devices, or auto.")
     num_nodes: int = Field(1, gt=0)
@@ -77,6 +79,9 @@ class TrainerConfig(Section):
     checkpoint_every: int = Field(100, ge=0, description="Save a checkpoint every N optimizer steps; 0 only at the end.")
     eval_every: int = Field(0, ge=0, description="Compute eval loss every N optimizer steps; 0 disables.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A NaN/Inf loss or gradient: stop the run (the last checkpoint is kept), or skip "
+        "that optimizer step.")
     logits_chunk: int = Field(1024, gt=0, description="Tokens per chunk when computing log-probs over the vocabulary.")
 
     @field_validator("devices")

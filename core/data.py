@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,23 +38,36 @@ class Rows:
         return Rows(self.source, [self.rows[i] for i in indices], [self.where[i] for i in indices])
 
 
+def _check_surrogates(row: dict, where: str) -> None:
+    """JSON escapes can spell half of a UTF-16 pair (\\ud800), which is no character at all."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end].encode("unicode_escape").decode()
+        raise DataError(f"{where}: contains an unpaired surrogate escape ({bad}), which is not text") from None
+
+
 def _read_jsonl(path: Path) -> Rows:
     rows, where = [], []
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-                rows.append(row)
-                where.append(f"{path}:{lineno}")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); re-encode it as UTF-8") from None
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            if "\\u" in line.lower():
+                _check_surrogates(row, f"{path}:{lineno}")
+            rows.append(row)
+            where.append(f"{path}:{lineno}")
     return Rows(str(path), rows, where)
 
 
@@ -75,17 +89,29 @@ def _read_json(path: Path) -> Rows:
 
 
 def _read_with_datasets(spec: str, kind: str | None, split: str) -> Rows:
+    import logging
+
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(logging.CRITICAL)  # its error lines would repeat ours
     datasets.disable_progress_bars()
     try:
         if kind is not None:
             table = datasets.load_dataset(kind, data_files=spec, split="train")
         else:
             table = datasets.load_dataset(spec, split=split)
-    except Exception as exc:  # datasets raises many types; the user needs the first line only
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # datasets raises many types; the user needs the root cause, in one line
+        chain: list[BaseException] = [exc]
+        while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+        for cause in chain:
+            if isinstance(cause, UnicodeDecodeError):
+                raise DataError(f"{spec}: not UTF-8 text (invalid byte at offset {cause.start}); "
+                                "re-encode it as UTF-8") from None
+            if type(cause).__name__ == "EmptyDataError":
+                raise DataError(f"{spec}: no rows; the dataset is empty") from None
+        root = next((c for c in chain if not type(c).__module__.startswith("datasets")), exc)
+        message = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
         raise DataError(f"{spec}: could not be read ({message})") from None
     rows = table.to_list()
     return Rows(spec, rows, [f"{spec}: row {i + 1}" for i in range(len(rows))])
@@ -140,6 +166,15 @@ class FormatStats:
     notes: list[str] = field(default_factory=list)
 
 
+class Examples(list):
+    """Formatted examples (a plain list) that remember where each came from (``where``), so a
+    fault during training can name the rows of the batch."""
+
+    def __init__(self, features: list[dict], where: list[str]):
+        super().__init__(features)
+        self.where = list(where)
+
+
 def _length(feature: dict) -> int:
     lengths = [len(v) for k, v in feature.items() if k.endswith("input_ids") and isinstance(v, (list, tuple))]
     return max(lengths) if lengths else 0
@@ -153,7 +188,7 @@ def format_rows(rows: Rows, hook: Any, tokenizer: Any, config: Any) -> tuple[lis
     """Run ``lft_format_example`` on every row. Rows the hook returns ``{"skip": reason}`` for
     are left out and counted; DataErrors get the row's location added."""
     stats = FormatStats(rows=len(rows))
-    features = []
+    features, kept = [], []
     policy = config.data.truncation
     for row, where in zip(rows.rows, rows.where):
         try:
@@ -187,11 +222,13 @@ def format_rows(rows: Rows, hook: Any, tokenizer: Any, config: Any) -> tuple[lis
         stats.tokens += length
         stats.trained_tokens += trained
         features.append(feature)
+        kept.append(where)
     stats.examples = len(features)
     if not features:
-        raise DataError(f"{rows.source}: no usable examples ({stats.dropped} dropped as too long, "
-                        f"{stats.skipped} skipped)")
-    return features, stats
+        reason = f"; first: {stats.notes[0]}" if stats.notes else ""
+        raise DataError(f"{rows.source}: no usable examples ({stats.truncated} truncated and {stats.dropped} dropped "
+                        f"at data.max_length={config.data.max_length}, {stats.skipped} skipped{reason})")
+    return Examples(features, kept), stats
 
 
 class ResumableLoader(DataLoader):
@@ -210,6 +247,8 @@ class ResumableLoader(DataLoader):
         self._epoch = 0
         self._consumed = 0
         self._resume_at = 0
+        self._served: deque[tuple[int, list[int]]] = deque(maxlen=64)  # (serial, dataset indices)
+        self._serial = 0
         super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn, shuffle=False, drop_last=drop_last)
 
     def _order(self, epoch: int) -> list[int]:
@@ -231,6 +270,8 @@ class ResumableLoader(DataLoader):
         for index in range(start, len(batches)):
             batch = self.collate_fn([self.dataset[i] for i in batches[index]])
             self._consumed = index + 1
+            self._served.append((self._serial, batches[index]))
+            self._serial += 1
             yield batch
         self._epoch += 1
         self._consumed = 0
@@ -238,6 +279,15 @@ class ResumableLoader(DataLoader):
     def __len__(self) -> int:
         n = len(self.dataset) // self._world
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def rows_of(self, serial: int) -> list[str] | None:
+        """Where the rows of the ``serial``-th batch this loader served (counting from 0) came
+        from, when the dataset is ``Examples``; None when unknown."""
+        where = getattr(self.dataset, "where", None)
+        for number, indices in self._served:
+            if number == serial and where is not None:
+                return [where[i] for i in indices]
+        return None
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "consumed": self._consumed}

@@ -1,4 +1,5 @@
-"""lft's own plugin, ``core``: the trylast fallbacks that every run has."""
+"""lft's own plugin, ``core``: the trylast fallbacks that every run has, and the guards (their
+``guards`` config section, their callback, and the ``lft check`` and ``lft inspect`` commands)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from lft.manager import hookimpl
 
 class CorePlugin:
     """Loads models the standard way, pads batches and generates the experience of online objectives
-    (those with a ``rollout`` attribute) when no selected plugin does."""
+    (those with a ``rollout`` attribute) when no selected plugin does; saves the random states in
+    checkpoints, guards against NaN/Inf losses and gradients, and runs the guards against
+    fine-tuning pitfalls (``lft.guards``). Adds the commands new-plugin, check, inspect, generate,
+    chat, eval and merge."""
 
     name = "core"
     kind = "core"
@@ -27,6 +31,19 @@ class CorePlugin:
     @hookimpl(trylast=True)
     def lft_collate(self, features: list, tokenizer: Any, config: Any) -> Any:
         return pad_collate(features, tokenizer.pad_token_id)
+
+    @hookimpl
+    def lft_callbacks(self, config: Any) -> Any:
+        from lft.checkpoint import RngState
+        from lft.guards import GuardMonitor
+        from lft.numerics import NonFiniteGuard
+
+        tc = config.trainer
+        guard = NonFiniteGuard(tc.on_nonfinite, config.output, check_gradients=tc.precision != "16-mixed")
+        callbacks = [RngState(), guard]
+        if config.section("guards").enabled:
+            callbacks.append(GuardMonitor(config))
+        return callbacks
 
     @hookimpl(trylast=True)
     def lft_save_model(self, model: Any, tokenizer: Any, path: str, config: Any) -> Any:
@@ -44,7 +61,15 @@ class CorePlugin:
         return experience(module, batch, settings)
 
     @hookimpl
+    def lft_add_config(self, register: Any) -> None:
+        from lft.guards import GuardsOptions
+
+        register("guards", GuardsOptions)
+
+    @hookimpl
     def lft_add_commands(self, cli: Any) -> None:
-        from lft import scaffold
+        from lft import commands, model_commands, scaffold
 
         scaffold.add_command(cli)
+        commands.add_commands(cli)
+        model_commands.add_commands(cli)

@@ -51,10 +51,19 @@ def _section(name: str, model: Any, owner: str) -> list[str]:
     if owner:
         lines += [f"From the `{owner}` plugin." + (f" {doc[0]}" if doc and not doc[0].startswith("!") else ""), ""]
     lines += ["| key | type | default | description |", "|---|---|---|---|"]
+    return lines + _rows(name, model) + [""]
+
+
+def _rows(prefix: str, model: Any) -> list[str]:
+    """One row per key; a nested section (``guards.overfit``) lists its own keys under its name."""
+    rows = []
     for key, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and hasattr(field.annotation, "model_fields"):
+            rows += _rows(f"{prefix}.{key}", field.annotation)
+            continue
         description = (field.description or "").replace("|", "\\|")
-        lines.append(f"| `{name}.{key}` | {_type_name(field.annotation)} | {_default(field)} | {description} |")
-    return lines + [""]
+        rows.append(f"| `{prefix}.{key}` | {_type_name(field.annotation)} | {_default(field)} | {description} |")
+    return rows
 
 
 def render() -> str:
@@ -80,6 +89,7 @@ def render() -> str:
     for name in cfgmod.CORE_SECTIONS:
         lines += _section(name, cfgmod.RunConfigBase.model_fields[name].annotation, "")
     owners = {}
+    manager.core.lft_add_config(register=lambda section, model: owners.__setitem__(section, "core"))
     for info in manager.infos.values():
         options = getattr(info.obj, "options", None)
         for section, model in sections.items():

@@ -16,9 +16,11 @@ import torch
 
 from lft import config as cfgmod
 from lft import data as datamod
-from lft import evaluate, task
+from lft import distributed, evaluate
 from lft.callbacks import AtomicCheckpointIO, GracefulStop, RunMonitor
+from lft.checkpoint import atomic_write_text
 from lft.errors import ConfigError, DataError, LftError, ModelError, PluginError
+from lft.guards import RunGuards
 from lft.manager import PluginManager, Selection
 from lft.modeling import trainable_parameters
 from lft.module import LftModule
@@ -126,8 +128,9 @@ class Run:
         self.config = config
         self.selection = selection
         self.hook = selection.hook
-        self.quiet = quiet
-        self.console = console or Console(quiet=quiet)
+        self.main = distributed.is_main_process()  # only the main process writes outputs
+        self.quiet = quiet or not self.main
+        self.console = console or Console(quiet=self.quiet)
         self.output = Path(config.output).expanduser()
         self.summary: dict[str, Any] = {
             "objective": selection.objective,
@@ -135,28 +138,40 @@ class Run:
             "extensions": selection.extensions,
             "defaults_used": selection.defaults,
         }
+        self.guards = RunGuards(config, selection, self.console)
 
     # -- steps -----------------------------------------------------------------------------------
-    def prepare_output(self) -> Path | None:
+    def check_output(self) -> Path | None:
+        """The checkpoint to resume from, if any. Touches nothing: a run that fails on its
+        config, model or data leaves an earlier run's output folder as it was."""
         cfg = self.config
         ckpt = self.output / CHECKPOINTS / "last.ckpt"
         if cfg.resume:
-            if not ckpt.is_file():
+            if not ckpt.exists():  # a file, or a folder for sharded strategies
                 raise LftError(f"nothing to resume: no checkpoint at {ckpt}")
             return ckpt
-        if self.output.exists() and any(self.output.iterdir()):
-            if not cfg.overwrite:
-                raise LftError(f"output folder {self.output} already exists and is not empty; pass --overwrite "
-                               f"to replace it, --resume to continue its run, or choose another --output")
+        if self.main and self.output.exists() and any(self.output.iterdir()) and not cfg.overwrite:
+            raise LftError(f"output folder {self.output} already exists and is not empty; pass --overwrite "
+                           f"to replace it, --resume to continue its run, or choose another --output")
+        return None
+
+    def prepare_output(self) -> None:
+        """Empty the output folder (--overwrite) and write the resolved config, just before training."""
+        if not self.main:
+            return
+        if not self.config.resume and self.output.exists() and self.config.overwrite:
             shutil.rmtree(self.output)
         self.output.mkdir(parents=True, exist_ok=True)
-        return None
+        for stale in (self.output / CHECKPOINTS).glob(".*.tmp-*"):  # left by a save that was killed
+            stale.unlink(missing_ok=True)
+        atomic_write_text(self.output / "config.yaml", self.config.to_yaml(), "config")
 
     def load(self) -> tuple[Any, Any]:
         loaded = self.hook.lft_load_model(config=self.config)
         if loaded is None:
             raise ModelError("no plugin could load the model")
         model, tokenizer = loaded
+        self.guards.generation_config = getattr(model, "generation_config", None)
         self.summary["model"] = getattr(getattr(model, "config", None), "_name_or_path", "") or str(self.config.model.path)
         return model, tokenizer
 
@@ -200,7 +215,9 @@ class Run:
             eval_rows = None
         if eval_rows is not None and cfg.data.max_eval_rows and len(eval_rows) > cfg.data.max_eval_rows:
             eval_rows = eval_rows.subset(list(range(cfg.data.max_eval_rows)))
+        train_rows = self.guards.preflight(tokenizer, train_rows, eval_rows)
         train, train_stats = datamod.format_rows(train_rows, self.hook, tokenizer, cfg)
+        self.guards.formatted(train_stats)
         evals, eval_stats = (datamod.format_rows(eval_rows, self.hook, tokenizer, cfg) if eval_rows is not None
                              else ([], None))
         info = {"train_file": train_spec, "eval_file": eval_spec or ("split" if evals else None),
@@ -215,26 +232,12 @@ class Run:
         return train, evals, info
 
     def task_rows(self, train_spec: str) -> list[dict] | None:
-        setting = self.config.eval.task
-        if setting in (None, "none", "") or self.config.eval.task_samples == 0:
-            return None
-        if setting == "auto" and not task.is_embedded(train_spec):
-            return None
-        if setting not in ("auto", "arith"):
-            raise ConfigError(f"eval.task: unknown task {setting!r}; expected arith, auto or none")
-        rows = datamod.read_rows(str(task.path("prompts", "eval"))).rows
-        return rows[: self.config.eval.task_samples]
+        return evaluate.task_rows(self.config.eval, train_spec)
 
     def measure(self, module: LftModule, datamodule: datamod.LftDataModule, task_rows: list[dict] | None) -> dict:
-        out: dict[str, Any] = {}
-        if datamodule.eval_features:
-            out.update({f"eval_{k}": v for k, v in evaluate.objective_loss(module, datamodule.eval_loader()).items()})
-        if task_rows:
-            ev = self.config.eval
-            metric = evaluate.task_metric(module.model, module.tokenizer, task_rows, ev.max_new_tokens, ev.batch_size)
-            out["task_accuracy"] = metric["accuracy"]
-            out["task_samples"] = metric["samples"]
-        return out
+        """The held-out measurements, computed by the same code as ``lft eval``."""
+        return evaluate.measure(module.model, module.tokenizer, datamodule.eval_features, task_rows,
+                                evaluate.Settings.from_config(self.config))
 
     def trainer(self, monitor: RunMonitor, stop: GracefulStop, manual: bool = False) -> Any:
         import lightning as L
@@ -259,7 +262,7 @@ class Run:
             accelerator=tc.accelerator,
             devices=tc.devices,
             num_nodes=tc.num_nodes,
-            strategy=tc.strategy,
+            strategy=distributed.strategy(tc),
             precision=tc.precision,
             max_steps=tc.max_steps,
             max_epochs=-1 if tc.max_steps > 0 else tc.epochs,
@@ -296,16 +299,21 @@ class Run:
         tmp = self.output / f".{FINAL}.tmp"
         old = self.output / f".{FINAL}.old"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        saved = self.hook.lft_save_model(model=module.model, tokenizer=module.tokenizer, path=str(tmp),
-                                         config=self.config)
-        if saved is None:
-            raise LftError("no plugin saved the model")
-        (tmp / "lft_config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            tmp.mkdir(parents=True)
+            saved = self.hook.lft_save_model(model=module.model, tokenizer=module.tokenizer, path=str(tmp),
+                                             config=self.config)
+            if saved is None:
+                raise LftError("no plugin saved the model")
+            (tmp / "lft_config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+        except OSError as exc:  # a full disk: the checkpoint is whole, so --resume can save again
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise LftError(f"could not save the final model in {final}: {exc.strerror or exc}; the checkpoint in "
+                           f"{self.output / CHECKPOINTS} is kept; free some space and continue with --resume") from None
         shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -323,8 +331,8 @@ class Run:
         started = time.perf_counter()
         cfg = self.config
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-        resume_from = self.prepare_output()
-        (self.output / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        distributed.validate(cfg.trainer)
+        resume_from = self.check_output()
         import lightning as L
 
         L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -347,9 +355,10 @@ class Run:
         self.console.print(f"model {self.summary['model']} · trainable {trainable:,} of {total:,} parameters · "
                            f"{len(train)} train / {len(evals)} eval examples · precision {cfg.trainer.precision}")
         module.setup("fit")
-        if cfg.eval.before and resume_from is None:
+        if cfg.eval.before and resume_from is None and self.main:
             self.console.print("[dim]measuring the model before training...[/]")
             self.summary["before"] = self.measure(module, datamodule, task_rows)
+        self.prepare_output()
         monitor = RunMonitor(self.output, quiet=self.quiet)
         stop = GracefulStop()
         trainer = self.trainer(monitor, stop, manual=not module.automatic_optimization)
@@ -368,7 +377,10 @@ class Run:
             raise LftError(f"interrupted at step {trainer.global_step}; a checkpoint was saved in "
                            f"{self.output / CHECKPOINTS}; continue with --resume")
         trainer.save_checkpoint(self.output / CHECKPOINTS / "last.ckpt")
-        final = self.save_final(module) if trainer.global_rank == 0 else None
+        with distributed.full_weights(trainer, module.model):
+            final = self.save_final(module) if trainer.global_rank == 0 else None
+        if trainer.global_rank != 0:  # evaluation and the summary are the main process's job
+            return RunResult(self.output, None, {"rank": trainer.global_rank}, monitor.history, cfg)
         self.summary["after"] = self.measure(module, datamodule, task_rows)
         self.collect_objective_report(objective)
         history = monitor.history
@@ -379,6 +391,7 @@ class Run:
             self.summary.setdefault("warnings", []).append(hacking)
         self.summary.update(
             steps=trainer.global_step,
+            processes=trainer.world_size,
             train_time_s=round(train_time, 2),
             total_time_s=round(time.perf_counter() - started, 2),
             first_loss=history[0].get("loss") if history else None,
@@ -387,8 +400,15 @@ class Run:
             output=str(self.output),
             final=str(final) if final else None,
         )
+        self.guards.finish(self.summary)
+        for callback in trainer.callbacks:  # a callback may add its results (guards, monitors) to the summary
+            if callable(getattr(callback, "summarize", None)):
+                callback.summarize(self.summary)
         from lft.report import print_summary, write_summary
+        from lft.runreport import write_report
 
+        if trainer.global_rank == 0:
+            self.summary["report"] = [str(p) for p in write_report(self.output, self.summary, history, cfg)]
         write_summary(self.output, self.summary)
         if not self.quiet:
             print_summary(self.console, self.summary)

@@ -44,7 +44,9 @@ def lft_load_model(config: Any) -> Any:
     :return: a ``(model, tokenizer)`` tuple, or None to let another plugin load it.
 
     The core's trylast implementation handles a local HF folder, a hub id, a GGUF file and the
-    embedded default model; it asks ``lft_quantization_config`` for a quantization config.
+    embedded default model; it asks ``lft_quantization_config`` for a quantization config. A
+    plugin may wrap the loader (``@lft.hookimpl(wrapper=True)``, ``loaded = yield``) to check or
+    adjust whatever model was loaded.
 
     Stops at the first non-None result.
     """
@@ -114,12 +116,13 @@ def lft_loss(config: Any) -> Any:
     :return: an object callable as ``objective(module, batch) -> (loss, metrics)``, where
         ``module`` is the ``LftModule`` (the model is ``module.model``), ``loss`` a scalar
         tensor and ``metrics`` a dict of floats or 0-d tensors to log. It may set
-        ``needs_reference = True`` to ask the engine for a reference policy, and ``rollout``
+        ``needs_reference = True`` to ask the engine for a reference policy, which it then finds
+        as ``module.reference`` (``lft.reference.ReferencePolicy``), and ``rollout``
         (``lft.rollout.RolloutSettings``) to have the core's ``lft_rollout`` generate its
         experience before every step. It may define ``setup(module)``, ``training_step(module,
         batch)`` (with ``updates_per_batch`` when it steps the optimizer itself),
         ``state_dict()``/``load_state_dict(state)`` (saved in checkpoints), and ``notes`` (a dict)
-        and ``warnings`` (a list of lines) for the run summary.
+        and ``warnings`` (a list of lines), which the engine adds to the run summary.
 
     Stops at the first non-None result.
     """

@@ -48,6 +48,12 @@ def token_logprobs(
     return shifted_logprobs(hidden, head.weight, labels, head.bias, chunk)
 
 
+def parameter_count(param: torch.Tensor) -> int:
+    """Weights in ``param``; a packed 4-bit tensor holds two per byte, its shape is in ``quant_state``."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+
+
 def token_stats(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
     temperature: float = 1.0, entropy: bool = False, hidden: bool = False, position_ids: torch.Tensor | None = None,
@@ -87,6 +93,6 @@ def token_stats(
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     return trainable, total

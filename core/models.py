@@ -122,13 +122,42 @@ def local_folder(path: str | None, gguf_file: str | None = None) -> str:
     return folder
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_safe_weights(folder: str | Path, allow_pickle: bool = False) -> None:
+    """Refuse a local model or adapter folder whose weights exist only as pickle files
+    (``pytorch_model.bin``, ``adapter_model.bin``, ``*.pt``): unpickling a file can run code.
+    ``allow_pickle`` lets them through; they are then read with ``torch.load(weights_only=True)``."""
+    folder = Path(folder)
+    if allow_pickle or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(f"{folder} stores its weights only as pickle ({', '.join(pickles[:3])}), which lft refuses "
+                         "to load because unpickling a file can run code; convert it to safetensors, or set "
+                         "model.allow_pickle=true if you trust it")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _remote_code_hint(exc: BaseException) -> str:
+    if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+        return ("; lft runs no code shipped with a model unless you set model.trust_remote_code=true "
+                "(read that code first)")
+    return ""
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as exc:
-        raise ModelError(f"{source}: could not load a tokenizer ({str(exc).strip().splitlines()[0]})") from None
+        raise ModelError(f"{source}: could not load a tokenizer ({_first_line(exc)}){_remote_code_hint(exc)}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelError(f"{source}: the tokenizer has neither a pad nor an eos token")
@@ -143,8 +172,10 @@ def load_model(config: Any, quantization_config: Any = None) -> tuple[Any, Any]:
 
     mc = config.model
     source = local_folder(mc.path, mc.gguf_file)
+    check_safe_weights(source, mc.allow_pickle)
     tokenizer = load_tokenizer(source, mc.trust_remote_code, mc.revision)
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[mc.dtype], "trust_remote_code": mc.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[mc.dtype], "trust_remote_code": mc.trust_remote_code,
+                              "use_safetensors": None if mc.allow_pickle else True}
     if mc.revision:
         kwargs["revision"] = mc.revision
     if mc.attn_implementation:
@@ -156,9 +187,12 @@ def load_model(config: Any, quantization_config: Any = None) -> tuple[Any, Any]:
             model = load_merged_adapter(source, kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{source}: could not load a causal language model ({first})") from None
+    except Exception as exc:  # transformers raises many types for a folder that is not a usable model
+        first = _first_line(exc)
+        hint = ("; lft loads safetensors weights only (set model.allow_pickle=true to accept pickle files)"
+                if "safetensors" in first and not mc.allow_pickle and not Path(source).is_dir() else "")
+        hint = hint or _remote_code_hint(exc)
+        raise ModelError(f"{source}: could not load a causal language model ({first}){hint}") from None
     check_vocab(model, tokenizer, source)
     model.train()  # from_pretrained returns a model in eval mode
     return model, tokenizer

@@ -18,6 +18,8 @@ class LftModule(L.LightningModule):
     """Wraps the model, the objective and the run's hook relay.
 
     Objectives read ``module.model``, ``module.tokenizer``, ``module.config`` and ``module.hook``.
+    An objective with ``needs_reference = True`` also gets ``module.reference``, the model as it
+    was before training (``lft.reference.ReferencePolicy``), taken in ``setup``.
     An objective may define ``setup(module)`` (called once before training) and
     ``training_step(module, batch)`` to take over the whole step (for several optimizer steps
     per batch, as PPO does, after setting ``module.automatic_optimization = False``; it then
@@ -35,10 +37,17 @@ class LftModule(L.LightningModule):
         self.config = config
         self.strict_loading = False  # checkpoints hold only the trained weights
         self.last_metrics: dict[str, float] = {}
+        self.reference: Any = None
         self._objective_ready = False
 
     def setup(self, stage: str) -> None:
-        if not self._objective_ready and hasattr(self.objective, "setup"):
+        if self._objective_ready:
+            return
+        if getattr(self.objective, "needs_reference", False) and self.reference is None:
+            from lft.reference import ReferencePolicy
+
+            self.reference = ReferencePolicy.of(self.model)  # before any update (and before a resume loads weights)
+        if hasattr(self.objective, "setup"):
             self.objective.setup(self)
         self._objective_ready = True
 
@@ -58,9 +67,7 @@ class LftModule(L.LightningModule):
         else:
             loss, metrics = self.compute(batch)
         metrics = {k: _scalar(v) for k, v in (metrics or {}).items()}
-        metrics["loss"] = _scalar(loss)
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"the loss is {metrics['loss']} at step {self.global_step} (batch {batch_idx})")
+        metrics["loss"] = _scalar(loss)  # a NaN/Inf loss is handled by lft.numerics.NonFiniteGuard
         self.last_metrics = metrics
         self.log("train/loss", loss.detach(), prog_bar=False, logger=True, batch_size=1)
         for key, value in metrics.items():

@@ -1,4 +1,5 @@
-"""The end of a run: ``summary.json`` in the output folder and a rich table on the console."""
+"""The end of a run: ``summary.json`` in the output folder and a rich table on the console, with the
+guards' results below it (the report file is written by ``lft.runreport``)."""
 
 from __future__ import annotations
 
@@ -49,12 +50,9 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def print_summary(console: Any, summary: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title="lft run summary", show_header=True, header_style="bold")
-    table.add_column("")
-    table.add_column("value", overflow="fold")
+def summary_rows(summary: dict) -> list[tuple[str, str]]:
+    """The summary as ``(label, value)`` rows, for the console table and the report file."""
+    table = _Rows()
     defaults = summary.get("defaults_used") or []
     objective = summary.get("objective", "")
     wrapper = summary.get("wrapper", "")
@@ -77,10 +75,58 @@ def print_summary(console: Any, summary: dict) -> None:
             continue
         table.add_row(key.replace("_", " "), f"{_fmt(before.get(key))} -> {_fmt(after.get(key))}")
     table.add_row("tokens/s", _fmt(summary.get("tokens_per_s")))
-    table.add_row("train time", f"{_fmt(summary.get('train_time_s'))} s (total {_fmt(summary.get('total_time_s'))} s)")
+    guard_time = f"; guards measured the model for {_fmt(summary['guards_measure_time_s'])} s of it" \
+        if summary.get("guards_measure_time_s") else ""
+    table.add_row("train time", f"{_fmt(summary.get('train_time_s'))} s (total {_fmt(summary.get('total_time_s'))} s"
+                  f"{guard_time})")
     table.add_row("saved", _fmt(summary.get("final")))
     for key, value in (summary.get("notes") or {}).items():
         table.add_row(key.replace("_", " "), _fmt(value))
+    return table.rows
+
+
+class _Rows:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str]] = []
+
+    def add_row(self, label: str, value: str) -> None:
+        self.rows.append((label, value))
+
+
+STATUS_STYLE = {"ok": "green", "info": "cyan", "warning": "yellow", "error": "bold red", "skipped": "dim"}
+
+
+def print_summary(console: Any, summary: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="lft run summary", show_header=True, header_style="bold")
+    table.add_column("")
+    table.add_column("value", overflow="fold")
+    for label, value in summary_rows(summary):
+        table.add_row(label, escape(value))
     for warning in summary.get("warnings", []):
-        table.add_row("[yellow]warning[/]", warning)
+        table.add_row("[yellow]warning[/]", escape(warning))
+    console.print(table)
+    print_guards(console, summary.get("guards") or [])
+    if summary.get("report"):
+        console.print(f"report: {', '.join(summary['report'])}")
+
+
+def print_guards(console: Any, guards: list[dict], title: str = "guards") -> None:
+    """One line per guard: its status and the numbers behind it (the problems are the warnings)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from lft.guards.findings import TITLES
+
+    if not guards:
+        return
+    fired = sum(g["status"] in ("warning", "error") for g in guards)
+    table = Table(title=f"{title}: {fired} fired" if fired else f"{title}: all quiet", header_style="bold")
+    for column in ("guard", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    for g in guards:
+        style = STATUS_STYLE.get(g["status"], "")
+        table.add_row(TITLES.get(g["guard"], g["guard"]), f"[{style}]{g['status']}[/]", escape(g.get("detail") or ""))
     console.print(table)

@@ -35,6 +35,10 @@ class LoRA:
 
     @lft.hookimpl
     def lft_wrap_model(self, model: Any, config: Any) -> Any:
+        return self.wrap(model, config)
+
+    def wrap(self, model: Any, config: Any) -> Any:
+        """Freeze ``model`` and add the adapters described by this plugin's section."""
         opts = config.section(self.name)
         if config.trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

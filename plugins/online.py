@@ -8,7 +8,6 @@ reward functions unchanged (for example ``answer``). The experience itself comes
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -50,25 +49,6 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x * y).sum() / denominator) if denominator > 0 else 0.0
 
 
-class _AdapterOrCopyReference:
-    """The reference policy until ``lft.reference`` exists: the adapter switched off, or a frozen copy."""
-
-    def __init__(self, policy: Any):
-        import copy
-
-        self.policy = policy
-        adapters = callable(getattr(policy, "disable_adapter", None))
-        self.frozen = None if adapters else copy.deepcopy(policy).requires_grad_(False).eval()
-
-    @contextlib.contextmanager
-    def model(self) -> Any:
-        if self.frozen is not None:
-            yield self.frozen
-            return
-        with self.policy.disable_adapter():
-            yield self.policy
-
-
 class OnlineObjective:
     """Runs the update loop of an online method: ``epochs`` x ``minibatches`` optimizer steps per
     rollout batch, under Lightning manual optimization, with clipping and the LR schedule.
@@ -106,8 +86,6 @@ class OnlineObjective:
         if not reward_plugins(module.hook):
             raise lft.PluginError("no reward function is selected: add one, e.g. --plugin exact_answer (checks an "
                                   "'answer' column), --plugin reward_model reward_model.path=DIR, or your own reward plugin")
-        if self.needs_reference and getattr(module, "reference", None) is None:
-            module.reference = _AdapterOrCopyReference(module.model)
         every = self.config.trainer.checkpoint_every
         if every and every % self.updates_per_batch:
             self.note_warning(f"trainer.checkpoint_every={every} is not a multiple of the {self.updates_per_batch} "

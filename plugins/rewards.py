@@ -14,11 +14,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import Field, field_validator
 
 import lft
-from lft import chat, task
+from lft import task
 from lft.config import Section
 
 
@@ -117,9 +116,13 @@ class RewardModel:
 
     def scorer(self, path: str, device: Any) -> Any:
         if self._loaded is None or self._loaded[0] != path:
-            self._loaded = (path, load_reward_model(path))
-        model = self._loaded[1]
-        return model.to(device) if device is not None else model
+            from lft import reward_model
+
+            self._loaded = (path, reward_model.load(path))
+        scorer = self._loaded[1]
+        if device is not None:
+            scorer.model.to(device)
+        return scorer
 
     @lft.hookimpl
     def lft_reward(self, prompts: list, completions: list, batch: dict, config: Any) -> Any:
@@ -130,38 +133,3 @@ class RewardModel:
         ids = batch.get("completion_ids")
         scorer = self.scorer(opts.path, ids.device if hasattr(ids, "device") else None)
         return {"name": self.name, "scores": scorer.score(prompts, completions, opts.batch_size), "weight": opts.weight}
-
-
-class _RewardScorer:
-    """A loaded one-label sequence classifier scoring (prompt, completion) pairs formatted as a user
-    and an assistant turn, right-padded (the classifier reads the last real token)."""
-
-    def __init__(self, model: Any, tokenizer: Any):
-        self.model, self.tokenizer = model.eval(), tokenizer
-
-    def to(self, device: Any) -> "_RewardScorer":
-        self.model.to(device)
-        return self
-
-    @torch.no_grad()
-    def score(self, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
-        from lft.data import pad_collate
-
-        pad = self.tokenizer.pad_token_id
-        rows = [{"input_ids": chat.tokenize_prompt_completion(self.tokenizer, p, c, True)[0]}
-                for p, c in zip(prompts, completions)]
-        device = next(self.model.parameters()).device
-        scores: list[float] = []
-        for start in range(0, len(rows), batch_size):
-            batch = pad_collate(rows[start: start + batch_size], pad)
-            logits = self.model(input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device)).logits
-            scores.extend(logits[:, 0].float().tolist())
-        return scores
-
-
-def load_reward_model(path: str) -> _RewardScorer:
-    from lft.adapters.critic import load_reward_classifier
-    from lft.models import load_tokenizer
-
-    return _RewardScorer(load_reward_classifier(path), load_tokenizer(path))

@@ -22,7 +22,8 @@ class SFTOptions(Section):
     train_on: Literal["assistant", "last_assistant", "all"] = Field(
         "assistant", description="Which tokens of a conversation are trained."
     )
-    chat_template: str | None = Field(None, description="A Jinja chat template to use instead of the tokenizer's.")
+    chat_template: str | None = Field(None, description="A chat template to use instead of the tokenizer's: chatml, "
+                                      "simple (any base model), or Jinja text.")
     use_chat_template: bool = Field(True, description="Format prompt/completion strings as a user and an assistant turn.")
 
 
@@ -58,8 +59,9 @@ class SFT:
 
     def format_row(self, example: dict, tokenizer: Any, config: Any) -> dict:
         opts = config.section(self.name)
-        if opts.chat_template and tokenizer.chat_template != opts.chat_template:
-            tokenizer.chat_template = opts.chat_template
+        template = chat.resolve_template(opts.chat_template)
+        if template and tokenizer.chat_template != template:
+            tokenizer.chat_template = template
         if "messages" in example:
             ids, labels = chat.tokenize_conversation(tokenizer, example["messages"], opts.train_on)
         elif "prompt" in example and "completion" in example:

@@ -9,8 +9,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBPACKAGES = ["lft", "lft.plugins", "lft.adapters", "lft.losses", "lft.assets", "lft.plugins.sft",
-               "lft.plugins.lora", "lft.plugins.full", "lft.losses.logprobs", "lft.adapters.lora", "lft.cli",
-               "lft.testing"]
+               "lft.plugins.lora", "lft.plugins.full", "lft.plugins.qlora", "lft.losses.logprobs", "lft.adapters.lora",
+               "lft.adapters.quantize", "lft.adapters.attach", "lft.adapters.merge", "lft.cli", "lft.commands",
+               "lft.model_commands", "lft.inference", "lft.testing", "lft.guards", "lft.guards.monitor", "lft.runreport",
+               "lft.plugins.dpo", "lft.plugins.orpo", "lft.plugins.simpo", "lft.plugins.reward",
+               "lft.plugins.preference", "lft.losses.dpo", "lft.adapters.value_head", "lft.reference",
+               "lft.reward_model"]
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +32,8 @@ def test_wheel_contains_every_folder_and_the_task_data(wheel):
     for folder in ("lft/plugins/", "lft/adapters/", "lft/losses/", "lft/assets/"):
         assert any(n.startswith(folder) and n.endswith(".py") for n in names), folder
     assert sum(n.startswith("lft/assets/arith-") and n.endswith(".jsonl") for n in names) == 6
+    assert "lft/assets/general-retain.jsonl" in names and "lft/assets/general-mix.jsonl" in names
+    assert any(n.startswith("lft/guards/") and n.endswith(".py") for n in names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "[lft]" in entry_points and "sft = lft.plugins.sft:SFT" in entry_points
     assert "[console_scripts]" in entry_points and "lft = lft.cli:main" in entry_points

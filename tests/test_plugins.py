@@ -9,11 +9,12 @@ from lft.manager import PluginManager
 
 def test_builtins_come_from_entry_points():
     manager = PluginManager()
-    for name, kind in (("sft", "objective"), ("full", "wrapper"), ("lora", "wrapper")):
+    for name, kind in (("sft", "objective"), ("full", "wrapper"), ("lora", "wrapper"), ("qlora", "wrapper")):
         info = manager.infos[name]
         assert info.kind == kind and info.source == "entry point" and info.package == "lft"
     assert "lft_wrap_model" in manager.infos["lora"].hooks
     assert manager.infos["core"].kind == "core"
+    assert {"lft_quantization_config", "lft_load_model", "lft_wrap_model"} <= set(manager.infos["qlora"].hooks)
 
 
 def test_defaults_fill_the_selection():
@@ -58,9 +59,10 @@ def test_only_selected_plugins_take_part():
             return []
 
     manager = PluginManager(extra=[Recorder()])
-    manager.select([]).hook.lft_callbacks(config=None)
+    config = lft.load_config()  # the core plugin's own callbacks read it
+    manager.select([]).hook.lft_callbacks(config=config)
     assert calls == []
-    manager.select(["recorder"]).hook.lft_callbacks(config=None)
+    manager.select(["recorder"]).hook.lft_callbacks(config=config)
     assert calls == ["recorder"]
 
 

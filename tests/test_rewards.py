@@ -77,10 +77,11 @@ def test_reward_model_scores_each_completion_like_the_classifier(tiny_reward_mod
 def test_critic_from_the_reward_model_reads_its_score_head_at_every_token(tiny_reward_model):
     from transformers import AutoModelForSequenceClassification
 
-    from lft.adapters.critic import critic_from_classifier, load_reward_classifier
+    from lft.adapters.critic import critic_from_classifier
+    from lft.reward_model import load_classifier
 
     classifier = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model).eval()
-    critic = critic_from_classifier(load_reward_classifier(tiny_reward_model)).eval()
+    critic = critic_from_classifier(load_classifier(tiny_reward_model)).eval()
     ids = torch.tensor([[5, 6, 7, 8]])
     values = critic(ids, torch.ones_like(ids))
     with torch.no_grad():

@@ -1,0 +1,113 @@
+"""The guards that look at a run's data before training: template lint, data lint, contamination.
+
+``RunGuards`` is created by the engine for every run (and by ``lft check``, which runs the very
+same data path without training). ``preflight`` runs on the rows as read, before formatting, so
+that overlapping rows can be dropped and general rows mixed in; ``formatted`` adds what only the
+formatting knows (truncation) and stops the run on errors, or on any warning under
+``guards.strict``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+from rich.markup import escape
+
+from lft import task
+from lft.data import Rows, read_rows
+from lft.guards.contamination import check_contamination
+from lft.guards.findings import TITLES, Finding, add_to_summary, enforce
+from lft.guards.lint import lint_rows
+from lft.guards.template import check_template
+
+GENERAL_MIX = task.ASSETS / "general-mix.jsonl"
+ORDER = ("template", "lint", "contamination")
+
+
+class RunGuards:
+    def __init__(self, config: Any, selection: Any, console: Any, check_only: bool = False):
+        self.config = config
+        self.selection = selection
+        self.console = console
+        self.check_only = check_only
+        self.opts = config.section("guards")
+        self.findings: list[Finding] = []
+        self.generation_config: Any = None  # the model's, when loaded: its eos ids are checked
+        self.mixed = 0
+        self._rows: Rows | None = None
+
+    def preflight(self, tokenizer: Any, train: Rows, eval_rows: Rows | None) -> Rows:
+        """Check the rows of a run before they are formatted; returns the training rows to use (with
+        overlapping rows dropped and general rows mixed in when asked)."""
+        opts = self.opts
+        self._rows = train
+        if opts.on("template"):
+            self.findings.append(check_template(tokenizer, train, self.selection.hook, self.config,
+                                                self.selection.objective, opts.template.rows, self.generation_config))
+        if opts.on("contamination"):
+            train = self.contamination(train, eval_rows)
+        train = self.mix(train)
+        if not self.check_only:
+            self.eval_cadence(train, eval_rows)
+            enforce(self.findings, strict=False)
+        return train
+
+    def formatted(self, stats: Any) -> None:
+        """Called once the training rows are formatted, with their ``FormatStats``."""
+        if self.opts.on("lint") and self._rows is not None:
+            self.findings.append(lint_rows(self._rows, stats.truncated, stats.longest,
+                                           self.config.data.max_length))
+        self.findings.sort(key=lambda f: ORDER.index(f.guard) if f.guard in ORDER else len(ORDER))
+        if not self.check_only:
+            enforce(self.findings, strict=self.opts.strict)
+            for finding in self.findings:  # shown now, not only in the summary after training
+                for problem in finding.problems if finding.fired else []:
+                    self.console.print(f"[yellow]guard warning:[/] {escape(TITLES.get(finding.guard, finding.guard))}: "
+                                       f"{escape(problem)}")
+
+    def contamination(self, train: Rows, eval_rows: Rows | None) -> Rows:
+        opts = self.opts.contamination
+        references = [("the eval data", eval_rows)] if eval_rows is not None and len(eval_rows) else []
+        references += [(path, read_rows(path)) for path in opts.against]
+        finding, flagged = check_contamination(train, references, opts.ngram, opts.overlap)
+        if flagged and opts.drop:
+            train = train.subset([i for i in range(len(train)) if i not in flagged])
+            finding.raise_to("info", f"dropped the {len(flagged)} overlapping training rows (guards.contamination.drop)")
+            finding.status = "info"  # dealt with: no longer a warning
+        self.findings.append(finding)
+        return train
+
+    def mix(self, train: Rows) -> Rows:
+        """Mix general rows into the training rows: ``mix_ratio`` of the result comes from ``mix_data``."""
+        opts = self.opts.forgetting
+        if opts.mix_ratio <= 0:
+            return train
+        general = read_rows(opts.mix_data or str(GENERAL_MIX))
+        count = round(len(train) * opts.mix_ratio / (1 - opts.mix_ratio))
+        order = list(range(len(general)))
+        random.Random(self.config.trainer.seed).shuffle(order)
+        picked = [order[i % len(order)] for i in range(count)]
+        self.mixed = count
+        self.console.print(f"[dim]guards: mixing {count} general rows from {general.source} into {len(train)} training "
+                           f"rows (guards.forgetting.mix_ratio={opts.mix_ratio})[/]")
+        return Rows(train.source, train.rows + [general.rows[i] for i in picked],
+                    train.where + [general.where[i] for i in picked])
+
+    def eval_cadence(self, train: Rows, eval_rows: Rows | None) -> None:
+        """Evaluate during training when the user did not choose an interval, so the overfitting guard
+        has a curve to watch."""
+        tc = self.config.trainer
+        if not self.opts.on("overfit") or not eval_rows or tc.eval_every or "eval_every" in tc.model_fields_set:
+            return
+        steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * math.ceil(len(train) / (tc.batch_size * tc.grad_accum))
+        tc.eval_every = max(1, steps // self.opts.overfit.eval_points)
+        tc.model_fields_set.discard("eval_every")
+        self.console.print(f"[dim]guards: eval loss every {tc.eval_every} steps to watch for overfitting "
+                           "(set trainer.eval_every to choose)[/]")
+
+    def finish(self, summary: dict) -> None:
+        add_to_summary(summary, self.findings)
+        if self.mixed:
+            summary.setdefault("data", {})["mixed_general_rows"] = self.mixed

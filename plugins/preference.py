@@ -1,0 +1,301 @@
+"""What the pairwise preference objectives share (dpo, orpo, simpo; reward reuses the data path).
+
+* Data: ``prompt``, ``chosen``, ``rejected``, each a string or a list of messages (a row with
+  conversational ``chosen``/``rejected`` and no ``prompt`` takes their shared first messages as
+  the prompt). Each completion is formatted with its prompt through the tokenizer's chat
+  template, and only the completion's tokens are scored.
+* One forward pass per batch: chosen and rejected sequences are concatenated, and their
+  log-probs come from ``lft.modeling.token_logprobs``, which never forms full-vocabulary logits
+  for the batch.
+* Metrics every step, the reference policy (``module.reference``), an optional precomputed and
+  cached reference, and a check that policy and reference start equal.
+
+A method is a subclass of ``Preference`` that names itself and returns its loss from ``loss``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+import lft
+from lft import chat, task
+from lft import reference as refmod
+from lft.config import Section
+from lft.losses.preference import PairLogps, PairLoss
+from lft.modeling import token_logprobs
+
+log = logging.getLogger("lft")
+IGNORE = -100
+SIDES = ("chosen", "rejected")
+TOKEN_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+#: Mean |policy - reference| log-prob per token on the first batch above which they "differ".
+START_TOLERANCE = 0.02
+
+
+class PreferenceOptions(Section):
+    bad_pairs: Literal["skip", "error"] = Field(
+        "skip", description="A pair with an empty completion, or with chosen identical to rejected: skip it "
+        "(counted, and the first few named) or stop with an error.")
+    use_chat_template: bool = Field(True, description="Format string prompts and completions as a user and an "
+                                    "assistant turn through the tokenizer's chat template.")
+    chat_template: str | None = Field(None, description="A Jinja chat template to use instead of the tokenizer's.")
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def _split_prompt(example: dict) -> tuple[Any, Any, Any]:
+    """``(prompt, chosen, rejected)``; conversational pairs without a prompt share their first messages."""
+    missing = [c for c in SIDES if c not in example or example[c] is None]
+    if "prompt" not in example and not all(isinstance(example.get(c), list) for c in SIDES):
+        missing.insert(0, "prompt")
+    if missing:
+        found = ", ".join(example) or "no columns"
+        raise lft.DataError(f"expected 'prompt', 'chosen' and 'rejected' columns; missing "
+                            f"{' and '.join(repr(m) for m in missing)} (found {found})")
+    if "prompt" in example:
+        return example["prompt"], example["chosen"], example["rejected"]
+    chosen, rejected = example["chosen"], example["rejected"]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise lft.DataError("conversational 'chosen' and 'rejected' without a 'prompt' must start with the "
+                            "same prompt messages")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _is_empty(completion: Any) -> bool:
+    if isinstance(completion, str):
+        return not completion.strip()
+    if isinstance(completion, list):
+        return not completion or all(not str(m.get("content", "")).strip() for m in completion if isinstance(m, dict))
+    return False
+
+
+def format_pair(example: dict, tokenizer: Any, options: Any, max_length: int, section: str) -> dict:
+    """One preference row as ``chosen_input_ids``/``chosen_labels`` and ``rejected_*`` (prompt
+    tokens labelled -100), or ``{"skip": reason}`` for a bad pair when ``bad_pairs`` is skip."""
+    if options.chat_template and tokenizer.chat_template != options.chat_template:
+        tokenizer.chat_template = options.chat_template
+    prompt, chosen, rejected = _split_prompt(example)
+    problem = next((f"the {side} completion is empty" for side, c in zip(SIDES, (chosen, rejected)) if _is_empty(c)),
+                   "chosen and rejected are identical" if chosen == rejected else None)
+    if problem:
+        if options.bad_pairs == "skip":
+            return {"skip": problem}
+        raise lft.DataError(f"{problem}; fix the row or set {section}.bad_pairs=skip to leave such pairs out")
+    feature: dict[str, Any] = {"truncated": False}
+    for side, completion in zip(SIDES, (chosen, rejected)):
+        ids, labels = chat.tokenize_prompt_completion(tokenizer, prompt, completion, options.use_chat_template)
+        ids, labels, truncated = chat.truncate(ids, labels, max_length)
+        if all(label == IGNORE for label in labels):
+            return {"skip": f"the prompt fills data.max_length={max_length}; no {side} token is left"}
+        feature.update({f"{side}_input_ids": ids, f"{side}_labels": labels})
+        feature["truncated"] = feature["truncated"] or truncated
+    return feature
+
+
+def concatenated(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, labels)`` of the chosen rows followed by the rejected rows,
+    right-padded to one width, so both go through the model in one forward pass."""
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def both(key: str, fill: int) -> torch.Tensor:
+        parts = [batch[f"{side}_{key}"] for side in SIDES]
+        return torch.cat([F.pad(p, (0, width - p.shape[1]), value=fill) for p in parts])
+
+    return both("input_ids", pad_id), both("attention_mask", 0), both("labels", IGNORE)
+
+
+def pair_logps(model: Any, batch: dict, pad_id: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and completion token counts, each (2B,): chosen rows first."""
+    ids, mask, labels = concatenated(batch, pad_id)
+    logps, scored = token_logprobs(model, ids, mask, labels, chunk)
+    return logps.sum(-1), scored.sum(-1)
+
+
+# -- the objective ---------------------------------------------------------------------------------
+
+class DisplacementWatch:
+    """Likelihood displacement (Razin et al. 2024, https://arxiv.org/abs/2410.08847): the reward
+    margin grows while the chosen completions become less likely. Over the last ``window`` steps,
+    the chosen log-prob per token is compared with the reference's (or, for a reference-free loss,
+    with its own mean over the first ``window`` steps), and the margin with its first-window mean;
+    a fall of more than ``tolerance`` nats per token while the margin grew counts."""
+
+    def __init__(self, window: int = 10, tolerance: float = 0.1):
+        self.window, self.tolerance = window, tolerance
+        self.first: list[tuple[float, float]] = []
+        self.recent: list[tuple[float, float]] = []
+
+    def update(self, step: int, chosen: float, margin: float, relative: bool) -> str | None:
+        """``chosen``: mean log-prob per token of the chosen completions, minus the reference's
+        when ``relative``; ``margin``: the mean reward margin."""
+        if len(self.first) < self.window:
+            self.first.append((chosen, margin))
+        self.recent = (self.recent + [(chosen, margin)])[-self.window:]
+        if len(self.recent) < self.window:
+            return None
+        mean = lambda rows, i: sum(r[i] for r in rows) / len(rows)  # noqa: E731
+        fall = -mean(self.recent, 0) if relative else mean(self.first, 0) - mean(self.recent, 0)
+        grown = mean(self.recent, 1) - mean(self.first, 1)
+        if fall > self.tolerance and grown > 0:
+            baseline = "under the reference" if relative else "at the start of training"
+            return (f"likelihood displacement at step {step}: the chosen completions are {fall:.2f} nats per token "
+                    f"less likely than {baseline} while the reward margin grew by {grown:.2f}; the model lowers "
+                    "rejected answers faster than it keeps chosen ones (consider a lower trainer.lr, or an NLL "
+                    "term on the chosen answers: dpo.nll_weight=1, simpo.nll_weight=1, or orpo)")
+        return None
+
+
+class PreferenceObjective:
+    """``(module, batch) -> (loss, metrics)`` for a pairwise loss over summed completion log-probs."""
+
+    def __init__(self, loss: Any, chunk: int = 1024):
+        self.loss = loss
+        self.chunk = chunk
+        self.needs_reference = bool(getattr(loss, "needs_reference", False))
+        self.warnings: list[str] = []
+        self.notes: dict[str, Any] = {}
+        self.watch = DisplacementWatch()
+        self._start_checked = False
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            log.warning("warning: %s", message)
+
+    def reference_logps(self, model: Any, batch: dict, pad_id: int) -> dict[str, torch.Tensor]:
+        sums, _ = pair_logps(model, batch, pad_id, self.chunk)
+        size = batch["chosen_input_ids"].shape[0]
+        return {"ref_chosen_logps": sums[:size], "ref_rejected_logps": sums[size:]}
+
+    def logps(self, module: Any, batch: dict) -> PairLogps:
+        pad_id = module.tokenizer.pad_token_id
+        sums, counts = pair_logps(module.model, batch, pad_id, self.chunk)
+        size = batch["chosen_input_ids"].shape[0]
+        pairs = PairLogps(sums[:size], sums[size:], counts[:size], counts[size:])
+        if self.needs_reference:
+            if all(key in batch for key in REFERENCE_KEYS):
+                ref = {key: batch[key] for key in REFERENCE_KEYS}
+            else:
+                with module.reference.model() as reference:
+                    ref = self.reference_logps(reference, batch, pad_id)
+            pairs.ref_chosen = ref["ref_chosen_logps"].to(sums.device, sums.dtype)
+            pairs.ref_rejected = ref["ref_rejected_logps"].to(sums.device, sums.dtype)
+        return pairs
+
+    def __call__(self, module: Any, batch: dict) -> tuple[torch.Tensor, dict]:
+        pairs = self.logps(module, batch)
+        out = self.loss(pairs)
+        metrics = self.metrics(pairs, out)
+        if module.model.training:
+            self.observe(module, pairs, out)
+        return out.loss, metrics
+
+    @staticmethod
+    def metrics(pairs: PairLogps, out: PairLoss) -> dict[str, torch.Tensor]:
+        chosen, rejected = out.chosen_rewards, out.rejected_rewards
+        metrics = {
+            "rewards_chosen": chosen.mean(), "rewards_rejected": rejected.mean(),
+            "margin": (chosen - rejected).mean(), "accuracy": (chosen > rejected).float().mean(),
+            # the model's own preference: the chosen completion is the more likely one
+            "preference_accuracy": (pairs.chosen > pairs.rejected).float().mean(),
+            "logps_chosen": pairs.chosen.detach().mean(), "logps_rejected": pairs.rejected.detach().mean(),
+        }
+        if pairs.ref_chosen is not None and pairs.ref_rejected is not None:
+            metrics.update(ref_logps_chosen=pairs.ref_chosen.mean(), ref_logps_rejected=pairs.ref_rejected.mean())
+        metrics.update(out.metrics)
+        return metrics
+
+    def observe(self, module: Any, pairs: PairLogps, out: PairLoss) -> None:
+        """Training-time checks: policy equals reference at the start; likelihood displacement."""
+        relative = pairs.ref_chosen is not None and pairs.ref_rejected is not None
+        if relative and not self._start_checked and module.global_step == 0:
+            self._start_checked = True
+            gap = float(torch.cat(pairs.logratios(per_token=True)).detach().abs().mean())
+            self.notes["reference_start_gap"] = round(gap, 6)
+            if gap > START_TOLERANCE:
+                self.warn(f"the policy and the reference differ before training (mean |log-prob difference| "
+                          f"{gap:.3f} nats per token on the first batch): the reference should be the model "
+                          "training starts from; look for a stale reference cache or an adapter trained earlier")
+        chosen = pairs.logratios(per_token=True)[0] if relative else pairs.chosen_mean()
+        margin = (out.chosen_rewards - out.rejected_rewards).mean()
+        message = self.watch.update(module.global_step, float(chosen.detach().mean()), float(margin), relative)
+        if message and not any(w.startswith("likelihood displacement") for w in self.warnings):
+            self.warn(message)
+
+
+def precompute_callback(use_cache: bool = True) -> Any:
+    """A callback that computes the reference log-probs of every train and eval pair once, when
+    fitting starts (through the disk cache), then frees a frozen reference copy."""
+    import lightning as L
+
+    class PrecomputeReference(L.Callback):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            precompute_pairs(trainer, pl_module, use_cache)
+
+    return PrecomputeReference()
+
+
+def precompute_pairs(trainer: Any, module: Any, use_cache: bool = True) -> None:
+    objective, reference, datamodule = module.objective, module.reference, trainer.datamodule
+    pad_id = module.tokenizer.pad_token_id
+    cache = refmod.ReferenceCache() if use_cache else None
+    parts = (reference.fingerprint(), refmod.tokenizer_fingerprint(module.tokenizer), str(trainer.precision),
+             "summed completion log-probs")
+    for split, features in (("train", datamodule.train_features), ("eval", datamodule.eval_features)):
+        if not features:
+            continue
+        key = refmod.cache_key(*parts, refmod.data_fingerprint(features, TOKEN_KEYS))
+        status = refmod.precompute(
+            reference, features, lambda model, batch: objective.reference_logps(model, batch, pad_id),
+            datamodule.collate, REFERENCE_KEYS, module.config.trainer.batch_size, key=key, cache=cache,
+            device=module.device, context=trainer.precision_plugin.forward_context)
+        objective.notes[f"reference_{split}"] = f"{len(features)} pairs {'read from' if status == 'cache' else 'computed'}" + (
+            f" cache {key}" if cache is not None else "")
+    reference.release()
+
+
+# -- the plugin base ----------------------------------------------------------------------------
+
+class Preference:
+    """Base of the pairwise preference objectives. A subclass sets ``name`` and ``options`` and
+    returns its loss from ``loss(options)``; it may override ``format_row`` or ``objective``."""
+
+    name = "preference"
+    kind = "objective"
+    options: type[Section] = PreferenceOptions
+    #: Settings for the embedded preference data that make `lft run --plugin NAME` a few minutes on a CPU.
+    default_settings: dict[str, Any] = {"trainer.max_steps": 40, "trainer.batch_size": 4, "trainer.lr": 5e-4}
+
+    @lft.hookimpl
+    def lft_add_config(self, register: Any) -> None:
+        register(self.name, self.options)
+
+    @lft.hookimpl
+    def lft_default_data(self, config: Any) -> Any:
+        return {**task.files("pref"), "settings": self.default_settings}
+
+    def format_row(self, example: dict, tokenizer: Any, config: Any) -> dict:
+        return format_pair(example, tokenizer, config.section(self.name), config.data.max_length, self.name)
+
+    @lft.hookimpl
+    def lft_format_example(self, example: dict, tokenizer: Any, config: Any) -> Any:
+        return self.format_row(example, tokenizer, config)
+
+    def loss(self, options: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must return its loss from loss(options)")
+
+    def objective(self, config: Any) -> Any:
+        return PreferenceObjective(self.loss(config.section(self.name)), config.trainer.logits_chunk)
+
+    @lft.hookimpl
+    def lft_loss(self, config: Any) -> Any:
+        return self.objective(config)
