@@ -155,9 +155,13 @@ def save(checkpoint: dict, path: str | Path) -> Path:
 
 
 def _is_pickle(path: Path) -> bool:
+    """A torch.save zip or a bare pickle, and not a safetensors file: that one starts with its
+    header's length (8 bytes, little-endian, whose first byte may well be 0x80) and then ``{``."""
     with open(path, "rb") as handle:
-        head = handle.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch.save zip or a bare pickle
+        head = handle.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def load(path: str | Path) -> dict:

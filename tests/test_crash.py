@@ -148,6 +148,17 @@ def test_a_pickle_checkpoint_with_code_is_refused(tmp_path):
     assert checkpoint.load(path)["global_step"] == 3
 
 
+def test_a_checkpoint_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    # A safetensors file begins with its header's length; 0x80 is also the first byte of a pickle.
+    path = tmp_path / "c.ckpt"
+    for pad in range(300):
+        checkpoint.save({"global_step": 7, "pad": "x" * pad, "w": torch.ones(2)}, path)
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert checkpoint.load(path)["global_step"] == 7
+
+
 def test_checkpoint_round_trip_keeps_types(tmp_path):
     value = {"a": (0.9, 0.999), "state": {0: {"exp_avg": torch.arange(6.0).reshape(2, 3)}, 1: {"step": torch.tensor(3)}},
              "inf": float("inf"), "none": None, "flag": True, "text": "x", "__lft_tensor__": "escaped", "nested": [[1, 2]]}
