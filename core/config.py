@@ -106,6 +106,9 @@ class EvalConfig(Section):
 
 
 class RunConfigBase(Section):
+    """A run's configuration: the core sections (model, data, trainer, eval) and the run-level
+    keys. ``config_class`` adds one section per plugin; ``lft.load_config`` builds a validated one."""
+
     plugins: list[str] = Field(default_factory=list, description="Selected plugins, e.g. [qlora, dpo].")
     output: str = Field("runs/lft", description="Output folder: checkpoints, final model, summary.")
     resume: bool = Field(False, description="Continue from the last checkpoint in `output`.")

@@ -18,12 +18,13 @@ from lft import config as cfgmod
 from lft import data as datamod
 from lft import distributed, evaluate
 from lft.callbacks import AtomicCheckpointIO, GracefulStop, RunMonitor
-from lft.checkpoint import atomic_write_text
+from lft.checkpoint import CheckpointError, atomic_write_text
 from lft.errors import ConfigError, DataError, LftError, ModelError, PluginError
 from lft.guards import RunGuards
 from lft.manager import PluginManager, Selection
 from lft.modeling import trainable_parameters
 from lft.module import LftModule
+from lft.numerics import NonFiniteError
 
 log = logging.getLogger("lft")
 CHECKPOINTS = "checkpoints"
@@ -235,9 +236,18 @@ class Run:
         return evaluate.task_rows(self.config.eval, train_spec)
 
     def measure(self, module: LftModule, datamodule: datamod.LftDataModule, task_rows: list[dict] | None) -> dict:
-        """The held-out measurements, computed by the same code as ``lft eval``."""
-        return evaluate.measure(module.model, module.tokenizer, datamodule.eval_features, task_rows,
-                                evaluate.Settings.from_config(self.config))
+        """The objective's own held-out loss and metrics, then the method-independent
+        measurements, computed by the same code as ``lft eval`` (they win where names meet)."""
+        out: dict[str, Any] = {}
+        if datamodule.eval_features:
+            out.update({f"eval_{k}": v for k, v in evaluate.objective_loss(module, datamodule.eval_loader()).items()})
+        measured = evaluate.measure(module.model, module.tokenizer, datamodule.eval_features, task_rows,
+                                    evaluate.Settings.from_config(self.config))
+        if "eval_tokens" in measured:  # SFT rows: eval_loss becomes the NLL per token over the whole set
+            out.pop("eval_nll", None)
+            if "eval_loss" in out:  # the objective's loss averaged per batch, as the guards' evaluations see it
+                out["eval_objective_loss"] = out.pop("eval_loss")
+        return {**out, **measured}
 
     def trainer(self, monitor: RunMonitor, stop: GracefulStop, manual: bool = False) -> Any:
         import lightning as L
@@ -366,6 +376,8 @@ class Run:
         stop.install()
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        except (CheckpointError, NonFiniteError):
+            raise  # these keep the last good checkpoint, and say so; saving now would replace it
         except LftError as exc:  # a one-line error from a plugin mid-run: keep the progress made so far
             raise type(exc)(f"{exc}{self.save_progress(trainer)}") from None
         finally:

@@ -127,6 +127,41 @@ def autocast(precision: str, device: torch.device) -> Any:
     return contextlib.nullcontext()
 
 
+def _autocast(module: Any) -> Any:
+    """``autocast`` for a training module, from its run's precision."""
+    return autocast(module.config.trainer.precision, module.device)
+
+
+def objective_loss(module: Any, loader: Iterable[dict]) -> dict:
+    """The objective's own loss (weighted by batch size) and metrics over a held-out loader: what
+    the method optimises (a DPO loss and its implicit rewards, a reward model's pair accuracy, the
+    reward of greedy completions for online methods), where ``measure`` gives method-independent
+    numbers."""
+    model = module.model
+    totals: dict[str, float] = {}
+    seen = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _autocast(module):
+            for batch in loader:
+                batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                loss, metrics = module.compute(batch)
+                size = next((int(v.shape[0]) for k, v in batch.items() if k.endswith("input_ids") and torch.is_tensor(v)), 1)
+                seen += size
+                totals["loss"] = totals.get("loss", 0.0) + float(loss) * size
+                for key, value in metrics.items():
+                    if "tokens" in key:  # counts, not quality metrics
+                        continue
+                    totals[key] = totals.get(key, 0.0) + float(value) * size
+    finally:
+        model.train(was_training)
+    out = {k: v / max(1, seen) for k, v in totals.items()}
+    if "nll" in out:  # objectives that report a token NLL get a perplexity
+        out["perplexity"] = math.exp(min(out["nll"], 50.0))
+    return out
+
+
 def _batches(model: Any, features: list[dict], keys: tuple[str, ...], pad_id: int, batch_size: int):
     device = next(model.parameters()).device
     for start in range(0, len(features), batch_size):

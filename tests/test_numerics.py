@@ -78,7 +78,9 @@ def config(model, data, output, **extra):
 
 
 def metrics(output):
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    """The training-step records (the guards' evaluation records carry eval_loss instead)."""
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]
 
 
 def batch_rows(data_file, seed, batch, size):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lft
+import lft.checkpoint
 from lft import chat
 from lft.cli import main
 from lft.testing import FAST, install_fake_distribution
@@ -95,7 +96,7 @@ def test_grpo_learns_to_emit_the_rewarded_token_through_the_cli(lft_run, lft_pro
 def ppo_config(model, data, output, **extra):
     config = {"model.path": str(model), "data.train": str(data["train"]), "data.eval": str(data["eval"]),
               "output": str(output), "plugins": ["ppo", "full"], "trainer.precision": "32-true",
-              "trainer.checkpoint_every": 0, "eval.task": "none", "eval.before": False, "data.max_eval_rows": 8,
+              "trainer.checkpoint_every": 0, "trainer.eval_every": 0, "eval.task": "none", "eval.before": False, "data.max_eval_rows": 8,
               "trainer.lr": 1e-2, "trainer.batch_size": 16, "trainer.schedule": "constant", "trainer.warmup_steps": 0,
               "ppo.max_new_tokens": 8, "ppo.beta": 0.01, "ppo.kl_warning": 5.0}
     return {**config, **extra}
@@ -117,7 +118,7 @@ def test_ppo_checkpoints_hold_the_value_head_and_resume(tmp_path, lft_tiny_model
     output = tmp_path / "ppo"
     lft.run(ppo_config(lft_tiny_model, lft_prompt_data, output, **{"trainer.max_steps": 8, "ppo.kl_target": 1.0}),
             plugins=[count_token()], quiet=True)
-    checkpoint = torch.load(output / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint = lft.checkpoint.load(output / "checkpoints" / "last.ckpt")
     assert {"value_head.linear.weight", "value_head.linear.bias"} <= set(checkpoint["state_dict"])
     assert checkpoint["lft_objective"]["kl_control"]["beta"] != 0.01  # adapted, and saved
     resumed = lft.run(ppo_config(lft_tiny_model, lft_prompt_data, output, resume=True,

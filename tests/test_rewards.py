@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lft
+import lft.checkpoint
 from lft import config as cfgmod
 from lft.manager import PluginManager
 from lft.report import reward_task_warning
@@ -126,7 +127,7 @@ def test_sft_adapter_becomes_the_ppo_policy_and_reference(tmp_path, lft_tiny_mod
     first, last = ppo.history[0], ppo.history[-1]
     assert first["kl"] == pytest.approx(0.0, abs=1e-6) and "reward_reward_model" in first
     assert last["kl"] > 0 and "explained_variance" in last
-    checkpoint = torch.load(tmp_path / "ppo" / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint = lft.checkpoint.load(tmp_path / "ppo" / "checkpoints" / "last.ckpt")
     assert any(k.startswith("critic.head") for k in checkpoint["state_dict"])
     assert any("critic.body" in k and "lora_" in k for k in checkpoint["state_dict"])
 
