@@ -32,6 +32,8 @@ def lft_config(s: Settings) -> dict:
         "trainer.schedule": "constant", "trainer.warmup_steps": 0, "trainer.precision": s.precision,
         "trainer.seed": s.seed, "trainer.checkpoint_every": 0, "eval.task": "none", "eval.before": False,
         "lora.r": s.lora_r, "lora.alpha": s.lora_alpha, "lora.target_modules": s.targets,
+        # The after-training guards sample and score the model, which the peer does not do.
+        "guards.repetition.enabled": False, "guards.forgetting.enabled": False,
     }
     method_keys = {
         "dpo": {"dpo.beta": s.beta},
