@@ -49,9 +49,10 @@ class _LinearLogprobs(torch.autograd.Function):
         precomputed = need_h and not need_w
         grad_hidden = torch.empty_like(hidden) if precomputed else None
         with torch.autocast(hidden.device.type, enabled=False):
+            cast = weight.to(dtype)  # once, not per chunk
             for start in range(0, hidden.shape[0], chunk):
                 end = min(start + chunk, hidden.shape[0])
-                logits = _chunk_logits(hidden[start:end], weight, bias, dtype)
+                logits = _chunk_logits(hidden[start:end], cast, bias, dtype)
                 rows = torch.arange(end - start, device=hidden.device)
                 tgt = targets[start:end]
                 lse = torch.logsumexp(logits, dim=-1)
@@ -59,7 +60,7 @@ class _LinearLogprobs(torch.autograd.Function):
                 if precomputed:
                     grad_logits = torch.exp(logits.sub_(lse[:, None])).neg_()
                     grad_logits[rows, tgt] += 1.0
-                    grad_hidden[start:end] = (grad_logits.to(dtype) @ weight.to(dtype)).to(hidden.dtype)
+                    grad_hidden[start:end] = (grad_logits.to(dtype) @ cast).to(hidden.dtype)
         ctx.chunk, ctx.dtype, ctx.precomputed = chunk, dtype, precomputed
         ctx.has_bias = bias is not None
         if precomputed:
@@ -80,17 +81,18 @@ class _LinearLogprobs(torch.autograd.Function):
         acc = _accumulate(weight.dtype)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
+        cast = weight.to(dtype)
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, hidden.shape[0])
             h = hidden[start:end]
-            logits = _chunk_logits(h, weight, bias, dtype)
+            logits = _chunk_logits(h, cast, bias, dtype)
             rows = torch.arange(end - start, device=hidden.device)
             probs = torch.softmax(logits, dim=-1)
             grad_logits = probs.neg_()
             grad_logits[rows, targets[start:end]] += 1.0
             grad_logits.mul_(grad_out[start:end, None])
             if grad_hidden is not None:
-                grad_hidden[start:end] = (grad_logits.to(dtype) @ weight.to(dtype)).to(hidden.dtype)
+                grad_hidden[start:end] = (grad_logits.to(dtype) @ cast).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_logits.t().to(acc) @ h.to(acc)
             if grad_bias is not None:

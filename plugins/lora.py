@@ -20,6 +20,10 @@ class LoRAOptions(Section):
     )
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA).")
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Storage dtype of the frozen base's linear layers. auto: bfloat16 when the run trains "
+        "with bf16-mixed precision (its matmuls run in bf16 already, so the maths is unchanged and the base takes "
+        "half the memory), else float32.")
 
 
 class LoRA:
@@ -49,4 +53,19 @@ class LoRA:
         except ValueError as exc:
             raise lft.ConfigError(str(exc)) from None
         wrapped.train()
+        self.store_frozen(wrapped, config)
         return wrapped
+
+    def store_frozen(self, model: Any, config: Any) -> None:
+        choice = config.section(self.name).frozen_dtype
+        if choice == "auto":
+            from lft.engine import resolve_precision
+
+            precision = resolve_precision(config.trainer.precision, config.trainer.accelerator)
+            choice = "bfloat16" if precision.startswith("bf16") else "float32"
+        if choice == "bfloat16":
+            import torch
+
+            from lft.adapters.lora import store_frozen_linears
+
+            store_frozen_linears(model, torch.bfloat16)
