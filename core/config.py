@@ -54,6 +54,8 @@ class DataConfig(Section):
         "truncate", description="What to do with an example longer than max_length."
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
+    group_by_length: bool = Field(False, description="Batch examples of similar length together (within groups of "
+                                  "50 batches of the shuffled order, the batches then shuffled) to cut padding.")
 
 
 class TrainerConfig(Section):
@@ -79,6 +81,9 @@ class TrainerConfig(Section):
     checkpoint_every: int = Field(100, ge=0, description="Save a checkpoint every N optimizer steps; 0 only at the end.")
     eval_every: int = Field(0, ge=0, description="Compute eval loss every N optimizer steps; 0 disables.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    compile: bool = Field(False, description="Compile each transformer layer with torch.compile (dynamic shapes) "
+                          "for training; the first steps are slow while it compiles.")
+    compile_backend: str = Field("inductor", description="torch.compile backend used by `compile`.")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN/Inf loss or gradient: stop the run (the last checkpoint is kept), or skip "
         "that optimizer step.")

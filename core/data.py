@@ -238,9 +238,14 @@ class ResumableLoader(DataLoader):
     Lightning saves ``state_dict()`` in its checkpoints and calls ``load_state_dict`` on resume.
     """
 
+    #: With ``lengths``, the shuffled order is cut into groups of this many batches, each group is
+    #: sorted by length and batched, and the batches are shuffled: similar lengths share a batch.
+    GROUP_BATCHES = 50
+
     def __init__(self, dataset: list, batch_size: int, collate_fn: Any, seed: int, shuffle: bool = True,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, lengths: list[int] | None = None):
         self._seed = seed
+        self._lengths = lengths
         self._rank = rank
         self._world = world_size
         self._shuffle = shuffle
@@ -259,12 +264,25 @@ class ResumableLoader(DataLoader):
             order = order[: len(order) - len(order) % self._world][self._rank:: self._world]
         return order
 
-    def __iter__(self) -> Iterator[Any]:
-        order = self._order(self._epoch)
+    def _batches(self, epoch: int) -> list[list[int]]:
+        order = self._order(epoch)
         size = self.batch_size
-        batches = [order[i: i + size] for i in range(0, len(order), size)]
+        if self._lengths is None:
+            batches = [order[i: i + size] for i in range(0, len(order), size)]
+        else:
+            group = size * self.GROUP_BATCHES
+            batches = []
+            for g in range(0, len(order), group):
+                ranked = sorted(order[g: g + group], key=lambda i: -self._lengths[i])
+                batches += [ranked[i: i + size] for i in range(0, len(ranked), size)]
         if self.drop_last and batches and len(batches[-1]) < size:
             batches.pop()
+        if self._lengths is not None and self._shuffle:
+            random.Random(self._seed * 1000003 + epoch + 7919).shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = self._batches(self._epoch)
         start, self._resume_at = self._resume_at, 0
         self._consumed = start
         for index in range(start, len(batches)):
@@ -320,8 +338,10 @@ class LftDataModule(L.LightningDataModule):
             cfg = self.config.trainer
             trainer = getattr(self, "trainer", None)
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            lengths = ([sum(len(v) for k, v in f.items() if k.endswith("input_ids")) for f in self.train_features]
+                       if self.config.data.group_by_length else None)
             self._train_loader = ResumableLoader(self.train_features, cfg.batch_size, self.collate, cfg.seed,
-                                                 rank=rank, world_size=world)
+                                                 rank=rank, world_size=world, lengths=lengths)
         return self._train_loader
 
     def val_dataloader(self) -> DataLoader:

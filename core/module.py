@@ -51,6 +51,15 @@ class LftModule(L.LightningModule):
             self.objective.setup(self)
         self._objective_ready = True
 
+    def on_fit_start(self) -> None:
+        if self.config.trainer.compile:
+            for layer in transformer_layers(self.model):
+                layer.compile(dynamic=True, backend=self.config.trainer.compile_backend)
+
+    def on_fit_end(self) -> None:
+        for layer in transformer_layers(self.model):
+            layer._compiled_call_impl = None  # the saved and evaluated model is the plain one
+
     def forward(self, **inputs: Any) -> Any:
         return self.model(**inputs)
 
@@ -111,3 +120,9 @@ class LftModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "lft_objective" in checkpoint and hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(checkpoint["lft_objective"])
+
+
+def transformer_layers(model: Any) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformer: the members of its longest ``ModuleList``."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    return list(max(lists, key=len)) if lists else []

@@ -1,6 +1,7 @@
 """Reading data files and batching: clear errors that name the file and the row."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -95,3 +96,26 @@ def test_loader_shards_by_rank():
     shards = [list(data.ResumableLoader(items, 2, list, seed=0, rank=r, world_size=2)) for r in range(2)]
     flat = [sorted(sum(s, [])) for s in shards]
     assert not set(flat[0]) & set(flat[1]) and sorted(flat[0] + flat[1]) == items
+
+
+def test_length_grouped_batches_cut_padding_and_resume():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 200) for _ in range(400)]
+    items = list(range(400))
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    plain = list(data.ResumableLoader(items, batch_size=4, collate_fn=list, seed=3))
+    grouped = list(data.ResumableLoader(items, batch_size=4, collate_fn=list, seed=3, lengths=lengths))
+    assert sorted(sum(grouped, [])) == items  # every example once per epoch
+    assert padded(grouped) < 0.75 * padded(plain)
+    assert [len(b) for b in grouped].count(4) == 100
+    # deterministic, resumable mid-epoch, and a new order next epoch
+    fresh = data.ResumableLoader(items, batch_size=4, collate_fn=list, seed=3, lengths=lengths)
+    iterator = iter(fresh)
+    seen = [next(iterator) for _ in range(7)]
+    resumed = data.ResumableLoader(items, batch_size=4, collate_fn=list, seed=3, lengths=lengths)
+    resumed.load_state_dict(fresh.state_dict())
+    assert seen + list(resumed) == grouped
+    assert list(resumed) != grouped
