@@ -70,7 +70,9 @@ def ratios(lft: dict, peer: dict) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"Machine: {report['machine']}; precision {report['precision']}; batch {report['batch_size']}; "
              f"LoRA r={report['lora_r']} on {', '.join(report['targets'])}; {report['steps']} steps "
-             f"({report['warmup']} warm-up); matmul peak {report['peak_tflops']:.2f} TFLOP/s.",
+             f"({report['warmup']} warm-up); matmul peak {report['peak_tflops']:.2f} TFLOP/s"
+             + (f"; lft with {', '.join(f'{k}={v}' for k, v in report['lft_overrides'].items())}"
+                if report.get("lft_overrides") else "") + ".",
              "",
              "| method | tool | s/step | tokens/s | peak RSS (MB) | MFU | final loss | lft/peer tokens/s | lft/peer steps/s | lft/peer memory |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2, converted)")
     parser.add_argument("--sweep-turns", default="", help="SFT only: e.g. 1,2,4 problems per example")
     parser.add_argument("--out", default="bench-results", help="folder for JSON, Markdown and PNG")
+    parser.add_argument("--lft-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra lft config key (repeatable), e.g. lora.frozen_dtype=float32 to measure an "
+                        "optimisation switched off")
     args = parser.parse_args(argv)
 
     from lft import models
@@ -139,10 +144,18 @@ def main(argv: list[str] | None = None) -> int:
                     "batch_size": args.batch_size, "lora_r": args.lora_r, "steps": args.steps, "warmup": args.warmup,
                     "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "peak_tflops": peak / 1e12, "methods": {}}
 
+    overrides = {}
+    for item in args.lft_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--lft-set {item}: expected KEY=VALUE")
+        overrides[key] = value
+    report["lft_overrides"] = overrides
+
     def settings_for(method: str, data: Path) -> Settings:
         return Settings(method=method, model=str(model), data=str(data), steps=args.steps, warmup=args.warmup,
                         batch_size=args.batch_size, max_length=args.max_length, precision=args.precision,
-                        lora_r=args.lora_r, lora_alpha=2 * args.lora_r, work=str(work))
+                        lora_r=args.lora_r, lora_alpha=2 * args.lora_r, work=str(work), lft_overrides=overrides)
 
     for method in methods:
         settings = settings_for(method, write_data(method, work))

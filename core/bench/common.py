@@ -34,6 +34,8 @@ class Settings:
     num_generations: int = 4
     max_new_tokens: int = 32
     threads: int = 0  # 0: torch's default
+    #: Extra lft config keys (``--lft-set KEY=VALUE``), e.g. to measure an optimisation switched off.
+    lft_overrides: dict = field(default_factory=dict)
     work: str = ""
 
     def save(self, path: Path) -> None:

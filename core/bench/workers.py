@@ -43,6 +43,7 @@ def lft_config(s: Settings) -> dict:
         "ppo": {"ppo.max_new_tokens": s.max_new_tokens},
     }
     config.update(method_keys.get(s.method, {}))
+    config.update(s.lft_overrides)
     return config
 
 
