@@ -37,12 +37,17 @@ def lft_config(s: Settings) -> dict:
     }
     method_keys = {
         "dpo": {"dpo.beta": s.beta},
-        "simpo": {},
+        "simpo": {"simpo.beta": 2.0, "simpo.gamma": 1.0},
         "orpo": {},
         "grpo": {"grpo.num_generations": s.num_generations, "grpo.max_new_tokens": s.max_new_tokens},
         "ppo": {"ppo.max_new_tokens": s.max_new_tokens},
     }
     config.update(method_keys.get(s.method, {}))
+    if s.method in ("grpo", "ppo"):  # the peer's reward function is the same exact-answer check
+        config["plugins"] = [s.method, "lora", "exact_answer"]
+        config["trainer.eval_every"] = 0
+        # The peer's batch counts completions, lft's counts prompts: the same completions per step.
+        config["trainer.batch_size"] = max(1, s.batch_size // s.num_generations)
     config.update(s.lft_overrides)
     return config
 
@@ -75,7 +80,10 @@ class _Counter:
 
     def __call__(self, features: list) -> Any:
         batch = self.collator(features)
-        self.pending += int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
+        if isinstance(batch, dict):  # GRPO's batches are raw rows, tokenized later: compare steps/s there
+            # the sequences the model reads (a separate prompt mask repeats tokens already counted)
+            self.pending += int(sum(v.sum() for k, v in batch.items()
+                                    if k.endswith("attention_mask") and not k.startswith("prompt")))
         return batch
 
 
@@ -106,7 +114,8 @@ def run_trl(s: Settings) -> dict:
             extra: dict = {}
         else:
             from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
-            extra = {"loss_type": "simpo", "cpo_alpha": 0.0}
+            # lft's SimPO defaults (beta 2.0, gamma 1.0, no NLL term)
+            extra = {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": 2.0, "simpo_gamma": 1.0}
         args = Config(**common, max_length=s.max_length, **extra)
         trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
     elif s.method == "grpo":
