@@ -224,6 +224,9 @@ class OnlineMethod:
 
     kind = "objective"
     options = OnlineOptions
+    #: Learns from its own samples: its loss is a policy gradient, not a likelihood, so the guards do
+    #: not watch it for overfitting (the held-out reward before and after is in the summary).
+    online = True
     #: Settings for the embedded task's prompts that make `lft run --plugin NAME` a few minutes on a CPU.
     default_settings: dict = {}
 

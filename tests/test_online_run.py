@@ -232,3 +232,15 @@ def test_which_passes_the_rollout_runs():
     single = PPOObjective(PPOOptions(epochs=1, minibatches=1, critic="reward_model"), config)
     assert single.rollout.policy_logps and single.rollout.reference and not single.rollout.hidden
     assert not PPOObjective(PPOOptions(beta=0.0), config).rollout.reference
+
+
+def test_online_runs_are_not_watched_for_overfitting(tmp_path, lft_tiny_model, lft_prompt_data):
+    """A policy-gradient loss is not a likelihood: the guards neither schedule evaluations (each one a
+    rollout) nor judge overfitting from it."""
+    config = grpo_config(lft_tiny_model, lft_prompt_data, tmp_path / "g", **{"trainer.max_steps": 2})
+    config.pop("trainer.eval_every")
+    result = lft.run(config, plugins=[Characters()], quiet=True)
+    overfit = next(g for g in result.metrics["guards"] if g["guard"] == "overfit")
+    assert overfit["status"] == "skipped" and "online objective" in overfit["detail"]
+    records = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and not [r for r in records if "eval_loss" in r]

@@ -41,6 +41,7 @@ class GuardMonitor(L.Callback):
     def __init__(self, config: Any):
         self.config = config
         self.opts = config.section("guards")
+        self.online = False
         self.points: list[dict] = []  # {"step", "eval_loss", "train_loss"} per evaluation
         self.best: dict | None = None
         self.bad_evals = 0
@@ -89,6 +90,7 @@ class GuardMonitor(L.Callback):
 
     # -- before and after ------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.online = getattr(pl_module.objective, "rollout", None) is not None
         self.rank = adapter_rank(pl_module.model)
         if not (self.opts.on("repetition") or self.opts.on("forgetting")):
             return
@@ -174,6 +176,9 @@ class GuardMonitor(L.Callback):
             summary["guards_measure_time_s"] = round(self.seconds, 2)  # inside the train time
 
     def _overfit(self) -> Finding:
+        if self.online:
+            return skipped("overfit", "an online objective: its loss is a policy gradient, not a likelihood "
+                           "(the held-out reward before and after is in the summary)")
         if not self.points:
             return skipped("overfit", "no evaluation during training (no eval data, or trainer.eval_every=0)")
         first, best, last = self.points[0], self.best or self.points[0], self.points[-1]

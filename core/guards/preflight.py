@@ -101,6 +101,8 @@ class RunGuards:
         tc = self.config.trainer
         if not self.opts.on("overfit") or not eval_rows or tc.eval_every or "eval_every" in tc.model_fields_set:
             return
+        if getattr(self.selection.plugin(self.selection.objective), "online", False):
+            return  # a policy-gradient loss says nothing about memorising; each evaluation is a rollout
         steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * math.ceil(len(train) / (tc.batch_size * tc.grad_accum))
         tc.eval_every = max(1, steps // self.opts.overfit.eval_points)
         tc.model_fields_set.discard("eval_every")
