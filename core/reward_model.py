@@ -41,15 +41,12 @@ class RewardModel:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         encoded = [self.encode(p, c) for p, c in zip(prompts, completions)]
         scores: list[float] = []
+        from lft.data import pad_collate
+
         for start in range(0, len(encoded), batch_size):
-            rows = encoded[start: start + batch_size]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, row in enumerate(rows):
-                ids[i, : len(row)] = torch.tensor(row)
-                mask[i, : len(row)] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            batch = pad_collate([{"input_ids": row} for row in encoded[start: start + batch_size]], pad)
+            logits = self.model(input_ids=batch["input_ids"].to(self.device),
+                                attention_mask=batch["attention_mask"].to(self.device)).logits
             scores.extend(logits[:, 0].float().tolist())
         return scores
 
