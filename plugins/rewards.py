@@ -21,21 +21,28 @@ from lft import task
 from lft.config import Section
 
 
+class RewardPlugin:
+    """Base of the built-in rewards: an extension with its own config section named after it."""
+
+    name = "reward"
+    kind = "extension"
+    options: type[Section] = Section
+
+    @lft.hookimpl
+    def lft_add_config(self, register: Any) -> None:
+        register(self.name, self.options)
+
+
 class ExactAnswerOptions(Section):
     column: str = Field("answer", description="The data column holding the expected answer.")
     weight: float = Field(1.0, description="Weight of this reward when several are active.")
 
 
-class ExactAnswer:
+class ExactAnswer(RewardPlugin):
     """Reward: 1.0 when the completion's final answer equals the data's answer, else 0.0."""
 
     name = "exact_answer"
-    kind = "extension"
     options = ExactAnswerOptions
-
-    @lft.hookimpl
-    def lft_add_config(self, register: Any) -> None:
-        register(self.name, self.options)
 
     def score(self, completion: str, answer: Any) -> float:
         return task.score(completion, str(answer))
@@ -68,16 +75,11 @@ class FormatOptions(Section):
         return value
 
 
-class Format:
+class Format(RewardPlugin):
     """Reward: 1.0 when the completion matches ``format.pattern``, else 0.0."""
 
     name = "format"
-    kind = "extension"
     options = FormatOptions
-
-    @lft.hookimpl
-    def lft_add_config(self, register: Any) -> None:
-        register(self.name, self.options)
 
     @lft.hookimpl
     def lft_reward(self, prompts: list, completions: list, batch: dict, config: Any) -> Any:
@@ -100,19 +102,14 @@ class RewardModelOptions(Section):
         return value
 
 
-class RewardModel:
+class RewardModel(RewardPlugin):
     """Reward: the score a trained reward model gives each (prompt, completion)."""
 
     name = "reward_model"
-    kind = "extension"
     options = RewardModelOptions
 
     def __init__(self) -> None:
         self._loaded: tuple[str, Any] | None = None
-
-    @lft.hookimpl
-    def lft_add_config(self, register: Any) -> None:
-        register(self.name, self.options)
 
     def scorer(self, path: str, device: Any) -> Any:
         if self._loaded is None or self._loaded[0] != path:
