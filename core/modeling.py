@@ -96,3 +96,58 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
     trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
     total = sum(parameter_count(p) for p in model.parameters())
     return trainable, total
+
+
+def completion_stats(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, prompt_length: int,
+    chunk: int = 1024, temperature: float = 1.0, entropy: bool = False, hidden: bool = False,
+    position_ids: torch.Tensor | None = None, groups: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """``token_stats`` of the completion tokens of prompt + completion rows: ``"logps"``,
+    ``"mask"`` (and ``"entropy"``) of shape (B, C) for the ``C = T - prompt_length`` completion
+    tokens, and ``"hidden"`` (B, C, H), the state each completion token is predicted from.
+
+    ``groups`` (B,) names each row's prompt: rows with the same group hold the same first
+    ``prompt_length`` tokens and mask (the samples of one prompt in a rollout). The prompt is
+    then encoded once per group, with gradient, and its keys and values shared by the group's
+    rows, which encode only their completions; the result is the same as encoding every row
+    whole. With ``G`` samples per prompt this saves ``(G - 1) / G`` of the prompt's compute.
+    """
+    start = prompt_length - 1
+    parts = split_head(model)
+    shared = (parts is not None and groups is not None and prompt_length > 1 and input_ids.shape[1] > prompt_length
+              and not any(getattr(m, "gradient_checkpointing", False) for m in parts[0].modules()))
+    if shared:
+        heads, inverse = torch.unique(groups, return_inverse=True)
+        shared = heads.numel() < groups.numel()
+    if not shared:
+        stats = token_stats(model, input_ids, attention_mask, labels, chunk, temperature, entropy=entropy,
+                            hidden=hidden, position_ids=position_ids)
+        out = {key: stats[key][:, start:] for key in ("logps", "mask", "entropy") if key in stats}
+        if hidden:
+            out["hidden"] = stats["hidden"][:, start:-1]
+        return out
+    backbone, head = parts
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    rows = torch.arange(groups.numel(), device=groups.device)
+    first = torch.full((heads.numel(),), groups.numel(), dtype=rows.dtype, device=rows.device)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")  # one row per prompt
+    prefix = backbone(input_ids=input_ids[first, :prompt_length], attention_mask=attention_mask[first, :prompt_length],
+                      position_ids=position_ids[first, :prompt_length], use_cache=True)
+    name = "cache" if prefix.get("cache") is not None else "past_key_values"  # transformers 5 renamed it
+    cache = prefix[name]
+    cache.reorder_cache(inverse)  # differentiable: each row reads its prompt's keys and values
+    rest = backbone(input_ids=input_ids[:, prompt_length:], attention_mask=attention_mask,
+                    position_ids=position_ids[:, prompt_length:], use_cache=True, **{name: cache})
+    states = torch.cat([prefix.last_hidden_state[:, -1:].index_select(0, inverse), rest.last_hidden_state], dim=1)
+    scaled = states / temperature if temperature != 1.0 else states
+    bias = head.bias / temperature if head.bias is not None and temperature != 1.0 else head.bias
+    logps, mask = shifted_logprobs(scaled, head.weight, labels[:, start:], bias, chunk)
+    out = {"logps": logps, "mask": mask}
+    if entropy:
+        values = linear_entropy(scaled[:, :-1][mask].detach(), head.weight, bias, chunk)
+        out["entropy"] = torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+    if hidden:
+        out["hidden"] = states[:, :-1]
+    return out

@@ -15,8 +15,10 @@ one prompt are consecutive) and ``C`` the longest completion:
 * ``prompts``, ``completions``: the raw prompts and the decoded completions (N);
 * ``input_ids``, ``attention_mask``, ``position_ids``: left-padded prompt then completion,
   (N, P + C), numbered as generation numbered them;
-* ``prompt_length``: P; ``completion_ids``, ``completion_mask`` (N, C): the generated tokens and
-  which of them are real (up to and including the end-of-turn token); ``stopped`` (N,): whether
+* ``prompt_length``: P; ``prompt_index`` (N,): which prompt each row samples (the token
+  scoring encodes a prompt once for all its samples); ``completion_ids``, ``completion_mask``
+  (N, C): the generated tokens and which of them are real (up to and including the end-of-turn
+  token); ``stopped`` (N,): whether
   the completion ended with an end-of-turn token rather than at ``max_new_tokens``;
 * ``logps``, ``entropy`` (N, C): the sampling policy's log-prob of each generated token and the
   entropy of its distribution there (unless ``policy_logps`` is off); ``ref_logps`` (N, C) when
@@ -39,14 +41,14 @@ import torch
 
 from lft import chat
 from lft.errors import LftError
-from lft.modeling import token_stats
+from lft.modeling import completion_stats
 from lft.rewards import score
 
 #: Batch keys the rollout reads; every other key is a data column handed to the reward functions.
 PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask")
 #: Keys of the experience batch that a data column may not use.
 RESERVED = ("prompts", "completions", "input_ids", "attention_mask", "position_ids", "labels", "prompt_length",
-            "completion_ids", "completion_mask", "logps", "entropy", "ref_logps", "hidden", "rewards", "reward_scores",
+            "prompt_index", "completion_ids", "completion_mask", "logps", "entropy", "ref_logps", "hidden", "rewards", "reward_scores",
             "reward_weights", "num_generations", "stopped", "timings", *PROMPT_KEYS)
 
 
@@ -158,6 +160,11 @@ def positions_of(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def prompt_groups(rows: int, group: int, device: Any = None) -> torch.Tensor:
+    """The prompt index of each row of an experience batch (the samples of one prompt are consecutive)."""
+    return torch.arange(rows, device=device) // max(1, group)
+
+
 def repeat_columns(batch: dict, times: int) -> dict:
     """Every data column of ``batch`` (not the prompt tensors), each entry repeated ``times``."""
     out = {}
@@ -197,31 +204,33 @@ def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
     position_ids = positions_of(attention_mask)
     labels = torch.cat([torch.full_like(prompt_ids, -100), completion_ids.masked_fill(~completion_mask, -100)], dim=1)
+    groups = prompt_groups(input_ids.shape[0], group, input_ids.device)
     chunk = config.trainer.logits_chunk
     temperature = settings.temperature if settings.temperature > 0 else 1.0
     exp: dict[str, Any] = repeat_columns(batch, group)
     if settings.policy_logps or settings.hidden:
         with sampling_mode(model):
-            stats = token_stats(model, input_ids, attention_mask, labels, chunk, temperature, entropy=True,
-                                hidden=settings.hidden, position_ids=position_ids)
-        exp.update(logps=stats["logps"][:, width - 1:], entropy=stats["entropy"][:, width - 1:])
+            stats = completion_stats(model, input_ids, attention_mask, labels, width, chunk, temperature, entropy=True,
+                                     hidden=settings.hidden, position_ids=position_ids, groups=groups)
+        exp.update(logps=stats["logps"], entropy=stats["entropy"])
         if settings.hidden:
-            exp["hidden"] = stats["hidden"][:, width - 1: -1]
+            exp["hidden"] = stats["hidden"]
     if settings.reference:
         reference = getattr(module, "reference", None)
         if reference is None:
             raise LftError("the objective asks for reference log-probs but the run has no reference policy "
                            "(set needs_reference = True on the objective)")
         with reference.model() as ref_model, sampling_mode(ref_model):
-            ref = token_stats(ref_model, input_ids, attention_mask, labels, chunk, temperature,
-                              position_ids=position_ids)
-        exp["ref_logps"] = ref["logps"][:, width - 1:]
+            ref = completion_stats(ref_model, input_ids, attention_mask, labels, width, chunk, temperature,
+                                   position_ids=position_ids, groups=groups)
+        exp["ref_logps"] = ref["logps"]
     scored = time.perf_counter()
 
     prompts = exp.get("prompt") or tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     completions = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion_ids, completion_mask)]
     exp.update(prompts=list(prompts), completions=completions, input_ids=input_ids, attention_mask=attention_mask,
-               position_ids=position_ids, labels=labels, prompt_length=width, completion_ids=completion_ids,
+               position_ids=position_ids, labels=labels, prompt_length=width, prompt_index=groups,
+               completion_ids=completion_ids,
                completion_mask=completion_mask,
                num_generations=group, stopped=(is_stop(completion_ids, stop_ids) & completion_mask).any(-1))
     rewards = score(module.hook, exp["prompts"], completions, exp, config)

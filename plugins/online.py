@@ -22,7 +22,7 @@ from lft import chat, task
 from lft.config import Section
 from lft.data import pad_collate
 from lft.losses.ppo import kl_estimate, masked_mean
-from lft.modeling import token_stats
+from lft.modeling import completion_stats
 from lft.rewards import reward_plugins
 from lft.rollout import RESERVED, RolloutSettings, experience
 
@@ -112,18 +112,18 @@ class OnlineObjective:
         """Log-probs (with gradient) of the completion tokens of ``rows``, shape (n, C), and the
         rollout policy's (``old_logps``). When the rollout did not score the tokens (one update
         per batch), they are this pass's own, detached, and the entropy comes from this pass too."""
-        start = exp["prompt_length"] - 1
         fresh = "logps" not in exp
-        stats = token_stats(module.model, exp["input_ids"][rows], exp["attention_mask"][rows], exp["labels"][rows],
-                            self.config.trainer.logits_chunk, self.rollout.temperature, entropy=fresh, hidden=hidden,
-                            position_ids=exp["position_ids"][rows])
-        logps = stats["logps"][:, start:]
+        stats = completion_stats(module.model, exp["input_ids"][rows], exp["attention_mask"][rows], exp["labels"][rows],
+                                 exp["prompt_length"], self.config.trainer.logits_chunk, self.rollout.temperature,
+                                 entropy=fresh, hidden=hidden, position_ids=exp["position_ids"][rows],
+                                 groups=exp["prompt_index"][rows] if "prompt_index" in exp else None)
+        logps = stats["logps"]
         out = {"logps": logps, "old_logps": logps.detach() if fresh else exp["logps"][rows]}
         if fresh:  # kept for the step's metrics
-            for key, value in (("update_logps", logps.detach()), ("update_entropy", stats["entropy"][:, start:])):
+            for key, value in (("update_logps", logps.detach()), ("update_entropy", stats["entropy"])):
                 exp.setdefault(key, value.new_zeros(exp["completion_mask"].shape))[rows] = value
         if hidden:
-            out["hidden"] = stats["hidden"][:, start:-1]
+            out["hidden"] = stats["hidden"]
         return out
 
     def prepare(self, module: Any, exp: dict) -> dict:

@@ -163,3 +163,42 @@ def test_samples_of_one_prompt_share_its_encoding_and_decode_like_it_alone(tiny)
     assert completion.shape[0] == 12
     for row in range(12):
         assert completion[row][real[row]].tolist() == naive_greedy(model, encoded[row // 3], 10, stop_ids)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_prompt_encoded_once_for_its_samples_scores_like_whole_rows(tiny, temperature):
+    """completion_stats with shared prompts (one prompt encoding, its keys and values shared by the
+    group) gives the log-probs, entropy, hidden states and gradients of encoding every row whole."""
+    from lft.modeling import completion_stats
+
+    model, tokenizer = tiny
+    batch, _ = prompt_batch(tokenizer, PROMPTS[:3])
+    pad = tokenizer.pad_token_id
+    prompt, prompt_mask = rollout.left_pad(batch["prompt_input_ids"], batch["prompt_attention_mask"], pad)
+    group, width = 2, prompt.shape[1]
+    torch.manual_seed(1)
+    completion = torch.randint(5, 300, (6, 5))
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]] * 2).bool()
+    completion = completion.masked_fill(~completion_mask, pad)
+    ids = torch.cat([prompt.repeat_interleave(group, 0), completion], 1)
+    mask = torch.cat([prompt_mask.repeat_interleave(group, 0), completion_mask.long()], 1)
+    labels = torch.cat([torch.full_like(prompt.repeat_interleave(group, 0), -100), completion.masked_fill(~completion_mask, -100)], 1)
+    positions = rollout.positions_of(mask)
+    rows = torch.tensor([5, 0, 2, 1, 4])  # a minibatch in shuffled order: prompt 1 has one sample here
+    groups = rollout.prompt_groups(6, group)[rows]
+    results = []
+    for shared in (groups, None):
+        model.zero_grad()
+        stats = completion_stats(model, ids[rows], mask[rows], labels[rows], width, temperature=temperature,
+                                 entropy=True, hidden=True, position_ids=positions[rows], groups=shared)
+        (stats["logps"].sum() + stats["hidden"].square().mean()).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((stats, grads))
+    (a, grads_a), (b, grads_b) = results
+    assert a["logps"].shape == (5, 5) and a["hidden"].shape[:2] == (5, 5)
+    assert torch.equal(a["mask"], completion_mask[rows])
+    for key in ("logps", "entropy", "hidden"):
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert len(grads_a) == len(grads_b) > 0
+    for x, y in zip(grads_a, grads_b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
