@@ -343,6 +343,10 @@ class Run:
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
         distributed.validate(cfg.trainer)
         resume_from = self.check_output()
+        if cfg.trainer.release_freed_memory:
+            from lft.memory import release_freed_memory
+
+            release_freed_memory()
         import lightning as L
 
         L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)

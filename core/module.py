@@ -52,6 +52,10 @@ class LftModule(L.LightningModule):
         self._objective_ready = True
 
     def on_fit_start(self) -> None:
+        if self.config.trainer.fused_mlp:
+            from lft.fused import fuse_swiglu
+
+            fuse_swiglu(self.model)
         if self.config.trainer.compile:
             for layer in transformer_layers(self.model):
                 layer.compile(dynamic=True, backend=self.config.trainer.compile_backend)

@@ -58,7 +58,7 @@ class _LinearLogprobs(torch.autograd.Function):
                 lse = torch.logsumexp(logits, dim=-1)
                 out[start:end] = logits[rows, tgt] - lse
                 if precomputed:
-                    grad_logits = torch.exp(logits.sub_(lse[:, None])).neg_()
+                    grad_logits = logits.sub_(lse[:, None]).exp_().neg_()  # in place: one (rows, vocab) buffer
                     grad_logits[rows, tgt] += 1.0
                     grad_hidden[start:end] = (grad_logits.to(dtype) @ cast).to(hidden.dtype)
         ctx.chunk, ctx.dtype, ctx.precomputed = chunk, dtype, precomputed

@@ -178,15 +178,17 @@ class PreferenceObjective:
 
     def logps(self, module: Any, batch: dict) -> PairLogps:
         pad_id = module.tokenizer.pad_token_id
-        sums, counts = pair_logps(module.model, batch, pad_id, self.chunk)
-        size = batch["chosen_input_ids"].shape[0]
-        pairs = PairLogps(sums[:size], sums[size:], counts[:size], counts[size:])
-        if self.needs_reference:
+        ref = None
+        if self.needs_reference:  # first: its transient memory is gone before the policy's graph is built
             if all(key in batch for key in REFERENCE_KEYS):
                 ref = {key: batch[key] for key in REFERENCE_KEYS}
             else:
                 with module.reference.model() as reference:
                     ref = self.reference_logps(reference, batch, pad_id)
+        sums, counts = pair_logps(module.model, batch, pad_id, self.chunk)
+        size = batch["chosen_input_ids"].shape[0]
+        pairs = PairLogps(sums[:size], sums[size:], counts[:size], counts[size:])
+        if ref is not None:
             pairs.ref_chosen = ref["ref_chosen_logps"].to(sums.device, sums.dtype)
             pairs.ref_rejected = ref["ref_rejected_logps"].to(sums.device, sums.dtype)
         return pairs
