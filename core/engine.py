@@ -88,11 +88,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
         return precision
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
+    from lft.numerics import native_bf16_cpu
+
+    return "bf16-mixed" if native_bf16_cpu() else "32-true"
 
 
 def run(config: Any = None, plugins: Iterable[Any] = (), quiet: bool = False, console: Any = None) -> RunResult:

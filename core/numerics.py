@@ -29,6 +29,15 @@ from lft.errors import LftError
 MAX_CONSECUTIVE_SKIPS = 20
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX); False when unknown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class NonFiniteError(LftError):
     """The loss or the gradient became NaN or Inf."""
 

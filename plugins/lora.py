@@ -23,7 +23,8 @@ class LoRAOptions(Section):
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Storage dtype of the frozen base's linear layers. auto: bfloat16 when the run trains "
         "with bf16-mixed precision (its matmuls run in bf16 already, so the maths is unchanged and the base takes "
-        "half the memory), else float32.")
+        "half the memory), except for online methods on a CPU without bf16 arithmetic, which sample in float32; "
+        "else float32.")
 
 
 class LoRA:
@@ -62,10 +63,23 @@ class LoRA:
             from lft.engine import resolve_precision
 
             precision = resolve_precision(config.trainer.precision, config.trainer.accelerator)
-            choice = "bfloat16" if precision.startswith("bf16") else "float32"
+            choice = "bfloat16" if precision.startswith("bf16") and not self.samples_in_float32(config) else "float32"
         if choice == "bfloat16":
             import torch
 
             from lft.adapters.lora import store_frozen_linears
 
             store_frozen_linears(model, torch.bfloat16)
+
+    @staticmethod
+    def samples_in_float32(config: Any) -> bool:
+        """An online method (its section is an ``OnlineOptions``) on a CPU without bf16 arithmetic
+        samples in float32 (see ``lft.rollout``), so its base stays float32."""
+        import torch
+
+        from lft.plugins.online import OnlineOptions
+        from lft.rollout import samples_in_float32
+
+        online = any(isinstance(getattr(config, name, None), OnlineOptions) for name in config.plugins)
+        on_gpu = config.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return online and samples_in_float32("cuda" if on_gpu else "cpu", torch.bfloat16)

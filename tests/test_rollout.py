@@ -202,3 +202,47 @@ def test_a_prompt_encoded_once_for_its_samples_scores_like_whole_rows(tiny, temp
     assert len(grads_a) == len(grads_b) > 0
     for x, y in zip(grads_a, grads_b):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_folded_for_sampling_computes_the_same_and_leaves_the_base_untouched(lft_tiny_model):
+    """Inside sampling_weights each LoRA layer is one linear layer with W + s B A: the logits match
+    the adapter model's, greedy decoding gives the same tokens, and afterwards the base weights are
+    the very same tensors, bit for bit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lft.adapters.lora import apply_lora
+
+    tokenizer = AutoTokenizer.from_pretrained(lft_tiny_model)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(lft_tiny_model), 4, 8, 0.0, "attention").eval()
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)  # a trained-looking adapter (B starts at zero)
+    bases = {name: (p, p.detach().clone()) for name, p in model.named_parameters() if "lora" not in name}
+    batch, encoded = prompt_batch(tokenizer, PROMPTS)
+    ids, mask = rollout.left_pad(batch["prompt_input_ids"], batch["prompt_attention_mask"], tokenizer.pad_token_id)
+    stop_ids = sorted(chat.end_of_turn_ids(tokenizer))
+    settings = rollout.RolloutSettings(max_new_tokens=8, temperature=0.0)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        with rollout.sampling_weights(model) as folded:
+            got = model(input_ids=ids, attention_mask=mask).logits
+        assert folded
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    completion = rollout.generate_tokens(model, ids, mask, settings, stop_ids, tokenizer.pad_token_id)
+    real = rollout.stop_mask(completion, stop_ids)
+    for row, prompt_ids in enumerate(encoded):
+        assert completion[row][real[row]].tolist() == naive_greedy(model, prompt_ids, 8, stop_ids)
+    for name, (param, before) in bases.items():
+        assert dict(model.named_parameters())[name] is param and torch.equal(param, before), name
+
+
+def test_a_low_precision_base_is_not_folded(lft_tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from lft.adapters.lora import apply_lora, store_frozen_linears
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(lft_tiny_model), 4, 8, 0.0, "attention")
+    store_frozen_linears(model, torch.bfloat16)
+    with rollout.sampling_weights(model) as folded:
+        assert not folded
