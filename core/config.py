@@ -81,8 +81,9 @@ class TrainerConfig(Section):
     checkpoint_every: int = Field(100, ge=0, description="Save a checkpoint every N optimizer steps; 0 only at the end.")
     eval_every: int = Field(0, ge=0, description="Compute eval loss every N optimizer steps; 0 disables.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
-    release_freed_memory: bool = Field(True, description="On Linux (glibc), hand large freed blocks back to the OS at "
-                                       "once (a fixed mmap threshold), so resident memory follows the live tensors.")
+    release_freed_memory: bool = Field(False, description="On Linux (glibc), hand large freed blocks back to the OS at "
+                                       "once (a fixed mmap threshold), so resident memory follows the live tensors: "
+                                       "less peak memory, slower steps (every new block is fresh pages).")
     fused_mlp: bool = Field(True, description="Train SwiGLU MLPs (Llama-style) with a fused activation that keeps two "
                             "tensors for the backward pass instead of three; the same values and gradients.")
     compile: bool = Field(False, description="Compile each transformer layer with torch.compile (dynamic shapes) "
