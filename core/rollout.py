@@ -182,7 +182,7 @@ def generate_tokens(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     parts = []
     device = prompt_ids.device.type
     precision = torch.autocast(device, enabled=False) if samples_in_float32(device) else contextlib.nullcontext()
-    with sampling_mode(model), sampling_weights(model), precision:
+    with sampling_mode(model), sampling_weights(model), precision, torch.inference_mode():
         for start in range(0, prompt_ids.shape[0], step):
             ids, mask = prompt_ids[start: start + step], prompt_mask[start: start + step]
             extra = _shared_prefix(model, ids, mask, group) if group > 1 and ids.shape[1] > 1 else {}
