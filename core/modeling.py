@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lft.losses.logprobs import entropy_from_logits, linear_entropy, logprobs_from_logits, shifted_logprobs
+from lft.losses.logprobs import entropy_from_logits, logprobs_from_logits, shifted_logprobs
 
 # Config attributes of models whose logits are more than ``lm_head(hidden)``.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -82,11 +82,7 @@ def token_stats(
                       use_cache=False).last_hidden_state
     scaled = states / temperature if temperature != 1.0 else states
     bias = head.bias / temperature if head.bias is not None and temperature != 1.0 else head.bias
-    logps, mask = shifted_logprobs(scaled, head.weight, labels, bias, chunk)
-    stats = {"logps": logps, "mask": mask}
-    if entropy:
-        values = linear_entropy(scaled[:, :-1][mask].detach(), head.weight, bias, chunk)
-        stats["entropy"] = torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+    stats = dict(zip(("logps", "mask", "entropy"), shifted_logprobs(scaled, head.weight, labels, bias, chunk, entropy)))
     if hidden:
         stats["hidden"] = states
     return stats
@@ -143,11 +139,8 @@ def completion_stats(
     states = torch.cat([prefix.last_hidden_state[:, -1:].index_select(0, inverse), rest.last_hidden_state], dim=1)
     scaled = states / temperature if temperature != 1.0 else states
     bias = head.bias / temperature if head.bias is not None and temperature != 1.0 else head.bias
-    logps, mask = shifted_logprobs(scaled, head.weight, labels[:, start:], bias, chunk)
-    out = {"logps": logps, "mask": mask}
-    if entropy:
-        values = linear_entropy(scaled[:, :-1][mask].detach(), head.weight, bias, chunk)
-        out["entropy"] = torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+    out = dict(zip(("logps", "mask", "entropy"), shifted_logprobs(scaled, head.weight, labels[:, start:], bias, chunk,
+                                                                  entropy)))
     if hidden:
         out["hidden"] = states[:, :-1]
     return out

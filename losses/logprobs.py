@@ -16,6 +16,8 @@ Matmuls run in the autocast dtype when autocast is on; softmax is always in floa
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 IGNORE = -100
@@ -42,12 +44,13 @@ def _accumulate(dtype: torch.dtype) -> torch.dtype:
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, chunk, want_entropy=False):  # type: ignore[override]
         dtype = _compute_dtype(hidden)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
         out = torch.empty(hidden.shape[0], dtype=_accumulate(hidden.dtype), device=hidden.device)
         precomputed = need_h and not need_w
         grad_hidden = torch.empty_like(hidden) if precomputed else None
+        entropy = torch.empty(hidden.shape[0] if want_entropy else 0, dtype=out.dtype, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             cast = weight.to(dtype)  # once, not per chunk
             for start in range(0, hidden.shape[0], chunk):
@@ -57,8 +60,14 @@ class _LinearLogprobs(torch.autograd.Function):
                 tgt = targets[start:end]
                 lse = torch.logsumexp(logits, dim=-1)
                 out[start:end] = logits[rows, tgt] - lse
+                if want_entropy:  # from the logits already here, rather than a second projection
+                    logp = logits.sub_(lse[:, None])
+                    probs = logp.exp()
+                    entropy[start:end] = -(probs * logp).sum(-1)
+                    logits = probs
                 if precomputed:
-                    grad_logits = logits.sub_(lse[:, None]).exp_().neg_()  # in place: one (rows, vocab) buffer
+                    # in place: one (rows, vocab) buffer
+                    grad_logits = (logits if want_entropy else logits.sub_(lse[:, None]).exp_()).neg_()
                     grad_logits[rows, tgt] += 1.0
                     grad_hidden[start:end] = (grad_logits.to(dtype) @ cast).to(hidden.dtype)
         ctx.chunk, ctx.dtype, ctx.precomputed = chunk, dtype, precomputed
@@ -67,13 +76,14 @@ class _LinearLogprobs(torch.autograd.Function):
             ctx.save_for_backward(grad_hidden)
         elif need_h or need_w:
             ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets)
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out, grad_entropy):  # type: ignore[override]
         if ctx.precomputed:
             (grad_hidden,) = ctx.saved_tensors
-            return grad_hidden * grad_out[:, None].to(grad_hidden.dtype), None, None, None, None
+            return grad_hidden * grad_out[:, None].to(grad_hidden.dtype), None, None, None, None, None
         hidden, weight, bias, targets = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         dtype = ctx.dtype
@@ -103,23 +113,28 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_bias.to(bias.dtype) if grad_bias is not None else None,
             None,
             None,
+            None,
         )
 
 
 def linear_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
-    chunk: int = 1024,
-) -> torch.Tensor:
-    """``log_softmax(hidden @ weight.T + bias)[i, targets[i]]`` for rows ``hidden`` of shape (N, H)."""
+    chunk: int = 1024, entropy: bool = False,
+) -> Any:
+    """``log_softmax(hidden @ weight.T + bias)[i, targets[i]]`` for rows ``hidden`` of shape (N, H).
+    With ``entropy``, also the entropy of each row's distribution (no gradient), from the same
+    logits: ``(logps, entropy)``."""
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()
-    return _LinearLogprobs.apply(hidden, weight, bias, targets, int(chunk))
+        empty = hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()
+        return (empty, empty.detach().clone()) if entropy else empty
+    logps, ent = _LinearLogprobs.apply(hidden, weight, bias, targets, int(chunk), bool(entropy))
+    return (logps, ent) if entropy else logps
 
 
 def shifted_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
-    chunk: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    chunk: int = 1024, entropy: bool = False,
+) -> Any:
     """Log-probs of next tokens for a causal LM.
 
     :param hidden: final hidden states, shape (B, T, H).
@@ -127,15 +142,19 @@ def shifted_logprobs(
         hidden state predicts ``labels[:, t + 1]``.
     :return: ``(logps, mask)`` of shape (B, T - 1): the log-prob of each scored next token (0
         elsewhere) and a bool mask of scored positions. Only scored positions are projected
-        onto the vocabulary.
+        onto the vocabulary. With ``entropy``, a third tensor (B, T - 1): the entropy (no gradient)
+        at each scored position, 0 elsewhere.
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE
     selected = hidden[:, :-1][mask]
-    values = linear_logprobs(selected, weight, targets[mask], bias, chunk)
+    result = linear_logprobs(selected, weight, targets[mask], bias, chunk, entropy=entropy)
+    values = result[0] if entropy else result
     logps = torch.zeros(targets.shape, dtype=values.dtype, device=values.device)
     logps = logps.masked_scatter(mask, values)
-    return logps, mask
+    if not entropy:
+        return logps, mask
+    return logps, mask, torch.zeros(targets.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, result[1])
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

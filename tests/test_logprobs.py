@@ -80,3 +80,24 @@ def test_autocast_bf16_close_to_fp32():
     want, _ = naive(hidden, weight, None, labels)
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, atol=0.15)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_entropy_comes_with_the_log_probs_from_the_same_logits(frozen):
+    """linear_logprobs(entropy=True) gives the log-probs and gradients of the plain call, and the
+    entropy of each row's softmax, as the separate linear_entropy computes it."""
+    from lft.losses.logprobs import linear_entropy, linear_logprobs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 5, requires_grad=True)
+    weight = torch.randn(11, 5, requires_grad=not frozen)
+    targets = torch.randint(0, 11, (7,))
+    plain = linear_logprobs(hidden, weight, targets, chunk=3)
+    grads = torch.autograd.grad(plain.sum(), [hidden] + ([] if frozen else [weight]))
+    logps, entropy = linear_logprobs(hidden, weight, targets, chunk=3, entropy=True)
+    both = torch.autograd.grad(logps.sum(), [hidden] + ([] if frozen else [weight]))
+    torch.testing.assert_close(logps, plain)
+    for a, b in zip(grads, both):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(entropy, linear_entropy(hidden.detach(), weight.detach(), chunk=3))
+    assert not entropy.requires_grad
