@@ -18,8 +18,8 @@ one prompt are consecutive) and ``C`` the longest completion:
 * ``prompt_length``: P; ``prompt_index`` (N,): which prompt each row samples (the token
   scoring encodes a prompt once for all its samples); ``completion_ids``, ``completion_mask``
   (N, C): the generated tokens and which of them are real (up to and including the end-of-turn
-  token); ``stopped`` (N,): whether
-  the completion ended with an end-of-turn token rather than at ``max_new_tokens``;
+  token); ``stopped`` (N,): whether the completion ended with an end-of-turn token rather than
+  at ``max_new_tokens``;
 * ``logps``, ``entropy`` (N, C): the sampling policy's log-prob of each generated token and the
   entropy of its distribution there (unless ``policy_logps`` is off); ``ref_logps`` (N, C) when
   the reference was asked for;
@@ -49,8 +49,8 @@ from lft.rewards import score
 PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask")
 #: Keys of the experience batch that a data column may not use.
 RESERVED = ("prompts", "completions", "input_ids", "attention_mask", "position_ids", "labels", "prompt_length",
-            "prompt_index", "completion_ids", "completion_mask", "logps", "entropy", "ref_logps", "hidden", "rewards", "reward_scores",
-            "reward_weights", "num_generations", "stopped", "timings", *PROMPT_KEYS)
+            "prompt_index", "completion_ids", "completion_mask", "logps", "entropy", "ref_logps", "hidden", "rewards",
+            "reward_scores", "reward_weights", "num_generations", "stopped", "timings", *PROMPT_KEYS)
 
 
 @dataclass
@@ -99,6 +99,8 @@ def _lora_layers(model: Any) -> list | None:
         if not (hasattr(module, "get_delta_weight") and hasattr(module, "lora_A") and hasattr(module, "get_base_layer")):
             continue
         active = [a for a in module.active_adapters if a in module.lora_A]
+        if getattr(module, "disable_adapters", False):
+            return None  # sampling the base (a reference): nothing to fold
         if not active or module.merged:
             continue
         if any(a in getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}).get(a) for a in active):
@@ -286,8 +288,7 @@ def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
     completions = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion_ids, completion_mask)]
     exp.update(prompts=list(prompts), completions=completions, input_ids=input_ids, attention_mask=attention_mask,
                position_ids=position_ids, labels=labels, prompt_length=width, prompt_index=groups,
-               completion_ids=completion_ids,
-               completion_mask=completion_mask,
+               completion_ids=completion_ids, completion_mask=completion_mask,
                num_generations=group, stopped=(is_stop(completion_ids, stop_ids) & completion_mask).any(-1))
     rewards = score(module.hook, exp["prompts"], completions, exp, config)
     device = completion_ids.device

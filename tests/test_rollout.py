@@ -246,3 +246,14 @@ def test_a_low_precision_base_is_not_folded(lft_tiny_model):
     store_frozen_linears(model, torch.bfloat16)
     with rollout.sampling_weights(model) as folded:
         assert not folded
+
+
+def test_disabled_adapters_are_not_folded(lft_tiny_model):
+    """Sampling with the adapters switched off (the reference) must stay the base model."""
+    from transformers import AutoModelForCausalLM
+
+    from lft.adapters.lora import apply_lora
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(lft_tiny_model), 4, 8, 0.0, "attention")
+    with model.disable_adapter(), rollout.sampling_weights(model) as folded:
+        assert not folded
