@@ -80,12 +80,23 @@ def token_stats(
     backbone, head = parts
     states = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=False).last_hidden_state
-    scaled = states / temperature if temperature != 1.0 else states
-    bias = head.bias / temperature if head.bias is not None and temperature != 1.0 else head.bias
-    stats = dict(zip(("logps", "mask", "entropy"), shifted_logprobs(scaled, head.weight, labels, bias, chunk, entropy)))
+    stats = _head_stats(states, head, labels, chunk, temperature, entropy)
     if hidden:
         stats["hidden"] = states
     return stats
+
+
+def _head_stats(states: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk: int, temperature: float,
+                entropy: bool) -> dict[str, torch.Tensor]:
+    """``logps``, ``mask`` (and ``entropy``) of the labelled next tokens, from final hidden states."""
+    scaled = states / temperature if temperature != 1.0 else states
+    bias = head.bias / temperature if head.bias is not None and temperature != 1.0 else head.bias
+    return dict(zip(("logps", "mask", "entropy"), shifted_logprobs(scaled, head.weight, labels, bias, chunk, entropy)))
+
+
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens, as ``generate`` numbers left-padded rows."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:
@@ -125,7 +136,7 @@ def completion_stats(
         return out
     backbone, head = parts
     if position_ids is None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = positions_of(attention_mask)
     rows = torch.arange(groups.numel(), device=groups.device)
     first = torch.full((heads.numel(),), groups.numel(), dtype=rows.dtype, device=rows.device)
     first = first.scatter_reduce(0, inverse, rows, reduce="amin")  # one row per prompt
@@ -137,10 +148,7 @@ def completion_stats(
     rest = backbone(input_ids=input_ids[:, prompt_length:], attention_mask=attention_mask,
                     position_ids=position_ids[:, prompt_length:], use_cache=True, **{name: cache})
     states = torch.cat([prefix.last_hidden_state[:, -1:].index_select(0, inverse), rest.last_hidden_state], dim=1)
-    scaled = states / temperature if temperature != 1.0 else states
-    bias = head.bias / temperature if head.bias is not None and temperature != 1.0 else head.bias
-    out = dict(zip(("logps", "mask", "entropy"), shifted_logprobs(scaled, head.weight, labels[:, start:], bias, chunk,
-                                                                  entropy)))
+    out = _head_stats(states, head, labels[:, start:], chunk, temperature, entropy)
     if hidden:
         out["hidden"] = states[:, :-1]
     return out

@@ -41,7 +41,7 @@ import torch
 
 from lft import chat
 from lft.errors import LftError
-from lft.modeling import completion_stats
+from lft.modeling import completion_stats, positions_of
 from lft.numerics import native_bf16_cpu
 from lft.rewards import score
 
@@ -211,11 +211,6 @@ def _shared_prefix(model: Any, ids: torch.Tensor, mask: torch.Tensor, group: int
     cache = out[name]
     cache.batch_repeat_interleave(group)
     return {name: cache}
-
-
-def positions_of(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count only real tokens, as ``generate`` numbers left-padded rows."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def prompt_groups(rows: int, group: int, device: Any = None) -> torch.Tensor:

@@ -167,22 +167,6 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
 
 
 @torch.no_grad()
-def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   chunk: int = 1024) -> torch.Tensor:
-    """Entropy of ``softmax(hidden @ weight.T + bias)`` for each row of ``hidden`` (N, H), in
-    float32, ``chunk`` rows at a time; no gradient.
-
-    Logits [0, 0] (two equally likely tokens) have entropy log 2 = 0.69315.
-    """
-    out = torch.empty(hidden.shape[0], dtype=_accumulate(hidden.dtype), device=hidden.device)
-    dtype = _compute_dtype(hidden)
-    with torch.autocast(hidden.device.type, enabled=False):
-        for start in range(0, hidden.shape[0], chunk):
-            out[start: start + chunk] = entropy_from_logits(_chunk_logits(hidden[start: start + chunk], weight, bias, dtype))
-    return out
-
-
-@torch.no_grad()
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the softmax over the last dimension, in float32 (or float64 for float64)."""
     logp = torch.log_softmax(logits.to(_accumulate(logits.dtype)), dim=-1)

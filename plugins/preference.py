@@ -178,13 +178,12 @@ class PreferenceObjective:
 
     def logps(self, module: Any, batch: dict) -> PairLogps:
         pad_id = module.tokenizer.pad_token_id
-        ref = None
-        if self.needs_reference:  # first: its transient memory is gone before the policy's graph is built
-            if all(key in batch for key in REFERENCE_KEYS):
-                ref = {key: batch[key] for key in REFERENCE_KEYS}
-            else:
-                with module.reference.model() as reference:
-                    ref = self.reference_logps(reference, batch, pad_id)
+        ref = None  # first: its transient memory is gone before the policy's graph is built
+        if self.needs_reference and all(key in batch for key in REFERENCE_KEYS):
+            ref = {key: batch[key] for key in REFERENCE_KEYS}
+        elif self.needs_reference:
+            with module.reference.model() as reference:
+                ref = self.reference_logps(reference, batch, pad_id)
         sums, counts = pair_logps(module.model, batch, pad_id, self.chunk)
         size = batch["chosen_input_ids"].shape[0]
         pairs = PairLogps(sums[:size], sums[size:], counts[:size], counts[size:])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lft.losses.grpo import group_advantages, grpo_loss
-from lft.losses.logprobs import entropy_from_logits, linear_entropy
+from lft.losses.logprobs import entropy_from_logits, linear_logprobs
 from lft.losses.ppo import (AdaptiveKLController, clipped_value_loss, explained_variance, gae, kl_estimate,
                             kl_penalized_rewards, ppo_policy_loss, whiten)
 
@@ -169,4 +169,5 @@ def test_entropy_hand_worked_and_chunked():
     torch.manual_seed(0)
     hidden, weight, bias = torch.randn(7, 5), torch.randn(11, 5), torch.randn(11)
     expected = entropy_from_logits(hidden @ weight.t() + bias)
-    assert linear_entropy(hidden, weight, bias, chunk=3).tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    _, entropy = linear_logprobs(hidden, weight, torch.zeros(7, dtype=torch.long), bias, chunk=3, entropy=True)
+    assert entropy.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
