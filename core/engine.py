@@ -62,6 +62,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # Online methods optimise manually; the step's checkpoint is meant to hold the state after it.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     # peft, saving an adapter whose base is another adapter folder (merged on load, see lft.models)
     warnings.filterwarnings("ignore", message=r"Could not find a config file in .*vocabulary was not modified")
 

@@ -39,7 +39,8 @@ def lft_config(s: Settings) -> dict:
         "dpo": {"dpo.beta": s.beta},
         "simpo": {"simpo.beta": 2.0, "simpo.gamma": 1.0},
         "orpo": {},
-        "grpo": {"grpo.num_generations": s.num_generations, "grpo.max_new_tokens": s.max_new_tokens},
+        "grpo": {"grpo.num_generations": s.num_generations, "grpo.max_new_tokens": s.max_new_tokens,
+                 "grpo.temperature": 1.0},
         "ppo": {"ppo.max_new_tokens": s.max_new_tokens},
     }
     config.update(method_keys.get(s.method, {}))
