@@ -244,3 +244,26 @@ def test_online_runs_are_not_watched_for_overfitting(tmp_path, lft_tiny_model, l
     assert overfit["status"] == "skipped" and "online objective" in overfit["detail"]
     records = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and not [r for r in records if "eval_loss" in r]
+
+
+def test_online_embedded_task_settings_validate_and_yield_to_the_user():
+    from lft import task
+    from lft.config import config_class, plugin_sections
+    from lft.engine import Run
+    from lft.manager import PluginManager
+
+    manager = PluginManager()
+    for name in ("grpo", "ppo"):
+        config = config_class(plugin_sections(manager))()
+        default = manager.infos[name].obj.lft_default_data(config=config)
+        assert default["train"] == str(task.path("prompts", "train"))
+        config.trainer.batch_size = 2  # set by the user: kept
+        run = Run.__new__(Run)
+        run.config, run.summary, run.console = config, {}, type("C", (), {"print": lambda *a: None})()
+        run.apply_settings(default["settings"])  # every key exists and validates
+        assert config.trainer.batch_size == 2 and config.trainer.max_steps == default["settings"]["trainer.max_steps"]
+        assert not any(item.startswith("trainer.batch_size=") for item in run.summary["default_data_settings"])
+    grpo = config_class(plugin_sections(manager))()
+    settings = manager.infos["grpo"].obj.lft_default_data(config=grpo)["settings"]
+    # Measured on the embedded task: at T=1 the instruct model's samples are right about 3% of the time.
+    assert settings["grpo.temperature"] < 1 and settings["grpo.num_generations"] >= 8
