@@ -155,9 +155,18 @@ def test_default_data_and_settings_are_valid(lft_pref_data):
 
     manager = PluginManager()
     config = config_class(plugin_sections(manager))()
-    for name in ("dpo", "orpo", "simpo", "reward"):
+    config.trainer.batch_size = 2  # set by the user: kept
+    forms = {"dpo": "pref", "orpo": "pref", "simpo": "pref", "reward": "pref", "grpo": "prompts", "ppo": "prompts"}
+    for name, form in forms.items():
         default = manager.infos[name].obj.lft_default_data(config=config)
-        assert default["train"] == str(task.path("pref", "train")) and default["eval"] == str(task.path("pref", "eval"))
+        assert default["train"] == str(task.path(form, "train")) and default["eval"] == str(task.path(form, "eval"))
         run = Run.__new__(Run)
         run.config, run.summary, run.console = config.model_copy(deep=True), {}, type("C", (), {"print": print})()
         run.apply_settings(default["settings"])  # every key exists and validates
+        assert run.config.trainer.batch_size == 2
+        assert not any(item.startswith("trainer.batch_size=") for item in run.summary.get("default_data_settings", []))
+        if "trainer.max_steps" in default["settings"]:
+            assert run.config.trainer.max_steps == default["settings"]["trainer.max_steps"]
+    grpo = manager.infos["grpo"].obj.lft_default_data(config=config)["settings"]
+    # Measured on the embedded task: at T=1 the instruct model's samples are right about 3% of the time.
+    assert grpo["grpo.temperature"] < 1 and grpo["grpo.num_generations"] >= 8
