@@ -8,9 +8,8 @@
   log-probs come from ``lft.modeling.token_logprobs``, which never forms full-vocabulary logits
   for the batch.
 * Metrics every step, the reference policy (``module.reference``), an optional precomputed and
-  cached reference, and a check that policy and reference start equal.
-
-A method is a subclass of ``Preference`` that names itself and returns its loss from ``loss``.
+  cached reference, and a check that policy and reference start equal. A method subclasses
+  ``Preference`` (below).
 """
 
 from __future__ import annotations
