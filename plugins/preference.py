@@ -8,8 +8,7 @@
   log-probs come from ``lft.modeling.token_logprobs``, which never forms full-vocabulary logits
   for the batch.
 * Metrics every step, the reference policy (``module.reference``), an optional precomputed and
-  cached reference, and a check that policy and reference start equal. A method subclasses
-  ``Preference`` (below).
+  cached reference, and a check that policy and reference start equal. Methods: see ``Preference``.
 """
 
 from __future__ import annotations
