@@ -21,6 +21,9 @@ from torch.utils.data import DataLoader
 from lft.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+#: The key under which a training batch carries the unit counts of its optimizer step (taken off
+#: the batch by the module before the objective sees it).
+STEP_KEY = "lft_step"
 
 
 @dataclass
@@ -236,6 +239,12 @@ class ResumableLoader(DataLoader):
     run resumed mid-epoch continues with the next batch rather than starting the epoch again.
 
     Lightning saves ``state_dict()`` in its checkpoints and calls ``load_state_dict`` on resume.
+
+    With an ``objective`` (whose ``units(batch)`` counts what its loss averages over), each batch also carries, under ``STEP_KEY``,
+    the counts of the optimizer step it belongs to: the ``accumulate`` consecutive batches of the
+    epoch that are accumulated into one update (the last step of an epoch may have fewer). The
+    step's batches are collated together when its first one is served, so the counts of the
+    whole step are known before its first forward pass (see ``lft.objective``).
     """
 
     #: With ``lengths``, the shuffled order is cut into groups of this many batches, each group is
@@ -243,8 +252,12 @@ class ResumableLoader(DataLoader):
     GROUP_BATCHES = 50
 
     def __init__(self, dataset: list, batch_size: int, collate_fn: Any, seed: int, shuffle: bool = True,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1, lengths: list[int] | None = None):
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, lengths: list[int] | None = None,
+                 accumulate: int = 1, objective: Any = None):
         self._seed = seed
+        self._accumulate = max(1, int(accumulate))
+        self._objective = objective
+        self._steps = 0  # serial of the optimizer step whose batches are being served
         self._lengths = lengths
         self._rank = rank
         self._world = world_size
@@ -285,14 +298,35 @@ class ResumableLoader(DataLoader):
         batches = self._batches(self._epoch)
         start, self._resume_at = self._resume_at, 0
         self._consumed = start
+        step: dict[int, Any] = {}
         for index in range(start, len(batches)):
-            batch = self.collate_fn([self.dataset[i] for i in batches[index]])
+            if self._objective is None:
+                batch = self.collate_fn([self.dataset[i] for i in batches[index]])
+            else:
+                if index not in step:
+                    step = self._collate_step(batches, index)
+                batch = step.pop(index)
             self._consumed = index + 1
             self._served.append((self._serial, batches[index]))
             self._serial += 1
             yield batch
         self._epoch += 1
         self._consumed = 0
+
+    def _collate_step(self, batches: list[list[int]], index: int) -> dict[int, Any]:
+        """The collated batches of the optimizer step that holds batch ``index``, from ``index`` on,
+        each tagged with the counts of its units and of the whole step's."""
+        from lft.objective import add_units, units_of
+
+        first = index - index % self._accumulate
+        members = range(first, min(first + self._accumulate, len(batches)))
+        collated = {i: self.collate_fn([self.dataset[j] for j in batches[i]]) for i in members}
+        counts = {i: units_of(self._objective, collated[i]) for i in members}
+        totals = add_units(list(counts.values()))
+        self._steps += 1
+        for i in members:
+            collated[i][STEP_KEY] = {"step": self._steps, "units": counts[i], "totals": totals, "size": len(members)}
+        return {i: b for i, b in collated.items() if i >= index}
 
     def __len__(self) -> int:
         n = len(self.dataset) // self._world
@@ -318,8 +352,10 @@ class ResumableLoader(DataLoader):
 class LftDataModule(L.LightningDataModule):
     """Holds formatted examples; batches them through ``lft_collate``."""
 
-    def __init__(self, train: list[dict], eval: list[dict] | None, hook: Any, tokenizer: Any, config: Any):
+    def __init__(self, train: list[dict], eval: list[dict] | None, hook: Any, tokenizer: Any, config: Any,
+                 objective: Any = None):
         super().__init__()
+        self.objective = objective  # counts the units of each optimizer step (``lft.objective``)
         self.train_features = train
         self.eval_features = eval or []
         self.hook = hook
@@ -340,8 +376,11 @@ class LftDataModule(L.LightningDataModule):
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
             lengths = ([sum(len(v) for k, v in f.items() if k.endswith("input_ids")) for f in self.train_features]
                        if self.config.data.group_by_length else None)
+            # Objectives that step the optimizer themselves (online methods) count their own units.
+            counted = self.objective is not None and not callable(getattr(self.objective, "training_step", None))
             self._train_loader = ResumableLoader(self.train_features, cfg.batch_size, self.collate, cfg.seed,
-                                                 rank=rank, world_size=world, lengths=lengths)
+                                                 rank=rank, world_size=world, lengths=lengths,
+                                                 accumulate=cfg.grad_accum, objective=self.objective if counted else None)
         return self._train_loader
 
     def val_dataloader(self) -> DataLoader:

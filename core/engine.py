@@ -265,7 +265,7 @@ class Run:
         callbacks.append(stop)  # last, so it sees a stop requested by any callback in the same step
         kwargs: dict[str, Any] = {}
         if tc.eval_every > 0:
-            kwargs.update(val_check_interval=tc.eval_every * tc.grad_accum, check_val_every_n_epoch=None)
+            kwargs.update(val_check_interval=tc.eval_every * (1 if manual else tc.grad_accum), check_val_every_n_epoch=None)
         else:
             kwargs.update(limit_val_batches=0)
         return L.Trainer(
@@ -364,7 +364,7 @@ class Run:
         trainable, total = trainable_parameters(wrapped)
         self.summary.update(trainable_params=trainable, total_params=total)
         module = LftModule(wrapped, tokenizer, objective, self.hook, cfg)
-        datamodule = datamod.LftDataModule(train, evals, self.hook, tokenizer, cfg)
+        datamodule = datamod.LftDataModule(train, evals, self.hook, tokenizer, cfg, objective)
         task_rows = self.task_rows(data_info["train_file"])
         self.console.print(f"model {self.summary['model']} · trainable {trainable:,} of {total:,} parameters · "
                            f"{len(train)} train / {len(evals)} eval examples · precision {cfg.trainer.precision}")

@@ -133,12 +133,17 @@ def _autocast(module: Any) -> Any:
 
 
 def objective_loss(module: Any, loader: Iterable[dict]) -> dict:
-    """The objective's own loss (weighted by batch size) and metrics over a held-out loader: what
-    the method optimises (a DPO loss and its implicit rewards, a reward model's pair accuracy, the
-    reward of greedy completions for online methods), where ``measure`` gives method-independent
-    numbers."""
+    """The objective's own loss and metrics over a held-out loader: what the method optimises (a
+    DPO loss and its implicit rewards, a reward model's pair accuracy, the reward of greedy
+    completions for online methods), where ``measure`` gives method-independent numbers. The
+    loss is that of the whole set as one batch (each term weighted by the units it averages over,
+    see ``lft.objective``); the metrics are weighted by batch size."""
+    from lft.objective import units_of
+
     model = module.model
     totals: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
     seen = 0
     was_training = model.training
     model.eval()
@@ -146,17 +151,23 @@ def objective_loss(module: Any, loader: Iterable[dict]) -> dict:
         with torch.no_grad(), _autocast(module):
             for batch in loader:
                 batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                loss, metrics = module.compute(batch)
+                loss, metrics = module.objective(module, batch)
+                units = units_of(module.objective, batch)
+                terms = loss if isinstance(loss, dict) else {next(iter(units)): loss}
+                for unit, mean in terms.items():
+                    sums[unit] = sums.get(unit, 0.0) + float(mean) * float(units[unit])
+                    counts[unit] = counts.get(unit, 0.0) + float(units[unit])
                 size = next((int(v.shape[0]) for k, v in batch.items() if k.endswith("input_ids") and torch.is_tensor(v)), 1)
                 seen += size
-                totals["loss"] = totals.get("loss", 0.0) + float(loss) * size
-                for key, value in metrics.items():
+                for key, value in (metrics or {}).items():
                     if "tokens" in key:  # counts, not quality metrics
                         continue
                     totals[key] = totals.get(key, 0.0) + float(value) * size
     finally:
         model.train(was_training)
     out = {k: v / max(1, seen) for k, v in totals.items()}
+    if sums:
+        out["loss"] = sum(sums[u] / max(counts[u], 1.0) for u in sums)
     if "nll" in out:  # objectives that report a token NLL get a perplexity
         out["perplexity"] = math.exp(min(out["nll"], 50.0))
     return out

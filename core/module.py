@@ -3,7 +3,9 @@ objective that ``lft_loss`` returned, and it builds the optimizer and schedule f
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import Any
 
 import lightning as L
@@ -39,6 +41,8 @@ class LftModule(L.LightningModule):
         self.last_metrics: dict[str, float] = {}
         self.reference: Any = None
         self._objective_ready = False
+        self._step_key: Any = None  # the optimizer step whose counts are in _step_units
+        self._step_units: dict = {}
 
     def setup(self, stage: str) -> None:
         if self._objective_ready:
@@ -68,21 +72,51 @@ class LftModule(L.LightningModule):
         return self.model(**inputs)
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The objective's loss of one batch as one scalar (its terms over each unit added up)."""
         loss, metrics = self.objective(self, batch)
-        return loss, dict(metrics or {})
+        return combine_terms(loss), dict(metrics or {})
+
+    def step_totals(self, step: dict | None, batch: dict) -> tuple[dict, dict, int]:
+        """``(units of this micro-batch, units of its whole optimizer step over every process,
+        micro-batches in the step)``. The step's counts come from the loader (``STEP_KEY``) and
+        are summed over the processes once per step."""
+        from lft.objective import reduce_units, units_of
+
+        if step is None:  # a batch that did not come from lft's loader: it is a step of its own
+            units = units_of(self.objective, batch)
+            step = {"step": None, "units": units, "totals": units, "size": 1}
+        key = step["step"]
+        if key is None or key != self._step_key:
+            self._step_key = key
+            self._step_units = reduce_units(step["totals"], getattr(self.trainer, "strategy", None)
+                                            if self._trainer is not None else None)
+        return step["units"], self._step_units, int(step["size"])
 
     def training_step(self, batch: dict, batch_idx: int) -> Any:
+        from lft.data import STEP_KEY
+        from lft.objective import step_share
+
+        step = batch.pop(STEP_KEY, None)
         experience = self.hook.lft_rollout(module=self, batch=batch, config=self.config)
         if experience is not None:
-            batch = experience
-        if hasattr(self.objective, "training_step"):
+            batch, step = experience, None  # the step's counts are those of the experience
+        if callable(getattr(self.objective, "training_step", None)):  # it steps the optimizer itself
             loss, metrics = self.objective.training_step(self, batch)
+            logged = loss
         else:
-            loss, metrics = self.compute(batch)
+            terms, metrics = self.objective(self, batch)
+            units, totals, size = self.step_totals(step, batch)
+            share = step_share(terms, units, totals)
+            world = self.trainer.world_size if self._trainer is not None else 1
+            accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+            # Lightning divides by the accumulation and DDP averages over processes: undo both, so
+            # the gradient is that of the step's loss as one batch.
+            loss = share * (accumulate * world)
+            logged = share.detach() * (size * world)  # averaged over the step's micro-batches and processes
         metrics = {k: _scalar(v) for k, v in (metrics or {}).items()}
-        metrics["loss"] = _scalar(loss)  # a NaN/Inf loss is handled by lft.numerics.NonFiniteGuard
+        metrics["loss"] = _scalar(logged)  # a NaN/Inf loss is handled by lft.numerics.NonFiniteGuard
         self.last_metrics = metrics
-        self.log("train/loss", loss.detach(), prog_bar=False, logger=True, batch_size=1)
+        self.log("train/loss", metrics["loss"], prog_bar=False, logger=True, batch_size=1)
         for key, value in metrics.items():
             if key != "loss":
                 self.log(f"train/{key}", value, logger=True, batch_size=1)
@@ -124,6 +158,14 @@ class LftModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "lft_objective" in checkpoint and hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(checkpoint["lft_objective"])
+
+
+def combine_terms(loss: Any) -> torch.Tensor:
+    """A loss given as ``{unit: mean}`` terms, added up into one scalar (a tensor stays as it is)."""
+    if isinstance(loss, dict):
+        values = list(loss.values())
+        return functools.reduce(operator.add, values[1:], values[0])
+    return loss
 
 
 def transformer_layers(model: Any) -> list[torch.nn.Module]:

@@ -38,4 +38,5 @@ class ORPOLoss:
         odds_ratio = -F.logsigmoid(chosen_odds - rejected_odds).mean()
         loss = nll + self.weight * odds_ratio
         return PairLoss(loss, chosen_odds.detach(), rejected_odds.detach(),
-                        {"nll": nll.detach(), "odds_ratio_loss": odds_ratio.detach()})
+                        {"nll": nll.detach(), "odds_ratio_loss": odds_ratio.detach()},
+                        terms={"chosen_tokens": nll, "pairs": self.weight * odds_ratio})

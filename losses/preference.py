@@ -60,12 +60,21 @@ class PairLoss:
         detached; the pair is ranked correctly when it exceeds ``rejected_rewards``.
     :param rejected_rewards: the same for each rejected completion.
     :param metrics: extra scalars to log (detached), e.g. ORPO's NLL term.
+    :param terms: ``loss`` split by what each part is averaged over, for the step-level
+        normalisation of ``lft.objective``: ``"pairs"`` (a mean over the batch's pairs) and
+        ``"chosen_tokens"`` (a mean over the chosen completions' tokens, as an NLL term). Empty
+        means the whole loss is a mean over pairs.
     """
 
     loss: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def by_unit(self) -> dict[str, torch.Tensor]:
+        """``terms``, or ``{"pairs": loss}`` when the loss did not split itself."""
+        return dict(self.terms) if self.terms else {"pairs": self.loss}
 
 
 def chosen_nll(logps: PairLogps) -> torch.Tensor:
@@ -87,6 +96,9 @@ class WithChosenNLL:
     def __call__(self, logps: PairLogps) -> PairLoss:
         out = self.loss(logps)  # type: ignore[operator]
         nll = chosen_nll(logps)
+        terms = out.by_unit()
+        terms["chosen_tokens"] = terms["chosen_tokens"] + self.weight * nll if "chosen_tokens" in terms else self.weight * nll
         out.loss = out.loss + self.weight * nll
+        out.terms = terms
         out.metrics = {**out.metrics, "nll": nll.detach()}
         return out

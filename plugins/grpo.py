@@ -37,6 +37,13 @@ class GRPOObjective(OnlineObjective):
         advantages = group_advantages(exp["rewards"], self.opts.num_generations, self.opts.scale_advantages)
         return {"advantages": advantages}
 
+    def rows_units(self, exp: dict, rows: Any) -> dict:
+        """dapo averages over completion tokens; grpo (a mean of per-sequence means) and dr_grpo
+        (each sequence's sum over a constant length) over sequences."""
+        if self.opts.loss == "dapo":
+            return {"tokens": exp["completion_mask"][rows].sum()}
+        return {"sequences": len(rows)}
+
     def loss(self, module: Any, exp: dict, rows: Any) -> tuple[Any, dict]:
         opts = self.opts
         stats = self.policy_stats(module, exp, rows)

@@ -80,9 +80,6 @@ class OnlineObjective:
     # -- set-up --------------------------------------------------------------------------------
     def setup(self, module: Any) -> None:
         module.automatic_optimization = False  # several optimizer steps per rollout batch
-        if self.config.trainer.grad_accum != 1:
-            raise lft.ConfigError("trainer.grad_accum: online methods take several optimizer steps per rollout batch; "
-                                  "leave it at 1 and set the batch size and minibatches instead")
         if not reward_plugins(module.hook):
             raise lft.PluginError("no reward function is selected: add one, e.g. --plugin exact_answer (checks an "
                                   "'answer' column), --plugin reward_model reward_model.path=DIR, or your own reward plugin")
@@ -129,16 +126,39 @@ class OnlineObjective:
     def prepare(self, module: Any, exp: dict) -> dict:
         return {}
 
-    def loss(self, module: Any, exp: dict, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def loss(self, module: Any, exp: dict, rows: torch.Tensor) -> tuple[Any, dict]:
+        """``(loss, metrics)`` of the experience ``rows``: the loss as means over the units that
+        ``rows_units`` counts (one tensor for one unit, or ``{unit: mean}``), as in ``lft.objective``."""
         raise NotImplementedError
+
+    def rows_units(self, exp: dict, rows: torch.Tensor) -> dict:
+        """What the loss of ``rows`` averages over (``lft.objective``): completion tokens by default."""
+        return {"tokens": exp["completion_mask"][rows].sum()}
 
     def finished(self, module: Any) -> bool:
         max_steps = self.config.trainer.max_steps
         return max_steps > 0 and module.global_step >= max_steps
 
-    def optimizer_step(self, module: Any, loss: torch.Tensor) -> None:
+    def update(self, module: Any, exp: dict, rows: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+        """One optimizer step on the experience ``rows``, in ``trainer.grad_accum`` micro-batches.
+        Each micro-batch's loss is weighted by its share of the units of the whole step, counted
+        over every process (one all-reduce), so the update is that of all the rows as one batch
+        whatever the micro-batching or the number of processes. Returns the step's loss."""
+        from lft.objective import add_units, as_units, reduce_units, step_share
+
         optimizer = module.optimizers()
-        module.manual_backward(loss)
+        micro = [part for part in torch.tensor_split(rows, min(self.config.trainer.grad_accum, len(rows))) if len(part)]
+        counts = [as_units(self.rows_units(exp, part)) for part in micro]
+        strategy = module.trainer.strategy if module._trainer is not None else None
+        totals = reduce_units(add_units(counts), strategy)
+        world = module.trainer.world_size if module._trainer is not None else 1
+        total, collected = torch.zeros(()), []
+        for part, units in zip(micro, counts):
+            loss, metrics = self.loss(module, exp, part)
+            share = step_share(loss, units, totals)
+            module.manual_backward(share * world)  # DDP averages the processes' gradients
+            total = total + share.detach().float().cpu() * world
+            collected.append({k: float(v) for k, v in metrics.items()})
         if self.config.trainer.max_grad_norm:
             module.clip_gradients(optimizer, gradient_clip_val=self.config.trainer.max_grad_norm,
                                   gradient_clip_algorithm="norm")
@@ -147,6 +167,7 @@ class OnlineObjective:
         scheduler = module.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+        return total, collected
 
     def training_step(self, module: Any, exp: dict) -> tuple[torch.Tensor, dict]:
         started = time.perf_counter()
@@ -159,10 +180,9 @@ class OnlineObjective:
             for start in range(0, n, size):
                 if self.finished(module):
                     break
-                loss, metrics = self.loss(module, exp, order[start: start + size])
-                self.optimizer_step(module, loss)
-                losses.append(loss.detach())
-                collected.append({k: float(v) for k, v in metrics.items()})
+                loss, metrics = self.update(module, exp, order[start: start + size])
+                losses.append(loss)
+                collected.extend(metrics)
         update_s = time.perf_counter() - started
         metrics = self.step_metrics(exp, update_s, module.global_step)
         for key in collected[0] if collected else []:

@@ -26,6 +26,7 @@ from lft import reference as refmod
 from lft.config import Section
 from lft.losses.preference import PairLogps, PairLoss
 from lft.modeling import token_logprobs
+from lft.objective import Objective, trained_tokens
 
 log = logging.getLogger("lft")
 IGNORE = -100
@@ -152,8 +153,9 @@ class DisplacementWatch:
         return None
 
 
-class PreferenceObjective:
-    """``(module, batch) -> (loss, metrics)`` for a pairwise loss over summed completion log-probs."""
+class PreferenceObjective(Objective):
+    """``(module, batch) -> (loss, metrics)`` for a pairwise loss over summed completion log-probs.
+    The loss is a mean over pairs, plus any NLL term's mean over the chosen completions' tokens."""
 
     def __init__(self, loss: Any, chunk: int = 1024):
         self.loss = loss
@@ -168,6 +170,9 @@ class PreferenceObjective:
         if message not in self.warnings:
             self.warnings.append(message)
             log.warning("warning: %s", message)
+
+    def units(self, batch: dict) -> dict:
+        return {"pairs": batch["chosen_input_ids"].shape[0], "chosen_tokens": trained_tokens(batch["chosen_labels"])}
 
     def reference_logps(self, model: Any, batch: dict, pad_id: int) -> dict[str, torch.Tensor]:
         sums, _ = pair_logps(model, batch, pad_id, self.chunk)
@@ -196,7 +201,7 @@ class PreferenceObjective:
         metrics = self.metrics(pairs, out)
         if module.model.training:
             self.observe(module, pairs, out)
-        return out.loss, metrics
+        return out.by_unit(), metrics
 
     @staticmethod
     def metrics(pairs: PairLogps, out: PairLoss) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from pydantic import Field
 import lft
 from lft.adapters import value_head
 from lft.losses.bradley_terry import BradleyTerryLoss
+from lft.objective import Objective
 from lft.plugins.preference import Preference, PreferenceOptions, concatenated
 
 
@@ -26,14 +27,15 @@ class RewardOptions(PreferenceOptions):
                                       "when a row has it; empty to ignore.")
 
 
-class RewardObjective:
+class RewardObjective(Objective):
     """Bradley-Terry loss on the value head's rewards for the chosen and rejected sequences,
-    which go through the backbone together in one forward pass."""
-
-    needs_reference = False
+    which go through the backbone together in one forward pass. A mean over pairs."""
 
     def __init__(self, loss: BradleyTerryLoss):
         self.loss = loss
+
+    def units(self, batch: dict) -> dict:
+        return {"pairs": batch["chosen_input_ids"].shape[0]}
 
     def setup(self, module: Any) -> None:
         if value_head.is_quantized(module.model):

@@ -16,6 +16,7 @@ from lft import chat, task
 from lft.config import Section
 from lft.losses.sft import masked_nll
 from lft.modeling import token_logprobs
+from lft.objective import Objective, trained_tokens
 
 
 class SFTOptions(Section):
@@ -27,10 +28,11 @@ class SFTOptions(Section):
     use_chat_template: bool = Field(True, description="Format prompt/completion strings as a user and an assistant turn.")
 
 
-class SFTObjective:
+class SFTObjective(Objective):
     """Token-level mean NLL of the trained tokens, computed in chunks over the vocabulary."""
 
-    needs_reference = False
+    def units(self, batch: dict) -> dict:
+        return {"tokens": trained_tokens(batch["labels"])}
 
     def __call__(self, module: Any, batch: dict) -> tuple[Any, dict]:
         logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
