@@ -122,6 +122,12 @@ class LftModule(L.LightningModule):
                 self.log(f"train/{key}", value, logger=True, batch_size=1)
         return loss
 
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """The step's gradient norm, before clipping, joins the step's metrics (automatic
+        optimization; objectives that step themselves report their own)."""
+        if self.automatic_optimization:
+            self.last_metrics["grad_norm"] = gradient_norm(self.parameters())
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics = self.compute(batch)
         size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else 1
@@ -158,6 +164,14 @@ class LftModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "lft_objective" in checkpoint and hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(checkpoint["lft_objective"])
+
+
+def gradient_norm(parameters: Any) -> float:
+    """The L2 norm of all the gradients of ``parameters`` together (0 when there are none)."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def combine_terms(loss: Any) -> torch.Tensor:

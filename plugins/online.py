@@ -23,6 +23,7 @@ from lft.config import Section
 from lft.data import pad_collate
 from lft.losses.ppo import kl_estimate, masked_mean
 from lft.modeling import completion_stats
+from lft.module import gradient_norm
 from lft.rewards import reward_plugins
 from lft.rollout import RESERVED, RolloutSettings, experience
 
@@ -159,6 +160,7 @@ class OnlineObjective:
             module.manual_backward(share * world)  # DDP averages the processes' gradients
             total = total + share.detach().float().cpu() * world
             collected.append({k: float(v) for k, v in metrics.items()})
+        collected[-1]["grad_norm"] = gradient_norm(module.parameters())  # before clipping
         if self.config.trainer.max_grad_norm:
             module.clip_gradients(optimizer, gradient_clip_val=self.config.trainer.max_grad_norm,
                                   gradient_clip_algorithm="norm")
@@ -185,8 +187,9 @@ class OnlineObjective:
                 collected.extend(metrics)
         update_s = time.perf_counter() - started
         metrics = self.step_metrics(exp, update_s, module.global_step)
-        for key in collected[0] if collected else []:
-            metrics[key] = sum(c[key] for c in collected) / len(collected)
+        for key in {k for c in collected for k in c}:
+            values = [c[key] for c in collected if key in c]
+            metrics[key] = sum(values) / len(values)
         self.log_samples(module, exp)
         return torch.stack(losses).mean() if losses else torch.zeros(()), metrics
 

@@ -43,7 +43,8 @@ CASES: dict[str, tuple[list[str], str, dict]] = {
     "third_party": ([], "sft", {}),
 }
 #: ``shape: (batch size, gradient accumulation, processes, attention)``; 8 rows per optimizer step.
-SHAPES = {"one": (8, 1, 1, "sdpa"), "accum": (2, 4, 1, "sdpa"), "ddp": (4, 1, 2, "sdpa"), "eager": (8, 1, 1, "eager")}
+SHAPES = {"one": (8, 1, 1, "sdpa"), "accum": (2, 4, 1, "sdpa"), "ddp": (4, 1, 2, "sdpa"), "eager": (8, 1, 1, "eager"),
+          "trajectory": (4, 2, 1, "sdpa")}
 ONLINE_MICRO = 4  # an online case's "accum" shape: batch 8, its update in 4 micro-batches
 
 
@@ -141,7 +142,7 @@ class SequenceNLL(lft.plugins.sft.SFT):
 
 
 class Probe:
-    """Records the first step's gradients, each step's loss and gradient norm, and the weights."""
+    """Records the first step's gradients and the weights before and after training."""
 
     name = "test-invariance-probe"
     kind = "extension"
@@ -155,7 +156,7 @@ class Probe:
 
         class Recorder(L.Callback):
             def __init__(self) -> None:
-                self.record: dict[str, Any] = {"grad_norms": [], "grads": None}
+                self.record: dict[str, Any] = {"grads": None}
 
             def trainable(self, module: Any) -> dict:
                 return {n: p for n, p in module.named_parameters() if p.requires_grad}
@@ -164,10 +165,9 @@ class Probe:
                 self.record["init"] = {n: p.detach().clone() for n, p in self.trainable(module).items()}
 
             def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
-                grads = {n: p.grad.detach().clone() for n, p in self.trainable(module).items() if p.grad is not None}
-                self.record["grad_norms"].append(float(torch.sqrt(sum(g.double().square().sum() for g in grads.values()))))
                 if self.record["grads"] is None:
-                    self.record["grads"] = grads
+                    self.record["grads"] = {n: p.grad.detach().clone() for n, p in self.trainable(module).items()
+                                            if p.grad is not None}
 
             def on_train_end(self, trainer: Any, module: Any) -> None:
                 if trainer.global_rank == 0:
@@ -181,8 +181,8 @@ def config(case: str, shape: str, wrapper: str, model: Path, data: dict[str, Pat
            steps: int = 1) -> dict:
     plugins, form, settings = CASES[case]
     batch, accum, devices, attention = SHAPES[shape]
-    if is_online(case) and shape == "accum":
-        batch, accum = 8, ONLINE_MICRO
+    if is_online(case) and shape in ("accum", "trajectory"):
+        batch, accum = 8, ONLINE_MICRO if shape == "accum" else 2
     cfg = {"model.path": str(model), "model.attn_implementation": attention, "data.train": str(data[form]),
            "data.eval_split": 0, "output": str(output), "overwrite": True, "plugins": [*plugins, wrapper],
            "trainer.max_steps": steps, "trainer.lr": 1e-3, "trainer.batch_size": batch, "trainer.grad_accum": accum,
@@ -194,6 +194,9 @@ def config(case: str, shape: str, wrapper: str, model: Path, data: dict[str, Pat
            "guards.template.enabled": False, "guards.lint.enabled": False, "guards.contamination.enabled": False}
     if wrapper == "lora":
         cfg["lora.dropout"] = 0.0
+    if shape == "trajectory":  # 20 steps: clipped, as users train, and gentler on fixed experience
+        cfg["trainer.max_grad_norm"] = 1.0
+        cfg["trainer.lr"] = 1e-4 if is_online(case) else 1e-3
     if is_online(case):
         section = plugins[0]
         cfg.update({f"{section}.max_new_tokens": 6, f"{section}.samples_to_log": 0, "data.max_eval_rows": 2})
@@ -220,10 +223,42 @@ def train(case: str, shape: str, wrapper: str, model: Path, data: dict[str, Path
         return {}
     record = torch.load(record_path)
     record["losses"] = [h["loss"] for h in result.history]
+    record["grad_norms"] = [h["grad_norm"] for h in result.history]  # before clipping
     return record
 
 
-if __name__ == "__main__":  # one process per DDP rank runs this
+#: The reference trajectory: these cases, 20 optimizer steps each, 4 x 2 accumulated micro-batches.
+TRAJECTORY = {"sft": "full", "sft_lora": "lora", "dpo": "full", "orpo": "full", "simpo": "full", "reward": "full",
+              "grpo": "full", "ppo": "full"}
+TRAJECTORY_STEPS = 20
+TRAJECTORY_FILE = Path(__file__).parent / "reference_trajectory.json"
+
+
+def trajectory(root: Path) -> dict[str, dict[str, list[float]]]:
+    """Per-step losses and gradient norms of each ``TRAJECTORY`` case on the pinned model."""
+    model = root / "model"
+    if not model.exists():
+        write_pinned_model(model)
+    data = write_data(root / "data")
+    out = {}
+    for name, wrapper in TRAJECTORY.items():
+        case = name.removesuffix("_lora")
+        record = train(case, "trajectory", wrapper, model, data, root / f"trajectory-{name}", steps=TRAJECTORY_STEPS)
+        out[name] = {"loss": [round(x, 7) for x in record["losses"]],
+                     "grad_norm": [round(x, 7) for x in record["grad_norms"]]}
+    return out
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--write-trajectory"]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        found = trajectory(Path(tmp))
+    lines = [f'  "{name}": {{\n    "loss": {json.dumps(v["loss"])},\n    "grad_norm": {json.dumps(v["grad_norm"])}\n  }}'
+             for name, v in found.items()]
+    TRAJECTORY_FILE.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
+    print(f"wrote {TRAJECTORY_FILE}")
+elif __name__ == "__main__":  # one process per DDP rank runs this
     cases, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     model, data = out / "model", write_data(out / "data")
