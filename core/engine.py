@@ -245,7 +245,7 @@ class Run:
                                     evaluate.Settings.from_config(self.config))
         if "eval_tokens" in measured:  # SFT rows: eval_loss becomes the NLL per token over the whole set
             out.pop("eval_nll", None)
-            if "eval_loss" in out:  # the objective's loss averaged per batch, as the guards' evaluations see it
+            if "eval_loss" in out:  # the objective's own loss, as the guards' evaluations see it
                 out["eval_objective_loss"] = out.pop("eval_loss")
         return {**out, **measured}
 

@@ -128,10 +128,29 @@ class LftModule(L.LightningModule):
         if self.automatic_optimization:
             self.last_metrics["grad_norm"] = gradient_norm(self.parameters())
 
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums: dict[str, float] = {}
+        self._eval_counts: dict[str, float] = {}
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, metrics = self.compute(batch)
-        size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else 1
-        self.log("eval/loss", loss.detach(), on_epoch=True, on_step=False, batch_size=size, sync_dist=True)
+        """Adds up each loss term times its units, so the held-out loss is that of the whole set
+        as one batch (as ``lft.evaluate.objective_loss`` computes it after training)."""
+        from lft.objective import units_of
+
+        loss, _ = self.objective(self, batch)
+        units = units_of(self.objective, batch)
+        terms = loss if isinstance(loss, dict) else {next(iter(units)): loss}
+        for unit, mean in terms.items():
+            self._eval_sums[unit] = self._eval_sums.get(unit, 0.0) + float(mean) * float(units[unit])
+            self._eval_counts[unit] = self._eval_counts.get(unit, 0.0) + float(units[unit])
+
+    def on_validation_epoch_end(self) -> None:
+        keys = sorted(self._eval_sums)
+        if not keys:
+            return
+        # Every process evaluates all the held-out rows (no distributed sampler), so nothing to reduce.
+        loss = sum(self._eval_sums[k] / max(self._eval_counts[k], 1.0) for k in keys)
+        self.log("eval/loss", loss, on_epoch=True, on_step=False, batch_size=1)
 
     def configure_optimizers(self) -> Any:
         cfg = self.config.trainer

@@ -47,7 +47,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(lft_run, eight_rows,
     assert summary["steps"] == finding["data"]["points"][-1]["step"] < 60
     assert any(p.startswith(f"stopped early at step {summary['steps']}") for p in finding["problems"])
     assert any(p == f"restored the weights of step {best['step']} (best eval loss)" for p in finding["problems"])
-    # the saved model is the best (the guard measures the objective's loss, averaged per batch)
+    # the saved model is the best (the guard measures the objective's loss over the whole held-out set)
     assert summary["after"]["eval_objective_loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
 
 
