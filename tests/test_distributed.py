@@ -73,10 +73,10 @@ def test_two_process_ddp_on_cpu_matches_one_process(tmp_path, lft_tiny_model, lf
     records = [json.loads(line) for line in (ddp_out / "metrics.jsonl").read_text().splitlines()]
     ddp_losses = [r for r in records if "loss" in r]  # the rest are the guards' eval records
     assert [r["step"] for r in ddp_losses] == [1, 2, 3, 4, 5, 6]  # one line per step: only rank 0 writes
-    # same global batch (2 x 2 vs 1 x 4): the loss is the mean over both processes; the gradient
-    # differs only in how the token-mean is weighted between the two halves of the batch
-    assert [r["loss"] for r in ddp_losses] == pytest.approx([h["loss"] for h in single.history], rel=2e-2)
-    assert ddp_summary["after"]["eval_loss"] == pytest.approx(single.metrics["after"]["eval_loss"], rel=1e-2)
+    # same global batch (2 x 2 vs 1 x 4): every trained token weighs the same across the processes,
+    # so the two runs are the same run (tests/test_invariance.py compares their gradients)
+    assert [r["loss"] for r in ddp_losses] == pytest.approx([h["loss"] for h in single.history], rel=1e-5)
+    assert ddp_summary["after"]["eval_loss"] == pytest.approx(single.metrics["after"]["eval_loss"], rel=1e-5)
     assert ddp_summary["after"]["eval_loss"] < 0.98 * ddp_losses[0]["loss"]
     assert [p.name for p in (ddp_out / "logs").iterdir()] == ["version_0"]
     assert (ddp_out / "final" / "adapter_model.safetensors").is_file()
