@@ -240,11 +240,12 @@ class ResumableLoader(DataLoader):
 
     Lightning saves ``state_dict()`` in its checkpoints and calls ``load_state_dict`` on resume.
 
-    With an ``objective`` (whose ``units(batch)`` counts what its loss averages over), each batch also carries, under ``STEP_KEY``,
-    the counts of the optimizer step it belongs to: the ``accumulate`` consecutive batches of the
-    epoch that are accumulated into one update (the last step of an epoch may have fewer). The
-    step's batches are collated together when its first one is served, so the counts of the
-    whole step are known before its first forward pass (see ``lft.objective``).
+    With an ``objective`` (whose ``units(batch)`` counts what its loss averages over), each
+    batch also carries, under ``STEP_KEY``, the counts of the optimizer step it belongs to: the
+    ``accumulate`` consecutive batches of the epoch that are accumulated into one update (the
+    last step of an epoch may have fewer). The step's batches are collated together when its
+    first one is served, so the counts of the whole step are known before its first forward
+    pass (see ``lft.objective``).
     """
 
     #: With ``lengths``, the shuffled order is cut into groups of this many batches, each group is
@@ -380,7 +381,8 @@ class LftDataModule(L.LightningDataModule):
             counted = self.objective is not None and not callable(getattr(self.objective, "training_step", None))
             self._train_loader = ResumableLoader(self.train_features, cfg.batch_size, self.collate, cfg.seed,
                                                  rank=rank, world_size=world, lengths=lengths,
-                                                 accumulate=cfg.grad_accum, objective=self.objective if counted else None)
+                                                 accumulate=cfg.grad_accum,
+                                                 objective=self.objective if counted else None)
         return self._train_loader
 
     def val_dataloader(self) -> DataLoader:

@@ -138,7 +138,7 @@ def objective_loss(module: Any, loader: Iterable[dict]) -> dict:
     completions for online methods), where ``measure`` gives method-independent numbers. The
     loss is that of the whole set as one batch (each term weighted by the units it averages over,
     see ``lft.objective``); the metrics are weighted by batch size."""
-    from lft.objective import units_of
+    from lft.objective import batch_rows, units_of
 
     model = module.model
     totals: dict[str, float] = {}
@@ -157,7 +157,7 @@ def objective_loss(module: Any, loader: Iterable[dict]) -> dict:
                 for unit, mean in terms.items():
                     sums[unit] = sums.get(unit, 0.0) + float(mean) * float(units[unit])
                     counts[unit] = counts.get(unit, 0.0) + float(units[unit])
-                size = next((int(v.shape[0]) for k, v in batch.items() if k.endswith("input_ids") and torch.is_tensor(v)), 1)
+                size = batch_rows(batch)
                 seen += size
                 for key, value in (metrics or {}).items():
                     if "tokens" in key:  # counts, not quality metrics

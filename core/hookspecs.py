@@ -115,7 +115,11 @@ def lft_loss(config: Any) -> Any:
     :param config: the validated ``RunConfig``.
     :return: an object callable as ``objective(module, batch) -> (loss, metrics)``, where
         ``module`` is the ``LftModule`` (the model is ``module.model``), ``loss`` a scalar
-        tensor and ``metrics`` a dict of floats or 0-d tensors to log. It may set
+        tensor (a mean over the batch's units) or a dict ``{unit: mean}`` of terms averaged over
+        different units, and ``metrics`` a dict of floats or 0-d tensors to log. Its
+        ``units(batch)`` says what the loss averages over (``{"tokens": n}``, ``{"pairs": n}``,
+        ...; rows when it has none), so that lft weighs every unit of an optimizer step the same
+        across micro-batches and processes (``lft.objective``, the base class to subclass). It may set
         ``needs_reference = True`` to ask the engine for a reference policy, which it then finds
         as ``module.reference`` (``lft.reference.ReferencePolicy``), and ``rollout``
         (``lft.rollout.RolloutSettings``) to have the core's ``lft_rollout`` generate its

@@ -20,6 +20,8 @@ class LftModule(L.LightningModule):
     """Wraps the model, the objective and the run's hook relay.
 
     Objectives read ``module.model``, ``module.tokenizer``, ``module.config`` and ``module.hook``.
+    Each micro-batch's loss is weighted by its share of the units (``objective.units``) of its
+    whole optimizer step, over every process, as ``lft.objective`` describes.
     An objective with ``needs_reference = True`` also gets ``module.reference``, the model as it
     was before training (``lft.reference.ReferencePolicy``), taken in ``setup``.
     An objective may define ``setup(module)`` (called once before training) and

@@ -97,7 +97,7 @@ class WithChosenNLL:
         out = self.loss(logps)  # type: ignore[operator]
         nll = chosen_nll(logps)
         terms = out.by_unit()
-        terms["chosen_tokens"] = terms["chosen_tokens"] + self.weight * nll if "chosen_tokens" in terms else self.weight * nll
+        terms["chosen_tokens"] = terms.get("chosen_tokens", 0.0) + self.weight * nll
         out.loss = out.loss + self.weight * nll
         out.terms = terms
         out.metrics = {**out.metrics, "nll": nll.detach()}

@@ -254,8 +254,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--write-trajectory"]:
 
     with tempfile.TemporaryDirectory() as tmp:
         found = trajectory(Path(tmp))
-    lines = [f'  "{name}": {{\n    "loss": {json.dumps(v["loss"])},\n    "grad_norm": {json.dumps(v["grad_norm"])}\n  }}'
-             for name, v in found.items()]
+    lines = [f'  "{name}": {{\n    "loss": {json.dumps(v["loss"])},\n'
+             f'    "grad_norm": {json.dumps(v["grad_norm"])}\n  }}' for name, v in found.items()]
     TRAJECTORY_FILE.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
     print(f"wrote {TRAJECTORY_FILE}")
 elif __name__ == "__main__":  # one process per DDP rank runs this

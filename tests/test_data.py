@@ -119,3 +119,28 @@ def test_length_grouped_batches_cut_padding_and_resume():
     resumed.load_state_dict(fresh.state_dict())
     assert seen + list(resumed) == grouped
     assert list(resumed) != grouped
+
+
+def test_the_loader_counts_each_optimizer_steps_units_before_its_first_batch():
+    """7 batches of 2 rows, 3 accumulated per step: steps of 3, 3 and 1 micro-batches, each
+    batch tagged with its own count and its step's total (the rows' token counts here)."""
+    from lft.objective import Objective
+
+    class Tokens(Objective):
+        def units(self, batch):
+            return {"tokens": sum(batch["n"])}
+
+    items = [{"n": n} for n in range(1, 15)]
+    collate = lambda rows: {"n": [r["n"] for r in rows]}  # noqa: E731
+    loader = data.ResumableLoader(items, 2, collate, seed=0, shuffle=False, accumulate=3, objective=Tokens())
+    batches = list(loader)
+    steps = [b[data.STEP_KEY] for b in batches]
+    assert [s["size"] for s in steps] == [3, 3, 3, 3, 3, 3, 1]
+    assert [s["step"] for s in steps] == [1, 1, 1, 2, 2, 2, 3]
+    assert [float(s["units"]["tokens"]) for s in steps] == [sum(b["n"]) for b in batches]
+    assert [float(s["totals"]["tokens"]) for s in steps] == [21.0] * 3 + [57.0] * 3 + [27.0]
+    resumed = data.ResumableLoader(items, 2, collate, seed=0, shuffle=False, accumulate=3, objective=Tokens())
+    resumed.load_state_dict({"epoch": 0, "consumed": 4})  # killed inside the second step
+    rest = list(resumed)
+    assert [b["n"] for b in rest] == [b["n"] for b in batches[4:]]
+    assert float(rest[0][data.STEP_KEY]["totals"]["tokens"]) == 57.0  # the whole step is counted

@@ -117,3 +117,18 @@ def test_step_share_is_the_token_mean_of_the_whole_step() -> None:
         step_share(torch.tensor(1.0), {"pairs": 2, "chosen_tokens": 5}, {"pairs": 4, "chosen_tokens": 9})
     with pytest.raises(ValueError, match="does not count"):
         step_share({"rows": torch.tensor(1.0)}, {"tokens": 2}, {"tokens": 4})
+
+
+def test_a_short_last_step_of_each_epoch_is_one_step_too(workdir: Path, tmp_path: Path) -> None:
+    """10 rows: each epoch is a step of 8 rows and a step of 2. In 2 x 4 micro-batches the
+    second step holds one micro-batch, and its rows still weigh as in a batch of 8 (three
+    epochs, so the steps stay aligned with the epochs)."""
+    rows = [json.loads(line) for line in (workdir / "data" / "sft.jsonl").read_text().splitlines()]
+    rows += [{"prompt": "One more.", "completion": "the answer is fifteen"}, {"prompt": "Last.", "completion": "sums"}]
+    data = {"sft": tmp_path / "ten.jsonl"}
+    data["sft"].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    one = inv.train("sft", "one", "full", workdir / "model", data, tmp_path / "one", steps=6)
+    accum = inv.train("sft", "accum", "full", workdir / "model", data, tmp_path / "accum", steps=6)
+    assert accum["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert accum["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-5)
+    assert relative(one["weights"], accum["weights"]) < 1e-5
