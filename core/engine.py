@@ -173,6 +173,7 @@ class Run:
             raise ModelError("no plugin could load the model")
         model, tokenizer = loaded
         self.guards.generation_config = getattr(model, "generation_config", None)
+        self.guards.model = model  # the base, before any wrapping
         self.summary["model"] = getattr(getattr(model, "config", None), "_name_or_path", "") or str(self.config.model.path)
         return model, tokenizer
 

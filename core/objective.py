@@ -27,6 +27,8 @@ from typing import Any, Mapping, Protocol, Union, runtime_checkable
 
 import torch
 
+#: The label of a token that is not trained (the prompt, padding): the value torch's losses skip.
+IGNORE_INDEX = -100
 #: Counts of the units a loss averages over, in one micro-batch or one step.
 Units = Mapping[str, Union[torch.Tensor, int, float]]
 #: A loss: the mean over one unit, or ``{unit: mean}`` for a sum of terms over several units.
@@ -70,7 +72,7 @@ def batch_rows(batch: Mapping[str, Any]) -> int:
     return int(first.shape[0]) if first is not None else 1
 
 
-def trained_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def trained_tokens(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Tokens a causal LM is trained to predict in ``labels``: those after the first position
     (the model predicts position t + 1 from t) that are not ``ignore_index``."""
     return (labels[..., 1:] != ignore_index).sum()

@@ -111,6 +111,12 @@ def build(summary: dict, history: list[dict]) -> list[tuple]:
         base += [""] * (len(answers) - len(base))
         rows = [(" ".join(b.split()), " ".join(a.split())) for a, b in zip(answers, base)]
         blocks += [("h", "Sampled answers to held-out prompts"), ("table", ["base model", "tuned model"], rows)]
+    behaviour = next((g["data"].get("everyday") for g in guards if g["guard"] == "forgetting" and g.get("data")), None)
+    if behaviour and behaviour.get("worst"):
+        rows = [(r["prompt"], " ".join(r["base"].split()), " ".join(r["tuned"].split()), ", ".join(r["tuned_signals"]))
+                for r in behaviour["worst"]]
+        blocks += [("h", "Everyday prompts where the tuned model degenerated"),
+                   ("table", ["prompt", "base model", "tuned model", "signs"], rows)]
     plots = charts(history, (summary.get("before") or {}).get("eval_loss"))
     if plots:
         blocks.append(("h", "Curves"))

@@ -119,7 +119,8 @@ def lft_prompt_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 #: Settings that make a run on the tiny model quick and deterministic.
 FAST = ["trainer.precision=32-true", "trainer.checkpoint_every=0", "eval.task=none", "eval.before=false",
         "data.max_eval_rows=16", "guards.repetition.samples=4", "guards.repetition.max_new_tokens=16",
-        "guards.forgetting.samples=4", "guards.forgetting.max_new_tokens=16"]
+        "guards.forgetting.samples=4", "guards.forgetting.max_new_tokens=16",
+        "guards.forgetting.everyday=4", "guards.forgetting.conversations=2", "guards.forgetting.answer_tokens=16"]
 
 
 @pytest.fixture

@@ -156,7 +156,7 @@ def test_default_data_and_settings_are_valid(lft_pref_data):
     manager = PluginManager()
     config = config_class(plugin_sections(manager))()
     config.trainer.batch_size = 2  # set by the user: kept
-    forms = {"dpo": "pref", "orpo": "pref", "simpo": "pref", "reward": "pref", "grpo": "prompts", "ppo": "prompts"}
+    forms = {"sft": "sft", "dpo": "pref", "orpo": "pref", "simpo": "pref", "reward": "pref", "grpo": "prompts", "ppo": "prompts"}
     for name, form in forms.items():
         default = manager.infos[name].obj.lft_default_data(config=config)
         assert default["train"] == str(task.path(form, "train")) and default["eval"] == str(task.path(form, "eval"))
@@ -167,6 +167,11 @@ def test_default_data_and_settings_are_valid(lft_pref_data):
         assert not any(item.startswith("trainer.batch_size=") for item in run.summary.get("default_data_settings", []))
         if "trainer.max_steps" in default["settings"]:
             assert run.config.trainer.max_steps == default["settings"]["trainer.max_steps"]
+    sft = Run.__new__(Run)
+    sft.config, sft.summary, sft.console = config.model_copy(deep=True), {}, type("C", (), {"print": print})()
+    sft.apply_settings(manager.infos["sft"].obj.lft_default_data(config=config)["settings"])
+    # the default job keeps its everyday answers with a tenth of the base's own answers mixed in
+    assert sft.config.guards.forgetting.mix_ratio == 0.1 and sft.config.guards.forgetting.mix_data == "self"
     grpo = manager.infos["grpo"].obj.lft_default_data(config=config)["settings"]
     # Measured on the embedded task: at T=1 the instruct model's samples are right about 3% of the time.
     assert grpo["grpo.temperature"] < 1 and grpo["grpo.num_generations"] >= 8

@@ -45,8 +45,8 @@ def _forked_rng(model: Any, seed: int):
 
 def sample(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, temperature: float,
            seed: int, batch_size: int = 16) -> list[tuple[list[int], bool]]:
-    """Sample one completion per prompt (token ids, left-padded batches). Returns each completion's
-    ids, cut after the first end-of-turn token, and whether it stopped there."""
+    """Sample one completion per prompt (token ids, left-padded batches; greedy at temperature 0).
+    Returns each completion's ids, cut after the first end-of-turn token, and whether it stopped there."""
     stop = chat.end_of_turn_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
@@ -60,9 +60,11 @@ def sample(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens:
             for i, p in enumerate(chunk):
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
-            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                                       temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                       eos_token_id=sorted(stop) or None, pad_token_id=pad)
+            how = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0
+                   else dict(do_sample=False, temperature=None, top_k=None, top_p=None))  # greedy
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **how,
+                                       max_new_tokens=max_new_tokens, eos_token_id=sorted(stop) or None,
+                                       pad_token_id=pad)
             for row in generated[:, width:].tolist():
                 end = next((i for i, t in enumerate(row) if t in stop), None)
                 out.append((row[: end + 1], True) if end is not None else (row, False))

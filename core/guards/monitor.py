@@ -17,7 +17,7 @@ import lightning as L
 
 from lft import chat, task
 from lft.data import read_rows
-from lft.guards import measure
+from lft.guards import everyday, measure
 from lft.guards.findings import Finding, add_to_summary, skipped
 
 GENERAL_RETAIN = task.ASSETS / "general-retain.jsonl"
@@ -140,6 +140,33 @@ class GuardMonitor(L.Callback):
                 out["repetition"]["answers"] = [module.tokenizer.decode(s, skip_special_tokens=True) for s, _ in samples[:3]]
         if self.opts.on("forgetting") and (base is None or "forgetting" in base):
             out["forgetting"] = self._retain(module, base["forgetting"] if base else None, seed)
+        if self.opts.on("forgetting") and self.opts.forgetting.everyday and (base is None or "everyday" in base):
+            out["everyday"] = self._everyday(module, trainer, base["everyday"] if base else None, seed)
+        return out
+
+    def _everyday(self, module: Any, trainer: L.Trainer, base: dict | None, seed: int) -> dict:
+        """Greedy answers to the everyday prompts and to two-turn conversations that start with one
+        of the task's exchanges; for the base model, the task's format too (``everyday``)."""
+        opts, tokenizer = self.opts.forgetting, module.tokenizer
+        if base is None:
+            questions = everyday.read_prompts(opts.prompts, opts.everyday)
+            prompt_ids = [list(tokenizer(chat.prompt_text(tokenizer, q), add_special_tokens=False)["input_ids"])
+                          for q in questions]
+            features = getattr(getattr(trainer, "datamodule", None), "train_features", None) or []
+            second = [q for q in questions if isinstance(q, str)]
+            conversation_ids = everyday.conversations(tokenizer, features, second, opts.conversations)
+            shown = [q if isinstance(q, str) else str(q[-1].get("content", q)) for q in questions]
+            asked = {"everyday": shown,
+                     "conversation": [f"(after a task exchange) {q}" for q in second[:len(conversation_ids)]]}
+        else:
+            prompt_ids, conversation_ids, asked = base["prompt_ids"], base["conversation_ids"], base["questions"]
+        out = {"prompt_ids": prompt_ids, "conversation_ids": conversation_ids, "questions": asked,
+               "everyday": everyday.answer(module.model, tokenizer, prompt_ids, opts.answer_tokens, seed),
+               "conversation": everyday.answer(module.model, tokenizer, conversation_ids, opts.answer_tokens, seed)}
+        if base is None:
+            features = getattr(getattr(trainer, "datamodule", None), "train_features", None) or []
+            out["signature"] = everyday.task_signature(everyday.task_answers(tokenizer, features),
+                                                       [a["text"] for a in out["everyday"]])
         return out
 
     def _held_out_prompts(self, trainer: L.Trainer, limit: int) -> list[list[int]]:
@@ -219,20 +246,41 @@ class GuardMonitor(L.Callback):
         return finding
 
     def _forgetting(self) -> Finding:
-        base, after = self.base.get("forgetting"), self.after.get("forgetting")
-        if not base or not after:
+        base, after = self.base.get("forgetting") or {}, self.after.get("forgetting") or {}
+        if not (base and after) and not (self.base.get("everyday") and self.after.get("everyday")):
             return skipped("forgetting", self.notes.get("model", "not measured"))
         opts = self.opts.forgetting
-        kl = measure.kl_per_token(base["logprobs"], after["logprobs"]) if base["logprobs"] else None
+        kl = measure.kl_per_token(base["logprobs"], after["logprobs"]) if base.get("logprobs") and after else None
         ppl0, ppl1 = base.get("perplexity"), after.get("perplexity")
         parts = []
         if ppl0 and ppl1:
             parts.append(f"general-text perplexity {ppl0:.4g} -> {ppl1:.4g} ({ppl1 / ppl0 - 1:+.1%})")
         if kl is not None:
             parts.append(f"KL(base||tuned) {kl:.3g} nats/token on {len(base['logprobs'])} base samples")
-        finding = Finding("forgetting", detail=", ".join(parts),
-                          data={"perplexity_before": ppl0, "perplexity_after": ppl1, "kl_per_token": kl})
+        behaviour = None
+        if self.base.get("everyday") and self.after.get("everyday"):
+            behaviour = everyday.compare(self.base["everyday"], self.after["everyday"], self.base["everyday"]["signature"])
+            parts.insert(0, f"degenerate answers to everyday prompts {behaviour['tuned_rate']:.0%} (base "
+                         f"{behaviour['base_rate']:.0%}) of {behaviour['answers']}")
+        data: dict[str, Any] = {"perplexity_before": ppl0, "perplexity_after": ppl1, "kl_per_token": kl}
+        if behaviour is not None:
+            data["everyday"] = {k: v for k, v in behaviour.items() if k != "rows"}
+            from lft.report import write_json
+
+            folder = Path(self.config.output) / "guards"  # where base.json is, in a run
+            if folder.is_dir():  # every answer, base and tuned side by side, with its signs
+                write_json(folder / "everyday.json", behaviour)
+        finding = Finding("forgetting", detail=", ".join(parts), data=data)
         fix = ("mix general data in (guards.forgetting.mix_ratio=0.1), lower the learning rate or train fewer steps")
+        if behaviour is not None and behaviour["tuned_rate"] - behaviour["base_rate"] > opts.max_degenerate_increase:
+            signs = ", ".join(f"{name} {count}" for name, count in sorted(behaviour["by_signal"].items(),
+                                                                          key=lambda kv: -kv[1]))
+            finding.raise_to("warning", f"{behaviour['tuned_rate']:.0%} of the tuned model's answers to everyday "
+                             f"prompts degenerate (base {behaviour['base_rate']:.0%}; {signs}): it is forgetting how "
+                             f"to answer outside its task; {fix}")
+            for row in behaviour["worst"][:3]:
+                finding.examples.append(f"{row['prompt']!r} -> {_clip(row['tuned'])!r} ({', '.join(row['tuned_signals'])}; "
+                                        f"base: {_clip(row['base'])!r})")
         if ppl0 and ppl1 and ppl1 > ppl0 * (1 + opts.max_ppl_increase):
             finding.raise_to("warning", f"perplexity on general text rose {ppl1 / ppl0 - 1:.0%} ({ppl0:.4g} -> "
                              f"{ppl1:.4g}): the model is forgetting general language; {fix}")
@@ -261,6 +309,11 @@ class GuardMonitor(L.Callback):
                              f"{last['train_loss']:.4g}, with a rank of {self.rank}: the adapter may be too small for "
                              f"this shift; try {key}={self.rank * 2}")
         return finding
+
+
+def _clip(text: str, width: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _public(stats: dict) -> dict:

@@ -54,8 +54,17 @@ class RepetitionGuard(Section):
 
 
 class ForgettingGuard(Section):
-    enabled: bool = Field(True, description="Compare the tuned model with the base on general text: perplexity, "
-                          "and KL on the base model's own samples.")
+    enabled: bool = Field(True, description="Compare the tuned model with the base on general text (perplexity, "
+                          "and KL on the base model's own samples) and on the answers to everyday prompts.")
+    prompts: str | None = Field(None, description="Everyday prompts (JSONL rows with 'prompt') that base and tuned "
+                                "answer; empty means lft's shipped set. Keep them apart from the task.")
+    everyday: int = Field(32, ge=0, description="Everyday prompts answered (0 turns the behaviour check off).")
+    conversations: int = Field(8, ge=0, description="Two-turn conversations answered: one of the task's own exchanges, "
+                                "then an everyday question.")
+    answer_tokens: int = Field(96, gt=0, description="Longest answer to an everyday prompt, in tokens (greedy).")
+    max_degenerate_increase: float = Field(0.15, ge=0, le=1, description="Warn when the share of degenerate "
+                                           "answers (loops, counting, the task's format, no stop, collapse) rises "
+                                           "by more than this over the base's.")
     data: str | None = Field(None, description="Rows with 'text' (perplexity) and/or 'prompt' (samples for the KL); "
                              "empty means lft's embedded general text.")
     samples: int = Field(16, ge=1, description="General rows used: their texts for the perplexity, their prompts "
@@ -64,7 +73,8 @@ class ForgettingGuard(Section):
     max_ppl_increase: float = Field(0.2, ge=0, description="Warn when the perplexity rises by more than this fraction.")
     max_kl: float = Field(0.5, ge=0, description="Warn when KL(base || tuned) exceeds this many nats per token.")
     mix_data: str | None = Field(None, description="General rows mixed into the training data when mix_ratio > 0, in "
-                                 "the objective's format; empty means lft's embedded general conversations.")
+                                 "the objective's format; empty means lft's embedded general conversations, and "
+                                 "'self' the base model's own answers to lft's general prompts (SFT).")
     mix_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of the training rows taken from mix_data.")
 
 

@@ -10,12 +10,13 @@ formatting knows (truncation) and stops the run on errors, or on any warning und
 from __future__ import annotations
 
 import math
+import os
 import random
 from typing import Any
 
 from rich.markup import escape
 
-from lft import task
+from lft import chat, task
 from lft.data import Rows, read_rows
 from lft.guards.contamination import check_contamination
 from lft.guards.findings import TITLES, Finding, add_to_summary, enforce
@@ -23,6 +24,11 @@ from lft.guards.lint import lint_rows
 from lft.guards.template import check_template
 
 GENERAL_MIX = task.ASSETS / "general-mix.jsonl"
+#: The prompts the base model answers for ``guards.forgetting.mix_data=self`` (apart from the
+#: everyday prompts the forgetting guard checks, and from the general text it measures).
+GENERAL_PROMPTS = task.ASSETS / "general-prompts.jsonl"
+SELF = "self"
+SELF_SAMPLES = 2  # answers sampled per prompt
 ORDER = ("template", "lint", "contamination")
 
 
@@ -35,6 +41,7 @@ class RunGuards:
         self.opts = config.section("guards")
         self.findings: list[Finding] = []
         self.generation_config: Any = None  # the model's, when loaded: its eos ids are checked
+        self.model: Any = None  # the base model, when loaded: it answers the prompts of mix_data=self
         self.mixed = 0
         self._rows: Rows | None = None
 
@@ -48,7 +55,7 @@ class RunGuards:
                                                 self.selection.objective, opts.template.rows, self.generation_config))
         if opts.on("contamination"):
             train = self.contamination(train, eval_rows)
-        train = self.mix(train)
+        train = self.mix(train, tokenizer)
         if not self.check_only:
             self.eval_cadence(train, eval_rows)
             enforce(self.findings, strict=False)
@@ -79,12 +86,18 @@ class RunGuards:
         self.findings.append(finding)
         return train
 
-    def mix(self, train: Rows) -> Rows:
-        """Mix general rows into the training rows: ``mix_ratio`` of the result comes from ``mix_data``."""
+    def mix(self, train: Rows, tokenizer: Any = None) -> Rows:
+        """Mix general rows into the training rows: ``mix_ratio`` of the result comes from ``mix_data``
+        (``self``: the base model's own answers to general prompts)."""
         opts = self.opts.forgetting
         if opts.mix_ratio <= 0:
             return train
-        general = read_rows(opts.mix_data or str(GENERAL_MIX))
+        if opts.mix_data == SELF:
+            if self.model is None or tokenizer is None:  # lft check loads no model
+                return train
+            general = self.own_answers(tokenizer)
+        else:
+            general = read_rows(opts.mix_data or str(GENERAL_MIX))
         count = round(len(train) * opts.mix_ratio / (1 - opts.mix_ratio))
         order = list(range(len(general)))
         random.Random(self.config.trainer.seed).shuffle(order)
@@ -94,6 +107,48 @@ class RunGuards:
                            f"rows (guards.forgetting.mix_ratio={opts.mix_ratio})[/]")
         return Rows(train.source, train.rows + [general.rows[i] for i in picked],
                     train.where + [general.where[i] for i in picked])
+
+    def own_answers(self, tokenizer: Any) -> Rows:
+        """The base model's answers to lft's general prompts, sampled at temperature 1 (two per
+        prompt, seeded), as conversations, keeping only the answers that stop and do not loop;
+        cached on disk per model, tokenizer and prompts. Training on samples of the base is
+        training toward the base's own distribution outside the task (it lowers KL(base || tuned)
+        on them); greedy answers would sharpen the distribution instead."""
+        import hashlib
+        import json
+
+        from lft.errors import DataError
+        from lft.guards import everyday
+        from lft.models import cache_dir
+        from lft.reference import tokenizer_fingerprint
+
+        opts = self.opts.forgetting
+        prompts = everyday.read_prompts(GENERAL_PROMPTS, 10_000)
+        model_cfg = self.config.model
+        key = hashlib.sha256(json.dumps([str(model_cfg.path), model_cfg.gguf_file, model_cfg.dtype,
+                                         tokenizer_fingerprint(tokenizer), prompts, opts.answer_tokens,
+                                         f"sampled at T=1, {SELF_SAMPLES} per prompt",
+                                         self.config.trainer.seed]).encode())
+        path = cache_dir() / "self-mix" / f"{key.hexdigest()[:20]}.jsonl"
+        if not path.is_file():
+            self.console.print(f"[dim]guards: the base model answers {len(prompts)} general prompts twice for "
+                               f"guards.forgetting.mix_data=self (once; cached)...[/]")
+            asked = [p for p in prompts for _ in range(SELF_SAMPLES)]
+            ids = [list(tokenizer(chat.prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"])
+                   for p in asked]
+            answers = everyday.answer(self.model, tokenizer, ids, opts.answer_tokens, self.config.trainer.seed,
+                                      temperature=1.0)
+            rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a["text"]}]}
+                    for p, a in zip(asked, answers) if a["stopped"] and a["text"] and not everyday.signals(a, [])]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            os.replace(tmp, path)
+        rows = read_rows(str(path)) if path.stat().st_size else None
+        if rows is None:
+            raise DataError(f"guards.forgetting.mix_data=self: none of the base model's answers to {GENERAL_PROMPTS} "
+                            "stopped without looping; give mix_data=FILE with general rows instead")
+        return rows
 
     def eval_cadence(self, train: Rows, eval_rows: Rows | None) -> None:
         """Evaluate during training when the user did not choose an interval, so the overfitting guard
