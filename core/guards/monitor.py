@@ -148,11 +148,11 @@ class GuardMonitor(L.Callback):
         """Greedy answers to the everyday prompts and to two-turn conversations that start with one
         of the task's exchanges; for the base model, the task's format too (``everyday``)."""
         opts, tokenizer = self.opts.forgetting, module.tokenizer
+        features = getattr(getattr(trainer, "datamodule", None), "train_features", None) or []
         if base is None:
             questions = everyday.read_prompts(opts.prompts, opts.everyday)
             prompt_ids = [list(tokenizer(chat.prompt_text(tokenizer, q), add_special_tokens=False)["input_ids"])
                           for q in questions]
-            features = getattr(getattr(trainer, "datamodule", None), "train_features", None) or []
             second = [q for q in questions if isinstance(q, str)]
             conversation_ids = everyday.conversations(tokenizer, features, second, opts.conversations)
             shown = [q if isinstance(q, str) else str(q[-1].get("content", q)) for q in questions]
@@ -164,7 +164,6 @@ class GuardMonitor(L.Callback):
                "everyday": everyday.answer(module.model, tokenizer, prompt_ids, opts.answer_tokens, seed),
                "conversation": everyday.answer(module.model, tokenizer, conversation_ids, opts.answer_tokens, seed)}
         if base is None:
-            features = getattr(getattr(trainer, "datamodule", None), "train_features", None) or []
             out["signature"] = everyday.task_signature(everyday.task_answers(tokenizer, features),
                                                        [a["text"] for a in out["everyday"]])
         return out

@@ -10,7 +10,6 @@ formatting knows (truncation) and stops the run on errors, or on any warning und
 from __future__ import annotations
 
 import math
-import os
 import random
 from typing import Any
 
@@ -117,6 +116,7 @@ class RunGuards:
         import hashlib
         import json
 
+        from lft.checkpoint import atomic_write_text
         from lft.errors import DataError
         from lft.guards import everyday
         from lft.models import cache_dir
@@ -141,9 +141,7 @@ class RunGuards:
             rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a["text"]}]}
                     for p, a in zip(asked, answers) if a["stopped"] and a["text"] and not everyday.signals(a, [])]
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "self-mix cache")
         rows = read_rows(str(path)) if path.stat().st_size else None
         if rows is None:
             raise DataError(f"guards.forgetting.mix_data=self: none of the base model's answers to {GENERAL_PROMPTS} "
