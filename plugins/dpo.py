@@ -46,7 +46,7 @@ class DPO(Preference):
     options = DPOOptions
     #: On the embedded arithmetic pairs the pure loss lowers the chosen answers' likelihood along with the
     #: rejected ones (the task metric falls); the NLL term keeps them likely, so the demo job uses it.
-    default_settings = {**Preference.default_settings, "dpo.nll_weight": 1.0}
+    default_settings = {**Preference.default_settings, "{name}.nll_weight": 1.0}
 
     def loss(self, options: DPOOptions) -> Any:
         cls = VARIANTS[options.loss]
@@ -59,4 +59,6 @@ class DPO(Preference):
     @lft.hookimpl
     def lft_callbacks(self, config: Any) -> Any:
         options = config.section(self.name)
-        return [precompute_callback(options.reference_cache)] if options.precompute_reference else None
+        if not isinstance(options, DPOOptions) or not options.precompute_reference:  # a subclass's own options
+            return None
+        return [precompute_callback(options.reference_cache)]

@@ -281,11 +281,25 @@ class Preference:
 
     @lft.hookimpl
     def lft_add_config(self, register: Any) -> None:
+        if not issubclass(self.options, PreferenceOptions):
+            raise lft.PluginError(f"{type(self).__name__}.options must subclass "
+                                  "lft.plugins.preference.PreferenceOptions (the shared data options: bad_pairs, "
+                                  "use_chat_template, chat_template)")
         register(self.name, self.options)
 
     @lft.hookimpl
     def lft_default_data(self, config: Any) -> Any:
-        return {**task.files("pref"), "settings": self.default_settings}
+        # "{name}.KEY" is this plugin's own section, so a subclass under another name gets the
+        # setting in its section, and none at all when its options lack the key.
+        settings = {}
+        for key, value in self.default_settings.items():
+            section, _, field = key.partition(".")
+            if section == "{name}":
+                if field not in self.options.model_fields:
+                    continue
+                key = f"{self.name}.{field}"
+            settings[key] = value
+        return {**task.files("pref"), "settings": settings}
 
     def format_row(self, example: dict, tokenizer: Any, config: Any) -> dict:
         return format_pair(example, tokenizer, config.section(self.name), config.data.max_length, self.name)

@@ -28,7 +28,7 @@ class SimPO(Preference):
     options = SimPOOptions
     #: On the embedded arithmetic pairs the pure loss lowers the chosen answers' likelihood along with the
     #: rejected ones (the task metric falls); the NLL term keeps them likely, so the demo job uses it.
-    default_settings = {**Preference.default_settings, "simpo.nll_weight": 1.0}
+    default_settings = {**Preference.default_settings, "{name}.nll_weight": 1.0}
 
     def loss(self, options: SimPOOptions) -> Any:
         loss = SimPOLoss(beta=options.beta, gamma=options.gamma, label_smoothing=options.label_smoothing)

@@ -102,6 +102,100 @@ def test_overriding_the_formatting_of_one_example(tmp_path, lft_tiny_model, lft_
     assert published.SystemDPO.seen and set(published.SystemDPO.seen) == {"Answer with a number."}
 
 
+CPO = textwrap.dedent('''
+    import torch.nn.functional as F
+    from pydantic import Field
+
+    from lft.losses.preference import PairLoss, chosen_nll
+    from lft.plugins.preference import Preference, PreferenceOptions
+
+
+    class CPOOptions(PreferenceOptions):
+        beta: float = Field(0.1, gt=0, description="Scale of the log-prob margin.")
+        nll_weight: float = Field(1.0, ge=0, description="Weight of the chosen answers' NLL.")
+
+
+    class CPOLoss:
+        """CPO: a reference-free DPO-like pair loss plus the chosen answers' NLL."""
+
+        needs_reference = False
+
+        def __init__(self, options):
+            self.beta, self.weight = options.beta, options.nll_weight
+
+        def __call__(self, logps):
+            pairs = -F.logsigmoid(self.beta * (logps.chosen - logps.rejected)).mean()
+            nll = chosen_nll(logps)
+            return PairLoss(pairs + self.weight * nll, logps.chosen.detach(), logps.rejected.detach(),
+                            {"nll": nll.detach()}, terms={"pairs": pairs, "chosen_tokens": self.weight * nll})
+
+
+    class CPO(Preference):
+        name = "cpo"
+        options = CPOOptions
+
+        def loss(self, options):
+            return CPOLoss(options)
+
+
+    class BadOptions(Preference):
+        """Options that are not preference options: a one-line error, not a traceback."""
+
+        name = "bad_options"
+
+        def loss(self, options):
+            raise AssertionError("never reached")
+''')
+
+
+def test_a_reference_free_subclass_with_its_own_options_trains_from_the_cli(tmp_path, monkeypatch, capsys,
+                                                                          lft_tiny_model, lft_pref_data):
+    import json
+
+    from pydantic import BaseModel
+
+    monkeypatch.delenv("LFT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("LFT_PLUGINS", raising=False)
+    root = install_fake_distribution(tmp_path / "dist", "lft-cpo", {"cpo": "lft_cpo:CPO"}, {"lft_cpo": CPO})
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    try:
+        assert main(run_args(lft_tiny_model, lft_pref_data, tmp_path / "c", "--plugin", "cpo", "cpo.beta=0.2",
+                             "--eval-data", str(lft_pref_data["eval"]), "eval.before=true",
+                             "trainer.max_steps=8", "trainer.lr=1e-3")) == 0
+        summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+        assert summary["objective"] == "cpo"
+        assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]  # the held-out CPO loss fell
+        assert main(["config", "show", "--plugin", "cpo"]) == 0
+        import yaml
+
+        section = yaml.safe_load(capsys.readouterr().out)["cpo"]  # its own options and the shared ones, no others
+        assert section == {"bad_pairs": "skip", "use_chat_template": True, "chat_template": None, "beta": 0.1,
+                           "nll_weight": 1.0}
+        module = importlib.import_module("lft_cpo")
+
+        class NotPreference(BaseModel):
+            beta: float = 0.1
+
+        module.BadOptions.options = NotPreference
+        with pytest.raises(lft.PluginError, match="BadOptions.options must subclass "
+                                                  "lft.plugins.preference.PreferenceOptions"):
+            module.BadOptions().lft_add_config(register=lambda name, options: None)
+        # the embedded default data's suggested settings land in the subclass's own section
+        from lft.plugins.dpo import DPO
+
+        assert module.CPO().lft_default_data(config=None)["settings"] == {
+            "trainer.max_steps": 40, "trainer.batch_size": 4, "trainer.lr": 5e-4}
+
+        class MyDPO(DPO):
+            name = "my_dpo"
+
+        assert MyDPO().lft_default_data(config=None)["settings"]["my_dpo.nll_weight"] == 1.0
+        assert not any(key.startswith("dpo.") for key in MyDPO().lft_default_data(config=None)["settings"])
+    finally:
+        sys.modules.pop("lft_cpo", None)
+
+
 def test_every_public_name_has_a_docstring():
     missing = [name for name in lft.__all__ if name != "__version__" and not (getattr(lft, name).__doc__ or "").strip()]
     assert not missing, f"public names without a docstring: {missing}"
