@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from lft.errors import DataError
+from lft.losses.logprobs import IGNORE_INDEX
 
-IGNORE = -100
 # End-of-turn markers of common chat templates, in addition to the tokenizer's eos token.
 _EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 ROLES = ("system", "user", "assistant", "tool")
@@ -121,7 +121,7 @@ def tokenize_conversation(
     full, spans = _char_spans(tokenizer, messages, train_on)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
-    labels = [IGNORE] * len(ids)
+    labels = [IGNORE_INDEX] * len(ids)
     eot = end_of_turn_ids(tokenizer)
     for start, end in spans:
         inside = [t for t, (s, e) in enumerate(encoded["offset_mapping"]) if start <= s < end and e > s]
@@ -155,7 +155,7 @@ def tokenize_prompt_completion(
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids = list(prompt_ids) + list(completion_ids) + eos
-    return ids, [IGNORE] * len(prompt_ids) + list(completion_ids) + eos
+    return ids, [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids) + eos
 
 
 def tokenize_text(tokenizer: Any, text: Any) -> tuple[list[int], list[int]]:

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-IGNORE = -100
+from lft.losses.logprobs import IGNORE_INDEX
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +81,7 @@ def load_tokenizer(run: Any) -> Any:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from lft.errors import LftError
-    from lft.guards.findings import Finding, TITLES
+    from lft.guards.findings import TITLES, Finding
     from lft.report import print_guards
 
     out = Console(highlight=False)
@@ -124,7 +124,7 @@ def token_view(tokenizer: Any, ids: list[int], labels: list[int] | None) -> list
     """One entry per token: id, text, whether it is trained, whether it is special."""
     special = set(tokenizer.all_special_ids or [])
     return [{"id": int(t), "text": tokenizer.decode([t], skip_special_tokens=False),
-             "trained": labels is not None and labels[i] != IGNORE, "special": int(t) in special}
+             "trained": labels is not None and labels[i] != IGNORE_INDEX, "special": int(t) in special}
             for i, t in enumerate(ids)]
 
 
@@ -172,7 +172,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             continue
         parts = pairs(feature)
         length = max((len(ids) for _, ids, _ in parts), default=0)
-        trained = sum(sum(t != IGNORE for t in labels) for _, _, labels in parts if labels is not None)
+        trained = sum(sum(t != IGNORE_INDEX for t in labels) for _, _, labels in parts if labels is not None)
         total = sum(len(ids) for _, ids, _ in parts)
         truncated = bool(feature.get("truncated")) or length > max_length
         records.append({"where": where, "length": length, "trained": trained, "masked": total - trained,

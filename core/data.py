@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lft.errors import DataError
+from lft.losses.logprobs import IGNORE_INDEX
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 #: The key under which a training batch carries the unit counts of its optimizer step (taken off
@@ -184,7 +185,7 @@ def _length(feature: dict) -> int:
 
 
 def _trained(feature: dict) -> int:
-    return sum(sum(1 for t in v if t != -100) for k, v in feature.items() if k.endswith("labels") and isinstance(v, list))
+    return sum(sum(1 for t in v if t != IGNORE_INDEX) for k, v in feature.items() if k.endswith("labels") and isinstance(v, list))
 
 
 def format_rows(rows: Rows, hook: Any, tokenizer: Any, config: Any) -> tuple[list[dict], FormatStats]:
@@ -401,7 +402,7 @@ def pad_collate(features: list[dict], pad_id: int) -> dict:
     for key in keys:
         values = [f[key] for f in features]
         if key.endswith("input_ids") or key.endswith("labels"):
-            fill = pad_id if key.endswith("input_ids") else -100
+            fill = pad_id if key.endswith("input_ids") else IGNORE_INDEX
             width = max(len(v) for v in values)
             tensor = torch.full((len(values), width), fill, dtype=torch.long)
             for i, v in enumerate(values):

@@ -27,8 +27,8 @@ from typing import Any, Mapping, Protocol, Union, runtime_checkable
 
 import torch
 
-#: The label of a token that is not trained (the prompt, padding): the value torch's losses skip.
-IGNORE_INDEX = -100
+from lft.losses.logprobs import IGNORE_INDEX
+
 #: Counts of the units a loss averages over, in one micro-batch or one step.
 Units = Mapping[str, Union[torch.Tensor, int, float]]
 #: A loss: the mean over one unit, or ``{unit: mean}`` for a sum of terms over several units.

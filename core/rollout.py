@@ -41,6 +41,7 @@ import torch
 
 from lft import chat
 from lft.errors import LftError
+from lft.losses.logprobs import IGNORE_INDEX
 from lft.modeling import completion_stats, positions_of
 from lft.numerics import native_bf16_cpu
 from lft.rewards import score
@@ -256,7 +257,8 @@ def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
     position_ids = positions_of(attention_mask)
-    labels = torch.cat([torch.full_like(prompt_ids, -100), completion_ids.masked_fill(~completion_mask, -100)], dim=1)
+    labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), completion_ids.masked_fill(~completion_mask, IGNORE_INDEX)],
+                       dim=1)
     groups = prompt_groups(input_ids.shape[0], group, input_ids.device)
     chunk = config.trainer.logits_chunk
     temperature = settings.temperature if settings.temperature > 0 else 1.0

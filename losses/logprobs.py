@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-IGNORE = -100
+#: The label of a token that is not trained (prompt, padding): the index torch's losses skip.
+IGNORE_INDEX = -100
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -146,7 +147,7 @@ def shifted_logprobs(
         at each scored position, 0 elsewhere.
     """
     targets = labels[:, 1:]
-    mask = targets != IGNORE
+    mask = targets != IGNORE_INDEX
     selected = hidden[:, :-1][mask]
     result = linear_logprobs(selected, weight, targets[mask], bias, chunk, entropy=entropy)
     values = result[0] if entropy else result
@@ -160,7 +161,7 @@ def shifted_logprobs(
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain computation over full logits (B, T, V), as a reference and a fallback."""
     targets = labels[:, 1:]
-    mask = targets != IGNORE
+    mask = targets != IGNORE_INDEX
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     values = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return values * mask, mask

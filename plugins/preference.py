@@ -24,12 +24,12 @@ import lft
 from lft import chat, task
 from lft import reference as refmod
 from lft.config import Section
+from lft.losses.logprobs import IGNORE_INDEX
 from lft.losses.preference import PairLogps, PairLoss
 from lft.modeling import token_logprobs
 from lft.objective import Objective, trained_tokens
 
 log = logging.getLogger("lft")
-IGNORE = -100
 SIDES = ("chosen", "rejected")
 TOKEN_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -93,7 +93,7 @@ def format_pair(example: dict, tokenizer: Any, options: Any, max_length: int, se
     for side, completion in zip(SIDES, (chosen, rejected)):
         ids, labels = chat.tokenize_prompt_completion(tokenizer, prompt, completion, options.use_chat_template)
         ids, labels, truncated = chat.truncate(ids, labels, max_length)
-        if all(label == IGNORE for label in labels):
+        if all(label == IGNORE_INDEX for label in labels):
             return {"skip": f"the prompt fills data.max_length={max_length}; no {side} token is left"}
         feature.update({f"{side}_input_ids": ids, f"{side}_labels": labels})
         feature["truncated"] = feature["truncated"] or truncated
@@ -109,7 +109,7 @@ def concatenated(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, 
         parts = [batch[f"{side}_{key}"] for side in SIDES]
         return torch.cat([F.pad(p, (0, width - p.shape[1]), value=fill) for p in parts])
 
-    return both("input_ids", pad_id), both("attention_mask", 0), both("labels", IGNORE)
+    return both("input_ids", pad_id), both("attention_mask", 0), both("labels", IGNORE_INDEX)
 
 
 def pair_logps(model: Any, batch: dict, pad_id: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:

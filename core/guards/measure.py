@@ -14,9 +14,8 @@ from typing import Any
 import torch
 
 from lft import chat, evaluate
+from lft.losses.logprobs import IGNORE_INDEX
 from lft.modeling import token_logprobs
-
-IGNORE = -100
 
 
 def prompt_prefixes(features: list[dict], limit: int) -> list[list[int]]:
@@ -27,7 +26,7 @@ def prompt_prefixes(features: list[dict], limit: int) -> list[list[int]]:
         labels = next((v for k, v in feature.items() if k.endswith("labels")), None)
         if not isinstance(ids, list) or not isinstance(labels, list):
             continue
-        first = next((i for i, t in enumerate(labels) if t != IGNORE), None)
+        first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), None)
         if first:  # None: nothing trained; 0: no prompt
             prompts.append(list(ids[:first]))
         if len(prompts) >= limit:
@@ -101,7 +100,7 @@ def _batched_logprobs(module: Any, sequences: list[tuple[list[int], int]], batch
                 part = sequences[start: start + batch_size]
                 width = max(len(s) for s, _ in part)
                 ids = torch.full((len(part), width), pad, dtype=torch.long)
-                labels = torch.full((len(part), width), IGNORE, dtype=torch.long)
+                labels = torch.full((len(part), width), IGNORE_INDEX, dtype=torch.long)
                 mask = torch.zeros((len(part), width), dtype=torch.long)
                 for i, (seq, begin) in enumerate(part):
                     ids[i, : len(seq)] = torch.tensor(seq)

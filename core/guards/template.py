@@ -15,8 +15,8 @@ from typing import Any
 from lft import chat
 from lft.errors import DataError
 from lft.guards.findings import Finding
+from lft.losses.logprobs import IGNORE_INDEX
 
-IGNORE = -100
 PROBE = [
     {"role": "user", "content": "Hello there."},
     {"role": "assistant", "content": "Hi! How can I help?"},
@@ -163,7 +163,7 @@ def _check_end_of_turn(finding: Finding, tokenizer: Any, hook: Any, config: Any,
             for b in range(labels.shape[0]):
                 if truncated[start + b]:
                     continue
-                trained = {int(t) for t in labels[b][labels[b] != IGNORE].tolist()}
+                trained = {int(t) for t in labels[b][labels[b] != IGNORE_INDEX].tolist()}
                 if not trained:
                     continue
                 checked += 1
@@ -192,7 +192,7 @@ def _check_prompts(finding: Finding, tokenizer: Any, sample: list[tuple]) -> Non
         for _, ids, labels in pairs(feature):
             if not candidates or labels is None:
                 continue
-            first = next((i for i, t in enumerate(labels) if t != IGNORE), None)
+            first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), None)
             if not first:
                 continue  # everything trained (no prompt), or nothing
             trained_after = list(ids[:first])
@@ -232,7 +232,7 @@ def _trained_header(tokenizer: Any, row: dict, ids: list[int], labels: list[int]
     answer = next((m.get("content") for m in messages or [] if isinstance(m, dict) and m.get("role") == "assistant"), None)
     if not isinstance(answer, str) or not answer.strip():
         return None
-    end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE), len(labels))
+    end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
     trained = tokenizer.decode(ids[first:end], skip_special_tokens=False)
     position = trained.find(answer.strip()[:20])
     head = trained[:position] if position > 0 else ""
