@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -170,10 +169,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from lft.checkpoint import atomic_write_text
+
+    atomic_write_text(path, text, "output file")
 
 
 # -- chat ------------------------------------------------------------------------------------------

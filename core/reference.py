@@ -18,7 +18,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -177,15 +176,12 @@ class ReferenceCache:
     def save(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
         from safetensors.torch import save_file
 
+        from lft.checkpoint import atomic_write
+
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                                 metadata=metadata), "reference cache")
         return path
 
 

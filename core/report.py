@@ -4,17 +4,15 @@ guards' results below it (the report file is written by ``lft.runreport``)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically (``lft.checkpoint.atomic_write_text``: a temporary file, fsync, rename)."""
+    from lft.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n", Path(path).name)
 
 
 def write_summary(output: Path, summary: dict) -> Path:
