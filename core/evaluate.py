@@ -138,12 +138,11 @@ def objective_loss(module: Any, loader: Iterable[dict]) -> dict:
     completions for online methods), where ``measure`` gives method-independent numbers. The
     loss is that of the whole set as one batch (each term weighted by the units it averages over,
     see ``lft.objective``); the metrics are weighted by batch size."""
-    from lft.objective import batch_rows, units_of
+    from lft.objective import HeldOutLoss, batch_rows, units_of
 
     model = module.model
     totals: dict[str, float] = {}
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
+    held_out = HeldOutLoss()
     seen = 0
     was_training = model.training
     model.eval()
@@ -152,11 +151,7 @@ def objective_loss(module: Any, loader: Iterable[dict]) -> dict:
             for batch in loader:
                 batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 loss, metrics = module.objective(module, batch)
-                units = units_of(module.objective, batch)
-                terms = loss if isinstance(loss, dict) else {next(iter(units)): loss}
-                for unit, mean in terms.items():
-                    sums[unit] = sums.get(unit, 0.0) + float(mean) * float(units[unit])
-                    counts[unit] = counts.get(unit, 0.0) + float(units[unit])
+                held_out.add(loss, units_of(module.objective, batch))
                 size = batch_rows(batch)
                 seen += size
                 for key, value in (metrics or {}).items():
@@ -166,8 +161,8 @@ def objective_loss(module: Any, loader: Iterable[dict]) -> dict:
     finally:
         model.train(was_training)
     out = {k: v / max(1, seen) for k, v in totals.items()}
-    if sums:
-        out["loss"] = sum(sums[u] / max(counts[u], 1.0) for u in sums)
+    if held_out.value() is not None:
+        out["loss"] = held_out.value()
     if "nll" in out:  # objectives that report a token NLL get a perplexity
         out["perplexity"] = math.exp(min(out["nll"], 50.0))
     return out

@@ -90,8 +90,7 @@ class LftModule(L.LightningModule):
         key = step["step"]
         if key is None or key != self._step_key:
             self._step_key = key
-            self._step_units = reduce_units(step["totals"], getattr(self.trainer, "strategy", None)
-                                            if self._trainer is not None else None)
+            self._step_units = reduce_units(step["totals"], self.trainer.strategy if self._trainer is not None else None)
         return step["units"], self._step_units, int(step["size"])
 
     def training_step(self, batch: dict, batch_idx: int) -> Any:
@@ -131,28 +130,23 @@ class LftModule(L.LightningModule):
             self.last_metrics["grad_norm"] = gradient_norm(self.parameters())
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_sums: dict[str, float] = {}
-        self._eval_counts: dict[str, float] = {}
+        from lft.objective import HeldOutLoss
+
+        self._held_out = HeldOutLoss()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Adds up each loss term times its units, so the held-out loss is that of the whole set
-        as one batch (as ``lft.evaluate.objective_loss`` computes it after training)."""
+        """The held-out loss is that of the whole set as one batch, as ``lft.evaluate.objective_loss``
+        computes it after training."""
         from lft.objective import units_of
 
         loss, _ = self.objective(self, batch)
-        units = units_of(self.objective, batch)
-        terms = loss if isinstance(loss, dict) else {next(iter(units)): loss}
-        for unit, mean in terms.items():
-            self._eval_sums[unit] = self._eval_sums.get(unit, 0.0) + float(mean) * float(units[unit])
-            self._eval_counts[unit] = self._eval_counts.get(unit, 0.0) + float(units[unit])
+        self._held_out.add(loss, units_of(self.objective, batch))
 
     def on_validation_epoch_end(self) -> None:
-        keys = sorted(self._eval_sums)
-        if not keys:
-            return
         # Every process evaluates all the held-out rows (no distributed sampler), so nothing to reduce.
-        loss = sum(self._eval_sums[k] / max(self._eval_counts[k], 1.0) for k in keys)
-        self.log("eval/loss", loss, on_epoch=True, on_step=False, batch_size=1)
+        loss = self._held_out.value()
+        if loss is not None:
+            self.log("eval/loss", loss, on_epoch=True, on_step=False, batch_size=1)
 
     def configure_optimizers(self) -> Any:
         cfg = self.config.trainer

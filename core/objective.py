@@ -101,6 +101,39 @@ def add_units(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
+def as_terms(loss: Loss, counts: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``loss`` as ``{unit: mean}``: a single tensor is the mean over the objective's only unit."""
+    if isinstance(loss, Mapping):
+        terms = dict(loss)
+    elif len(counts) != 1:
+        raise ValueError(f"the objective averages over {', '.join(counts)} but returned one loss; return "
+                         "{unit: mean} with one term per unit")
+    else:
+        terms = {next(iter(counts)): loss}
+    unknown = sorted(set(terms) - set(counts))
+    if unknown:
+        raise ValueError(f"the loss has terms for {', '.join(unknown)}, which the objective's units() does not count "
+                         f"(it counts {', '.join(counts) or 'nothing'})")
+    return terms
+
+
+class HeldOutLoss:
+    """The loss of a whole held-out set as one batch: each batch's terms times their units,
+    added up, divided by the units of the set (what ``step_share`` does for one step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+
+    def add(self, loss: Loss, counts: Mapping[str, Any]) -> None:
+        for unit, mean in as_terms(loss, counts).items():
+            self.sums[unit] = self.sums.get(unit, 0.0) + float(mean) * float(counts[unit])
+            self.counts[unit] = self.counts.get(unit, 0.0) + float(counts[unit])
+
+    def value(self) -> float | None:
+        return sum(self.sums[u] / max(self.counts[u], 1.0) for u in self.sums) if self.sums else None
+
+
 def step_share(loss: Loss, counts: Mapping[str, torch.Tensor], totals: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """This micro-batch's part of the step's loss: ``sum over units of mean * count / total``.
 
@@ -108,18 +141,8 @@ def step_share(loss: Loss, counts: Mapping[str, torch.Tensor], totals: Mapping[s
     loss is 2.0 * 4 / 16 + 1.0 * 12 / 16 = 1.25, the token mean of all 16 tokens (a mean of
     the two means would say 1.5).
     """
-    terms = loss if isinstance(loss, Mapping) else None
-    if terms is None:
-        if len(counts) != 1:
-            raise ValueError(f"the objective averages over {', '.join(counts)} but returned one loss; return "
-                             "{unit: mean} with one term per unit")
-        terms = {next(iter(counts)): loss}
-    unknown = sorted(set(terms) - set(counts))
-    if unknown:
-        raise ValueError(f"the loss has terms for {', '.join(unknown)}, which the objective's units() does not count "
-                         f"(it counts {', '.join(counts) or 'nothing'})")
     share: torch.Tensor | None = None
-    for unit, mean in terms.items():
+    for unit, mean in as_terms(loss, counts).items():
         weight = float(counts[unit]) / max(float(totals[unit]), 1.0)
         part = mean * weight
         share = part if share is None else share + part

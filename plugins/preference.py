@@ -3,10 +3,10 @@
 * Data: ``prompt``, ``chosen``, ``rejected``, each a string or a list of messages (a row with
   conversational ``chosen``/``rejected`` and no ``prompt`` takes their shared first messages as
   the prompt). Each completion is formatted with its prompt through the tokenizer's chat
-  template, and only the completion's tokens are scored.
+  template, and only the completion's tokens are scored (``lft.plugins.pairs``).
 * One forward pass per batch: chosen and rejected sequences are concatenated, and their
   log-probs come from ``lft.modeling.token_logprobs``, which never forms full-vocabulary logits
-  for the batch.
+  for the batch (``lft.plugins.pairs``).
 * Metrics every step, the reference policy (``module.reference``), an optional precomputed and
   cached reference, and a check that policy and reference start equal. Methods: see ``Preference``.
 """
@@ -17,21 +17,17 @@ import logging
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 import lft
-from lft import chat, task
 from lft import reference as refmod
+from lft import task
 from lft.config import Section
-from lft.losses.logprobs import IGNORE_INDEX
 from lft.losses.preference import PairLogps, PairLoss
-from lft.modeling import token_logprobs
 from lft.objective import Objective, trained_tokens
+from lft.plugins.pairs import TOKEN_KEYS, format_pair, pair_logps
 
 log = logging.getLogger("lft")
-SIDES = ("chosen", "rejected")
-TOKEN_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 #: Mean |policy - reference| log-prob per token on the first batch above which they "differ".
 START_TOLERANCE = 0.02
@@ -44,79 +40,6 @@ class PreferenceOptions(Section):
     use_chat_template: bool = Field(True, description="Format string prompts and completions as a user and an "
                                     "assistant turn through the tokenizer's chat template.")
     chat_template: str | None = Field(None, description="A Jinja chat template to use instead of the tokenizer's.")
-
-
-# -- data ------------------------------------------------------------------------------------------
-
-def _split_prompt(example: dict) -> tuple[Any, Any, Any]:
-    """``(prompt, chosen, rejected)``; conversational pairs without a prompt share their first messages."""
-    missing = [c for c in SIDES if c not in example or example[c] is None]
-    if "prompt" not in example and not all(isinstance(example.get(c), list) for c in SIDES):
-        missing.insert(0, "prompt")
-    if missing:
-        found = ", ".join(example) or "no columns"
-        raise lft.DataError(f"expected 'prompt', 'chosen' and 'rejected' columns; missing "
-                            f"{' and '.join(repr(m) for m in missing)} (found {found})")
-    if "prompt" in example:
-        return example["prompt"], example["chosen"], example["rejected"]
-    chosen, rejected = example["chosen"], example["rejected"]
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
-        shared += 1
-    if shared == 0:
-        raise lft.DataError("conversational 'chosen' and 'rejected' without a 'prompt' must start with the "
-                            "same prompt messages")
-    return chosen[:shared], chosen[shared:], rejected[shared:]
-
-
-def _is_empty(completion: Any) -> bool:
-    if isinstance(completion, str):
-        return not completion.strip()
-    if isinstance(completion, list):
-        return not completion or all(not str(m.get("content", "")).strip() for m in completion if isinstance(m, dict))
-    return False
-
-
-def format_pair(example: dict, tokenizer: Any, options: Any, max_length: int, section: str) -> dict:
-    """One preference row as ``chosen_input_ids``/``chosen_labels`` and ``rejected_*`` (prompt
-    tokens labelled -100), or ``{"skip": reason}`` for a bad pair when ``bad_pairs`` is skip."""
-    if options.chat_template and tokenizer.chat_template != options.chat_template:
-        tokenizer.chat_template = options.chat_template
-    prompt, chosen, rejected = _split_prompt(example)
-    problem = next((f"the {side} completion is empty" for side, c in zip(SIDES, (chosen, rejected)) if _is_empty(c)),
-                   "chosen and rejected are identical" if chosen == rejected else None)
-    if problem:
-        if options.bad_pairs == "skip":
-            return {"skip": problem}
-        raise lft.DataError(f"{problem}; fix the row or set {section}.bad_pairs=skip to leave such pairs out")
-    feature: dict[str, Any] = {"truncated": False}
-    for side, completion in zip(SIDES, (chosen, rejected)):
-        ids, labels = chat.tokenize_prompt_completion(tokenizer, prompt, completion, options.use_chat_template)
-        ids, labels, truncated = chat.truncate(ids, labels, max_length)
-        if all(label == IGNORE_INDEX for label in labels):
-            return {"skip": f"the prompt fills data.max_length={max_length}; no {side} token is left"}
-        feature.update({f"{side}_input_ids": ids, f"{side}_labels": labels})
-        feature["truncated"] = feature["truncated"] or truncated
-    return feature
-
-
-def concatenated(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask, labels)`` of the chosen rows followed by the rejected rows,
-    right-padded to one width, so both go through the model in one forward pass."""
-    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-
-    def both(key: str, fill: int) -> torch.Tensor:
-        parts = [batch[f"{side}_{key}"] for side in SIDES]
-        return torch.cat([F.pad(p, (0, width - p.shape[1]), value=fill) for p in parts])
-
-    return both("input_ids", pad_id), both("attention_mask", 0), both("labels", IGNORE_INDEX)
-
-
-def pair_logps(model: Any, batch: dict, pad_id: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs and completion token counts, each (2B,): chosen rows first."""
-    ids, mask, labels = concatenated(batch, pad_id)
-    logps, scored = token_logprobs(model, ids, mask, labels, chunk)
-    return logps.sum(-1), scored.sum(-1)
 
 
 # -- the objective ---------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import lft
 from lft.adapters import value_head
 from lft.losses.bradley_terry import BradleyTerryLoss
 from lft.objective import Objective
-from lft.plugins.preference import Preference, PreferenceOptions, concatenated
+from lft.plugins.pairs import concatenated
+from lft.plugins.preference import Preference, PreferenceOptions
 
 
 class RewardOptions(PreferenceOptions):

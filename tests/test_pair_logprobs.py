@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lft.data import pad_collate
 from lft.plugins.dpo import DPOOptions
-from lft.plugins.preference import format_pair, pair_logps
+from lft.plugins.pairs import format_pair, pair_logps
 
 ROWS = [
     {"prompt": "Ana has 4 coins. Ana gets 9 more coins. How many coins does Ana have now?",

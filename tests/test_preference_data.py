@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 import lft
 from lft.cli import main
 from lft.plugins.dpo import DPOOptions
-from lft.plugins.preference import concatenated, format_pair
+from lft.plugins.pairs import concatenated, format_pair
 from lft.testing import FAST
 
 ROW = {"prompt": "Tom has 2 apples. Tom gets 3 more apples. How many apples does Tom have now?",

@@ -75,7 +75,7 @@ def test_reward_model_is_saved_as_a_sequence_classifier_that_scores_like_trainin
 
     from lft import reward_model
     from lft.adapters import value_head
-    from lft.plugins.preference import concatenated, format_pair
+    from lft.plugins.pairs import concatenated, format_pair
     from lft.plugins.reward import RewardOptions
 
     grab = Grab()

@@ -14,7 +14,8 @@ from lft.adapters.lora import apply_lora
 from lft.data import pad_collate
 from lft.losses import DPOLoss, PairLogps, SimPOLoss
 from lft.plugins.dpo import DPOOptions
-from lft.plugins.preference import REFERENCE_KEYS, TOKEN_KEYS, DisplacementWatch, PreferenceObjective, format_pair, pair_logps
+from lft.plugins.pairs import TOKEN_KEYS, format_pair, pair_logps
+from lft.plugins.preference import REFERENCE_KEYS, DisplacementWatch, PreferenceObjective
 from test_pair_logprobs import ROWS
 
 
