@@ -68,7 +68,7 @@ def _adapter_shapes(folder: Path) -> dict[str, tuple[int, int]]:
 
 def check_base(model: Any, path: str | Path, model_label: str) -> None:
     """Refuse an adapter that was trained on a different base than ``model``, naming both."""
-    from lft.modeling import unwrap
+    from lft.model.forward import unwrap
 
     folder = Path(path).expanduser()
     recorded = read_adapter(folder).get("base_model_name_or_path")

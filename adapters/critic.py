@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from lft.adapters.scorer import load_classifier
 from lft.errors import ModelError
-from lft.modeling import unwrap
-from lft.reward_model import load_classifier
+from lft.model.forward import unwrap
 
 
 def hidden_size(model: Any) -> int:

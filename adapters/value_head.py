@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lft.modeling import unwrap
+from lft.model.forward import unwrap
 
 HEAD = "value_head"
 _ADAPTER_MARKERS = ("lora_", "modules_to_save", "original_module")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from lft.errors import ConfigError, DataError, LftError, ModelError, PluginError
-from lft.manager import hookimpl
+from lft.plugin.manager import hookimpl
 
 __version__ = "0.1.0"
 
@@ -26,23 +26,23 @@ __all__ = [
 
 
 def run(config: Any = None, plugins: Any = (), quiet: bool = False) -> Any:
-    """Run a fine-tuning job; see ``lft.engine.run``. Returns a ``RunResult``."""
-    from lft.engine import run as _run
+    """Run a fine-tuning job; see ``lft.train.engine.run``. Returns a ``RunResult``."""
+    from lft.train.engine import run as _run
 
     return _run(config, plugins=plugins, quiet=quiet)
 
 
 def load(model: Any = None, adapters: Any = None, **options: Any) -> Any:
-    """A base model with named adapters on it; see ``lft.inference.load``. Returns a
+    """A base model with named adapters on it; see ``lft.use.loaded.load``. Returns a
     ``LoadedModel`` whose ``generate(prompts, adapter=NAME)`` and ``evaluate(...)`` switch per call."""
-    from lft.inference import load as _load
+    from lft.use.loaded import load as _load
 
     return _load(model, adapters, **options)
 
 
 def merge(adapter: Any, out: Any, **options: Any) -> dict:
-    """Fold an adapter into its base and save a transformers folder; see ``lft.inference.merge``."""
-    from lft.inference import merge as _merge
+    """Fold an adapter into its base and save a transformers folder; see ``lft.use.loaded.merge``."""
+    from lft.use.loaded import merge as _merge
 
     return _merge(adapter, out, **options)
 
@@ -51,7 +51,7 @@ def load_config(file: Any = None, overrides: Any = (), plugins: Any = ()) -> Any
     """Resolve a RunConfig (with every installed plugin's section) from a YAML file and
     ``KEY=VALUE`` overrides, validated; raises ``ConfigError`` listing every problem."""
     from lft import config as _config
-    from lft.manager import PluginManager
+    from lft.plugin.manager import PluginManager
 
     manager = PluginManager(extra=plugins)
     cls = _config.config_class(_config.plugin_sections(manager))
@@ -64,7 +64,7 @@ def __getattr__(name: str) -> Any:
 
         return RunConfigBase
     if name == "RunResult":
-        from lft.engine import RunResult
+        from lft.train.engine import RunResult
 
         return RunResult
     raise AttributeError(f"module 'lft' has no attribute {name!r}")

@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+import lft
 from lft.losses.dpo import VARIANTS
 from lft.losses.preference import WithChosenNLL
-import lft
 from lft.plugins.preference import Preference, PreferenceOptions, precompute_callback
 
 

@@ -60,7 +60,7 @@ class LoRA:
     def store_frozen(self, model: Any, config: Any) -> None:
         choice = config.section(self.name).frozen_dtype
         if choice == "auto":
-            from lft.engine import resolve_precision
+            from lft.train.engine import resolve_precision
 
             precision = resolve_precision(config.trainer.precision, config.trainer.accelerator)
             choice = "bfloat16" if precision.startswith("bf16") and not self.samples_in_float32(config) else "float32"
@@ -74,11 +74,11 @@ class LoRA:
     @staticmethod
     def samples_in_float32(config: Any) -> bool:
         """An online method (its section is an ``OnlineOptions``) on a CPU without bf16 arithmetic
-        samples in float32 (see ``lft.rollout``), so its base stays float32."""
+        samples in float32 (see ``lft.online.rollout``), so its base stays float32."""
         import torch
 
+        from lft.online.rollout import samples_in_float32
         from lft.plugins.online import OnlineOptions
-        from lft.rollout import samples_in_float32
 
         online = any(isinstance(getattr(config, name, None), OnlineOptions) for name in config.plugins)
         on_gpu = config.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()

@@ -3,7 +3,7 @@ steps per rollout batch, the per-step metrics and the sample log.
 
 Rows have a ``prompt`` (a string or a list of messages) and any other columns, which reach the
 reward functions unchanged (for example ``answer``). The experience itself comes from the
-``lft_rollout`` hook (``lft.rollout`` by default), before the objective's ``training_step``.
+``lft_rollout`` hook (``lft.online.rollout`` by default), before the objective's ``training_step``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import torch
 from pydantic import Field
 
 import lft
-from lft import chat, task
 from lft.config import Section
-from lft.data import pad_collate
+from lft.data import chat, task
+from lft.data.format import pad_collate
 from lft.losses.ppo import kl_estimate, masked_mean
-from lft.modeling import completion_stats
-from lft.module import gradient_norm
-from lft.rewards import reward_plugins
-from lft.rollout import RESERVED, RolloutSettings, experience
+from lft.model.forward import completion_stats
+from lft.online.rewards import reward_plugins
+from lft.online.rollout import RESERVED, RolloutSettings, experience
+from lft.train.module import gradient_norm
 
 log = logging.getLogger("lft")
 

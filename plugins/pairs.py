@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import lft
-from lft import chat
+from lft.data import chat
 from lft.losses.logprobs import IGNORE_INDEX
-from lft.modeling import token_logprobs
+from lft.model.forward import token_logprobs
 
 SIDES = ("chosen", "rejected")
 TOKEN_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")

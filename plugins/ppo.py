@@ -20,8 +20,17 @@ import torch
 from pydantic import Field
 
 from lft.adapters.critic import ValueHead, reward_model_critic
-from lft.losses.ppo import (AdaptiveKLController, clipped_value_loss, explained_variance, gae, kl_estimate,
-                            kl_penalized_rewards, masked_mean, ppo_policy_loss, whiten)
+from lft.losses.ppo import (
+    AdaptiveKLController,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    kl_estimate,
+    kl_penalized_rewards,
+    masked_mean,
+    ppo_policy_loss,
+    whiten,
+)
 from lft.plugins.online import OnlineMethod, OnlineObjective, OnlineOptions
 
 

@@ -5,7 +5,7 @@
   the prompt). Each completion is formatted with its prompt through the tokenizer's chat
   template, and only the completion's tokens are scored (``lft.plugins.pairs``).
 * One forward pass per batch: chosen and rejected sequences are concatenated, and their
-  log-probs come from ``lft.modeling.token_logprobs``, which never forms full-vocabulary logits
+  log-probs come from ``lft.model.forward.token_logprobs``, which never forms full-vocabulary logits
   for the batch (``lft.plugins.pairs``).
 * Metrics every step, the reference policy (``module.reference``), an optional precomputed and
   cached reference, and a check that policy and reference start equal. Methods: see ``Preference``.
@@ -20,10 +20,10 @@ import torch
 from pydantic import Field
 
 import lft
-from lft import reference as refmod
-from lft import task
 from lft.config import Section
+from lft.data import task
 from lft.losses.preference import PairLogps, PairLoss
+from lft.model import reference as refmod
 from lft.objective import Objective, trained_tokens
 from lft.plugins.pairs import TOKEN_KEYS, format_pair, pair_logps
 

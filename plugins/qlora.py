@@ -44,7 +44,7 @@ class QLoRA(LoRA):
         chosen = config.section(self.name).compute_dtype
         if chosen != "auto":
             return chosen
-        from lft.engine import resolve_precision
+        from lft.train.engine import resolve_precision
 
         precision = resolve_precision(config.trainer.precision, config.trainer.accelerator)
         return "bfloat16" if precision.startswith("bf16") else "float16" if precision.startswith("16") else "float32"

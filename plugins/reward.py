@@ -4,7 +4,7 @@ Bradley-Terry pairwise loss (``lft.losses.bradley_terry``) on preference pairs.
 The model is the causal LM loaded and wrapped like any other (LoRA, QLoRA or full) with a linear
 value head on its backbone's last hidden state at the last token. It is saved as a standard
 transformers ``AutoModelForSequenceClassification`` folder (one label, safetensors) with the
-tokenizer, which ``lft.reward_model.load`` (and any transformers user) can read.
+tokenizer, which ``lft.adapters.scorer.load`` (and any transformers user) can read.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ own, selected like any other (``--plugin exact_answer``), and implements ``lft_r
 a third-party reward plugin would. When several are selected, lft adds up ``weight * scores``.
 
 * ``exact_answer``: 1 when the completion's answer equals the row's ``answer`` column, else 0
-  (the embedded task's checker, ``lft.task.score``);
+  (the embedded task's checker, ``lft.data.task.score``);
 * ``format``: 1 when the completion matches a regular expression, else 0;
 * ``reward_model``: the score of a reward model trained by ``lft run --plugin reward``.
 """
@@ -17,8 +17,8 @@ from typing import Any
 from pydantic import Field, field_validator
 
 import lft
-from lft import task
 from lft.config import Section
+from lft.data import task
 
 
 class RewardPlugin:
@@ -113,9 +113,9 @@ class RewardModel(RewardPlugin):
 
     def scorer(self, path: str, device: Any) -> Any:
         if self._loaded is None or self._loaded[0] != path:
-            from lft import reward_model
+            from lft.adapters import scorer
 
-            self._loaded = (path, reward_model.load(path))
+            self._loaded = (path, scorer.load(path))
         scorer = self._loaded[1]
         if device is not None:
             scorer.model.to(device)
@@ -125,7 +125,7 @@ class RewardModel(RewardPlugin):
     def lft_reward(self, prompts: list, completions: list, batch: dict, config: Any) -> Any:
         opts = config.section(self.name)
         if not opts.path:
-            raise lft.ConfigError("reward_model.path is not set; give the folder of a model trained with "
+            raise lft.ConfigError("scorer.path is not set; give the folder of a model trained with "
                                   "`lft run --plugin reward`")
         ids = batch.get("completion_ids")
         scorer = self.scorer(opts.path, ids.device if hasattr(ids, "device") else None)

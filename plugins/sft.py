@@ -12,10 +12,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 import lft
-from lft import chat, task
 from lft.config import Section
+from lft.data import chat, task
 from lft.losses.sft import masked_nll
-from lft.modeling import token_logprobs
+from lft.model.forward import token_logprobs
 from lft.objective import Objective, trained_tokens
 
 

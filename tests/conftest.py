@@ -1,5 +1,5 @@
 """Shared test setup. The fixtures themselves (tiny model, datasets, lft_run) come from lft's
-pytest plugin, lft.testing, exactly as a plugin author gets them."""
+pytest plugin, lft.plugin.testing, exactly as a plugin author gets them."""
 
 import os
 

@@ -73,7 +73,7 @@ def write_data(directory: Path) -> dict[str, Path]:
 def write_pinned_model(directory: Path) -> Path:
     """The tiny test model with every weight drawn from one seeded generator in parameter order,
     so its values do not depend on how transformers initialises a model."""
-    from lft.testing import build_model, build_tokenizer
+    from lft.plugin.testing import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
@@ -125,7 +125,7 @@ class SequenceNLL(lft.plugins.sft.SFT):
     name = "test-sequence-nll"
 
     def objective(self, config: Any) -> Any:
-        from lft.modeling import token_logprobs
+        from lft.model.forward import token_logprobs
         from lft.objective import Objective
 
         class PerSequenceNLL(Objective):
@@ -207,18 +207,18 @@ def config(case: str, shape: str, wrapper: str, model: Path, data: dict[str, Pat
 def train(case: str, shape: str, wrapper: str, model: Path, data: dict[str, Path], output: Path,
           steps: int = 1) -> dict:
     """Train one case and return what the probe recorded (rank 0), plus the per-step losses."""
-    import lft.rollout
+    import lft.online.rollout
 
     record_path = output.with_suffix(".pt")
-    original = lft.rollout.generate_tokens
-    lft.rollout.generate_tokens = fixed_completions
+    original = lft.online.rollout.generate_tokens
+    lft.online.rollout.generate_tokens = fixed_completions
     try:
         extra: list[Any] = [Probe(record_path)]
         extra += [LengthReward()] if is_online(case) else []
         extra += [SequenceNLL()] if case == "third_party" else []
         result = lft.run(config(case, shape, wrapper, model, data, output, steps), plugins=extra, quiet=True)
     finally:
-        lft.rollout.generate_tokens = original
+        lft.online.rollout.generate_tokens = original
     if result.metrics.get("rank", 0) != 0:
         return {}
     record = torch.load(record_path)

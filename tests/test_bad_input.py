@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 
-from lft import checkpoint
-from lft.cli import main
-from lft.testing import FAST, build_model, build_tokenizer
+from lft.cli.main import main
+from lft.plugin.testing import FAST, build_model, build_tokenizer
+from lft.train import checkpoint
 
 
 def run_cli(capsys, *argv):

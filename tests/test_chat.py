@@ -2,9 +2,9 @@
 
 import pytest
 
-from lft import chat
+from lft.data import chat
 from lft.errors import DataError
-from lft.testing import build_tokenizer
+from lft.plugin.testing import build_tokenizer
 
 
 @pytest.fixture(scope="module")

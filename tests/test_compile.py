@@ -5,7 +5,7 @@ inductor."""
 import pytest
 
 import lft
-from lft.testing import FAST
+from lft.plugin.testing import FAST
 
 
 def test_compiled_layers_train_like_plain_ones(tmp_path, lft_tiny_model, lft_sft_data):

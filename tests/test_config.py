@@ -6,9 +6,9 @@ import pytest
 
 import lft
 from lft import config as cfgmod
-from lft.cli import main
+from lft.cli.main import main
 from lft.errors import ConfigError
-from lft.manager import PluginManager
+from lft.plugin.manager import PluginManager
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_resume_and_overwrite_conflict(cls):
 
 
 def test_python_api_accepts_dotted_dicts():
-    from lft.engine import resolve_config
+    from lft.train.engine import resolve_config
 
     cfg = resolve_config({"lora.r": 4, "trainer": {"lr": 0.01}}, PluginManager())
     assert cfg.lora.r == 4 and cfg.trainer.lr == 0.01

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import lft
-from lft import checkpoint
-from lft.cli import main
-from lft.testing import FAST
+from lft.cli.main import main
+from lft.plugin.testing import FAST
+from lft.train import checkpoint
 
 # Dropout makes the result depend on the random state, which the checkpoint must carry.
 RUN = ["--plugin", "lora", "trainer.max_steps=12", "trainer.checkpoint_every=2", "trainer.lr=5e-3",
@@ -80,7 +80,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, lft_
 
 
 def test_random_state_is_checkpointed_and_restored():
-    from lft.checkpoint import RngState
+    from lft.train.checkpoint import RngState
 
     callback = RngState()
     state = checkpoint._decode(json.loads(json.dumps(checkpoint._encode(callback.state_dict(), tensors := {}, {}, "x"))),
@@ -95,7 +95,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys
     import torch
     import safetensors.torch
-    from lft import checkpoint
+    from lft.train import checkpoint
 
     path = sys.argv[1]
     checkpoint.save({"global_step": 1, "weights": torch.ones(4096)}, path)
@@ -272,7 +272,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_with_an_error(tmp_path, lft_tiny_m
 
 
 def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
-    from lft.callbacks import RunMonitor
+    from lft.train.callbacks import RunMonitor
 
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)] + [json.dumps({"step": 3, "eval_loss": 2.0})]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "lo')  # the kill cut the last line

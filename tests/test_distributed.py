@@ -9,9 +9,9 @@ import textwrap
 import pytest
 
 import lft
-from lft import distributed
 from lft.errors import ConfigError
-from lft.testing import FAST
+from lft.plugin.testing import FAST
+from lft.train import distributed
 
 DDP_SCRIPT = textwrap.dedent('''
     import json, os, sys

@@ -27,10 +27,10 @@ def test_python_api_page_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_config_reference_is_generated_and_current():
-    from lft import docgen
+    from lft.cli import docgen
 
     assert docgen.target().read_text(encoding="utf-8") == docgen.render(), \
-        "docs/config-reference.md is stale: run `python -m lft.docgen`"
+        "docs/config-reference.md is stale: run `python -m lft.cli.docgen`"
 
 
 def test_relative_links_resolve():

@@ -9,15 +9,15 @@ import torch.nn.functional as F
 import yaml
 
 import lft
-from lft import chat, task
-from lft.cli import main
-from lft.testing import write_jsonl
+from lft.cli.main import main
+from lft.data import chat, task
+from lft.plugin.testing import write_jsonl
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, lft_tiny_model, lft_sft_data):
     """A LoRA run measured before and after, with the task metric on 4 embedded prompts."""
-    from lft.testing import FAST
+    from lft.plugin.testing import FAST
 
     output = tmp_path_factory.mktemp("run") / "out"
     argv = ["run", "--quiet", "--model", str(lft_tiny_model), "--data", str(lft_sft_data["train"]),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lft.adapters.lora import FrozenLowPrecisionLinear, apply_lora, store_frozen_linears
-from lft.testing import build_model, build_tokenizer
+from lft.plugin.testing import build_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_runs_without_autocast(pair):
 
 def test_the_lora_plugin_stores_the_base_in_bf16_only_under_bf16_mixed(lft_tiny_model):
     import lft
-    from lft.models import load_model
+    from lft.model.loading import load_model
     from lft.plugins.lora import LoRA
 
     for precision, dtype in (("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)):

@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from lft.fused import fuse_swiglu, swiglu
-from lft.testing import build_model, build_tokenizer
+from lft.model.fused import fuse_swiglu, swiglu
+from lft.plugin.testing import build_model, build_tokenizer
 
 
 def saved_bytes(fn):

@@ -2,8 +2,8 @@
 
 import json
 
-from lft.cli import main
-from lft.testing import FAST, write_jsonl
+from lft.cli.main import main
+from lft.plugin.testing import FAST, write_jsonl
 
 CONVERSATION = {"messages": [{"role": "user", "content": "Tom has 5 apples. Tom gets 16 more apples. How many now?"},
                              {"role": "assistant", "content": "5 + 16 = 21. The answer is 21."}]}

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lft import task
-from lft.data import Rows
+from lft.data import task
+from lft.data.files import Rows
 from lft.guards.contamination import check_contamination, find_overlaps, words
 from lft.guards.lint import lint_rows
 

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import lft
-from lft import chat
+from lft.data import chat
 from lft.guards import GuardMonitor, everyday
 
 
@@ -74,7 +74,7 @@ def test_a_conversation_is_a_task_exchange_then_an_everyday_question(lft_tiny_mo
 
 
 def test_the_shipped_prompts_are_everyday_and_apart_from_the_task_and_the_mix():
-    from lft import task
+    from lft.data import task
 
     prompts = everyday.read_prompts(None, 100)
     assert len(prompts) == 32 and len(set(prompts)) == 32

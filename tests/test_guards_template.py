@@ -4,10 +4,10 @@ import pytest
 from transformers import AutoTokenizer, GenerationConfig
 
 import lft
-from lft import chat
-from lft.data import Rows
+from lft.data import chat
+from lft.data.files import Rows
 from lft.guards.template import check_template
-from lft.manager import PluginManager
+from lft.plugin.manager import PluginManager
 
 ROWS = [
     {"messages": [{"role": "user", "content": "Tom has 5 apples. Tom gets 16 more apples. How many apples does Tom have now?"},

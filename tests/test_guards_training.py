@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lft
 from lft.guards import measure
 from lft.guards.monitor import GuardMonitor
-from lft.module import LftModule
-from lft.testing import write_jsonl
+from lft.plugin.testing import write_jsonl
+from lft.train.module import LftModule
 
 OVERFIT = ["--plugin", "full", "trainer.lr=1e-2", "trainer.batch_size=4", "trainer.eval_every=5",
            "trainer.schedule=constant", "trainer.warmup_ratio=0", "guards.repetition.enabled=false",

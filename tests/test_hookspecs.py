@@ -4,7 +4,7 @@ import inspect
 import re
 from pathlib import Path
 
-from lft import hookspecs
+from lft.plugin import hookspecs
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugin-hooks.md"
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lft
-from lft.cli import main
-from lft.testing import FAST, save_tiny_model
+from lft.cli.main import main
+from lft.plugin.testing import FAST, save_tiny_model
 
 PROMPTS = ["Tom has 3 apples and gets 4 more. How many apples does Tom have?",
            "Ana has 9 coins and gives 2 away. How many coins are left?",

@@ -9,7 +9,7 @@ SCRIPT = r"""
 import os, sys
 import torch
 if sys.argv[1] == "fixed":
-    from lft.memory import release_freed_memory
+    from lft.train.memory import release_freed_memory
     assert release_freed_memory()
 page = os.sysconf("SC_PAGE_SIZE")
 def rss_mb():

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import lft
-from lft.numerics import MAX_CONSECUTIVE_SKIPS
+from lft.plugin.testing import FAST
 from lft.plugins.sft import SFT
-from lft.testing import FAST
+from lft.train.numerics import MAX_CONSECUTIVE_SKIPS
 
 
 class FaultySFT(SFT):
@@ -102,7 +102,7 @@ def test_nan_loss_stops_before_the_update_and_names_step_and_rows(tmp_path, lft_
                               "stopped before updating the weights.")
     assert f"The last good checkpoint, {out / 'checkpoints' / 'last.ckpt'}, is kept" in message
     assert "trainer.on_nonfinite=skip" in message and "\n" not in message
-    from lft import checkpoint
+    from lft.train import checkpoint
 
     kept = checkpoint.load(out / "checkpoints" / "last.ckpt")
     assert kept["global_step"] == 4
@@ -146,7 +146,7 @@ def test_skip_leaves_weights_and_optimizer_state_untouched(tmp_path, lft_tiny_mo
 
 def test_skipping_forever_stops(tmp_path, monkeypatch, lft_tiny_model, lft_sft_data):
     assert MAX_CONSECUTIVE_SKIPS == 20
-    monkeypatch.setattr("lft.numerics.MAX_CONSECUTIVE_SKIPS", 3)  # the same rule, sooner
+    monkeypatch.setattr("lft.train.numerics.MAX_CONSECUTIVE_SKIPS", 3)  # the same rule, sooner
     cfg = config(lft_tiny_model, lft_sft_data, tmp_path / "out", **{"trainer.max_steps": 8, "trainer.on_nonfinite": "skip"})
     with pytest.raises(lft.LftError, match=r"3 optimizer steps in a row had a non-finite loss or gradient \(the last at "
                                            r"step 3\); stopped"):
@@ -154,7 +154,7 @@ def test_skipping_forever_stops(tmp_path, monkeypatch, lft_tiny_model, lft_sft_d
 
 
 def test_a_huge_learning_rate_is_a_clean_error_not_a_crash(tmp_path, capsys, lft_tiny_model, lft_sft_data):
-    from lft.cli import main
+    from lft.cli.main import main
 
     argv = ["run", "-q", "--model", str(lft_tiny_model), "--data", str(lft_sft_data["train"]),
             "--output", str(tmp_path / "o"), "--plugin", "full", *FAST, "trainer.max_steps=30", "trainer.lr=1e30",

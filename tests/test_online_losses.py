@@ -7,8 +7,16 @@ import torch
 
 from lft.losses.grpo import group_advantages, grpo_loss
 from lft.losses.logprobs import entropy_from_logits, linear_logprobs
-from lft.losses.ppo import (AdaptiveKLController, clipped_value_loss, explained_variance, gae, kl_estimate,
-                            kl_penalized_rewards, ppo_policy_loss, whiten)
+from lft.losses.ppo import (
+    AdaptiveKLController,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    kl_estimate,
+    kl_penalized_rewards,
+    ppo_policy_loss,
+    whiten,
+)
 
 
 def naive_gae(rewards, values, gamma, lam):

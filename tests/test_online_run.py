@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import lft
-import lft.checkpoint
-from lft import chat
-from lft.cli import main
-from lft.testing import FAST, install_fake_distribution
+import lft.train.checkpoint
+from lft.cli.main import main
+from lft.data import chat
+from lft.plugin.testing import FAST, install_fake_distribution
 
 COUNT_TOKEN = textwrap.dedent('''
     import lft
@@ -118,7 +118,7 @@ def test_ppo_checkpoints_hold_the_value_head_and_resume(tmp_path, lft_tiny_model
     output = tmp_path / "ppo"
     lft.run(ppo_config(lft_tiny_model, lft_prompt_data, output, **{"trainer.max_steps": 8, "ppo.kl_target": 1.0}),
             plugins=[count_token()], quiet=True)
-    checkpoint = lft.checkpoint.load(output / "checkpoints" / "last.ckpt")
+    checkpoint = lft.train.checkpoint.load(output / "checkpoints" / "last.ckpt")
     assert {"value_head.linear.weight", "value_head.linear.bias"} <= set(checkpoint["state_dict"])
     assert checkpoint["lft_objective"]["kl_control"]["beta"] != 0.01  # adapted, and saved
     resumed = lft.run(ppo_config(lft_tiny_model, lft_prompt_data, output, resume=True,

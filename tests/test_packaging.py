@@ -10,11 +10,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SUBPACKAGES = ["lft", "lft.plugins", "lft.adapters", "lft.losses", "lft.assets", "lft.plugins.sft",
                "lft.plugins.lora", "lft.plugins.full", "lft.plugins.qlora", "lft.losses.logprobs", "lft.adapters.lora",
-               "lft.adapters.quantize", "lft.adapters.attach", "lft.adapters.merge", "lft.cli", "lft.commands",
-               "lft.model_commands", "lft.inference", "lft.testing", "lft.guards", "lft.guards.monitor", "lft.runreport",
+               "lft.adapters.quantize", "lft.adapters.attach", "lft.adapters.merge", "lft.cli.main", "lft.cli.check",
+               "lft.cli.use", "lft.use.loaded", "lft.plugin.testing", "lft.guards", "lft.guards.monitor", "lft.output.report",
                "lft.plugins.dpo", "lft.plugins.orpo", "lft.plugins.simpo", "lft.plugins.reward",
-               "lft.plugins.preference", "lft.losses.dpo", "lft.adapters.value_head", "lft.reference",
-               "lft.reward_model"]
+               "lft.plugins.preference", "lft.losses.dpo", "lft.adapters.value_head", "lft.model.reference",
+               "lft.adapters.scorer"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_wheel_contains_every_folder_and_the_task_data(wheel):
     assert any(n.startswith("lft/guards/") and n.endswith(".py") for n in names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "[lft]" in entry_points and "sft = lft.plugins.sft:SFT" in entry_points
-    assert "[console_scripts]" in entry_points and "lft = lft.cli:main" in entry_points
+    assert "[console_scripts]" in entry_points and "lft = lft.cli.main:main" in entry_points
     assert "[pytest11]" in entry_points
 
 
@@ -46,9 +46,9 @@ def test_every_subpackage_imports_from_the_wheel(wheel):
         "import sys, importlib; sys.path.insert(0, sys.argv[1]);"
         f"mods = {SUBPACKAGES!r};"
         "[importlib.import_module(m) for m in mods];"
-        "import lft, lft.task;"
+        "import lft, lft.data.task;"
         "assert lft.__file__.startswith(sys.argv[1]), lft.__file__;"
-        "assert lft.task.path('sft', 'train').name == 'arith-sft-train.jsonl'"
+        "assert lft.data.task.path('sft', 'train').name == 'arith-sft-train.jsonl'"
     )
     result = subprocess.run([sys.executable, "-c", code, str(wheel)], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lft.data import pad_collate
+from lft.data.format import pad_collate
 from lft.plugins.dpo import DPOOptions
 from lft.plugins.pairs import format_pair, pair_logps
 

@@ -7,10 +7,10 @@ import textwrap
 
 import pytest
 
-from lft.cli import main
+from lft.cli.main import main
 from lft.errors import PluginError
-from lft.manager import PluginManager
-from lft.testing import install_fake_distribution
+from lft.plugin.manager import PluginManager
+from lft.plugin.testing import install_fake_distribution
 
 GOOD = textwrap.dedent('''
     import lft

@@ -4,7 +4,7 @@ import pytest
 
 import lft
 from lft.errors import PluginError
-from lft.manager import PluginManager
+from lft.plugin.manager import PluginManager
 
 
 def test_builtins_come_from_entry_points():

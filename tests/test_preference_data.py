@@ -6,10 +6,10 @@ import pytest
 from transformers import AutoTokenizer
 
 import lft
-from lft.cli import main
+from lft.cli.main import main
+from lft.plugin.testing import FAST
 from lft.plugins.dpo import DPOOptions
 from lft.plugins.pairs import concatenated, format_pair
-from lft.testing import FAST
 
 ROW = {"prompt": "Tom has 2 apples. Tom gets 3 more apples. How many apples does Tom have now?",
        "chosen": "2 + 3 = 5. The answer is 5.", "rejected": "2 + 3 = 6. The answer is 6."}

@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from lft.losses import (BradleyTerryLoss, DPOLoss, HingeDPOLoss, IPOLoss, ORPOLoss, PairLogps, RobustDPOLoss,
-                        SimPOLoss, WithChosenNLL)
+from lft.losses import (
+    BradleyTerryLoss,
+    DPOLoss,
+    HingeDPOLoss,
+    IPOLoss,
+    ORPOLoss,
+    PairLogps,
+    RobustDPOLoss,
+    SimPOLoss,
+    WithChosenNLL,
+)
 from lft.losses.orpo import log_odds
 
 

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from test_run import Grab, assert_loss_goes_down, fast_config, history
 
 import lft
 from lft.losses import DPOLoss
 from lft.plugins.dpo import DPO
-from test_run import Grab, assert_loss_goes_down, fast_config, history
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,7 @@ def test_reward_model_is_saved_as_a_sequence_classifier_that_scores_like_trainin
         tmp_path, lft_tiny_model, learnable):
     from transformers import AutoModelForSequenceClassification
 
-    from lft import reward_model
-    from lft.adapters import value_head
+    from lft.adapters import scorer, value_head
     from lft.plugins.pairs import concatenated, format_pair
     from lft.plugins.reward import RewardOptions
 
@@ -86,7 +85,7 @@ def test_reward_model_is_saved_as_a_sequence_classifier_that_scores_like_trainin
     assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
     assert AutoModelForSequenceClassification.from_pretrained(final).config.num_labels == 1
 
-    scorer = reward_model.load(final)
+    scorer = scorer.load(final)
     rows = [json.loads(line) for line in learnable["eval"].read_text().splitlines()]
     chosen = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows], batch_size=5)
     rejected = scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
@@ -148,10 +147,10 @@ def test_a_subclass_replaces_the_loss_and_its_warnings_reach_the_summary(tmp_pat
 
 
 def test_default_data_and_settings_are_valid(lft_pref_data):
-    from lft import task
     from lft.config import config_class, plugin_sections
-    from lft.engine import Run
-    from lft.manager import PluginManager
+    from lft.data import task
+    from lft.plugin.manager import PluginManager
+    from lft.train.engine import Run
 
     manager = PluginManager()
     config = config_class(plugin_sections(manager))()

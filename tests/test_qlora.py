@@ -7,8 +7,8 @@ import torch
 
 import lft
 from lft.adapters import quantize
-from lft.cli import main
-from lft.testing import FAST
+from lft.cli.main import main
+from lft.plugin.testing import FAST
 
 
 class Inspect:
@@ -107,8 +107,8 @@ def test_qlora_merges_into_a_full_precision_copy_of_the_base(tmp_path, capsys, q
 def qlora_model(tiny, seed=0, **options):
     """The qlora plugin's load and wrap hooks, as a run calls them; LoRA B made non-zero so that
     every adapter weight gets a gradient."""
-    from lft.engine import resolve_config
-    from lft.manager import PluginManager
+    from lft.plugin.manager import PluginManager
+    from lft.train.engine import resolve_config
 
     manager = PluginManager()
     config = resolve_config({"model.path": str(tiny), "plugins": ["qlora"], "trainer.precision": "32-true",
@@ -136,8 +136,8 @@ def grads_after_validation(tiny, batch, validate, avx512bf16_cpu=True):
     import bitsandbytes as bnb
     import lightning as L
 
-    from lft.module import LftModule
     from lft.plugins.sft import SFTObjective
+    from lft.train.module import LftModule
 
     patch = pytest.MonkeyPatch()
     patch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: avx512bf16_cpu)
@@ -158,8 +158,8 @@ def grads_after_validation(tiny, batch, validate, avx512bf16_cpu=True):
 def sft_batch(lft_tiny_model, lft_sft_data):
     from transformers import AutoTokenizer
 
-    from lft import chat
-    from lft.data import pad_collate
+    from lft.data import chat
+    from lft.data.format import pad_collate
 
     tokenizer = AutoTokenizer.from_pretrained(lft_tiny_model)
     rows = [json.loads(line) for line in open(lft_sft_data["eval"])][:4]
@@ -185,9 +185,9 @@ def test_lora_gradients_after_a_validation_pass_equal_those_without(lft_tiny_mod
 def test_8bit_and_compute_dtype_options(lft_tiny_model, sft_batch):
     import bitsandbytes as bnb
 
-    from lft.module import LftModule
     from lft.plugins.qlora import QLoRA
     from lft.plugins.sft import SFTObjective
+    from lft.train.module import LftModule
 
     model, tokenizer, config, hook = qlora_model(lft_tiny_model, bits=8)
     assert quantize.count_quantized(model, 8) == 14 and quantize.count_quantized(model, 4) == 0
@@ -205,8 +205,14 @@ def test_8bit_and_compute_dtype_options(lft_tiny_model, sft_batch):
 def save_unquantizable_model(directory):
     """A tiny causal LM of a custom type whose projections subclass nn.Linear, which bitsandbytes'
     replacement (exact nn.Linear only) leaves alone: nothing in it can be quantized."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PretrainedConfig, \
-        PreTrainedModel
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationMixin,
+        PretrainedConfig,
+        PreTrainedModel,
+    )
     from transformers.modeling_outputs import CausalLMOutput
 
     class Projection(torch.nn.Linear):
@@ -240,7 +246,7 @@ def save_unquantizable_model(directory):
         AutoModelForCausalLM.register(PlainConfig, PlainLM)
     except ValueError:
         pass  # registered by an earlier call in this process
-    from lft.testing import build_tokenizer
+    from lft.plugin.testing import build_tokenizer
 
     PlainLM(PlainConfig()).save_pretrained(directory)
     build_tokenizer().save_pretrained(directory)

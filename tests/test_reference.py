@@ -7,16 +7,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_pair_logprobs import ROWS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lft import reference as refmod
 from lft.adapters.lora import apply_lora
-from lft.data import pad_collate
+from lft.data.format import pad_collate
 from lft.losses import DPOLoss, PairLogps, SimPOLoss
+from lft.model import reference as refmod
 from lft.plugins.dpo import DPOOptions
 from lft.plugins.pairs import TOKEN_KEYS, format_pair, pair_logps
 from lft.plugins.preference import REFERENCE_KEYS, DisplacementWatch, PreferenceObjective
-from test_pair_logprobs import ROWS
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +175,9 @@ def test_likelihood_displacement_without_a_reference_uses_the_first_steps():
 
 
 def test_precomputed_and_live_references_train_the_same(tmp_path, monkeypatch, lft_tiny_model, lft_pref_data):
-    import lft
     from test_run import fast_config
+
+    import lft
 
     monkeypatch.setenv("LFT_CACHE", str(tmp_path / "cache"))
     extra = {"plugins": ["dpo", "full"], "trainer.max_steps": 3, "trainer.lr": 1e-3, "eval.before": True}

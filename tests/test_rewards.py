@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import lft
-import lft.checkpoint
+import lft.train.checkpoint
 from lft import config as cfgmod
-from lft.manager import PluginManager
-from lft.report import reward_task_warning
+from lft.output.summary import reward_task_warning
+from lft.plugin.manager import PluginManager
 
 
 def selection(*names, **settings):
@@ -62,7 +62,7 @@ def tiny_reward_model(lft_tiny_model, tmp_path_factory):
 def test_reward_model_scores_each_completion_like_the_classifier(tiny_reward_model):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lft import chat
+    from lft.data import chat
 
     hook, config = selection("reward_model", reward_model={"path": str(tiny_reward_model), "batch_size": 2})
     prompts, completions = ["Tom has 3 apples.", "How many?", "Mia"], ["3", "The answer is 12.", ""]
@@ -79,7 +79,7 @@ def test_critic_from_the_reward_model_reads_its_score_head_at_every_token(tiny_r
     from transformers import AutoModelForSequenceClassification
 
     from lft.adapters.critic import critic_from_classifier
-    from lft.reward_model import load_classifier
+    from lft.adapters.scorer import load_classifier
 
     classifier = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model).eval()
     critic = critic_from_classifier(load_classifier(tiny_reward_model)).eval()
@@ -107,13 +107,13 @@ def test_sft_adapter_becomes_the_ppo_policy_and_reference(tmp_path, lft_tiny_mod
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lft import models
+    from lft.model import loading
 
     common = {"trainer.precision": "32-true", "trainer.checkpoint_every": 0, "eval.task": "none",
               "eval.before": False, "data.max_eval_rows": 4, "model.path": str(lft_tiny_model)}
     sft = lft.run({**common, "plugins": ["sft"], "data.train": str(lft_sft_data["train"]), "trainer.max_steps": 3,
                    "trainer.lr": 1e-2, "output": str(tmp_path / "sft")}, quiet=True)
-    merged, _ = models.load_model(cfgmod.build({"model": {"path": str(sft.final)}}, cfgmod.config_class()))
+    merged, _ = loading.load_model(cfgmod.build({"model": {"path": str(sft.final)}}, cfgmod.config_class()))
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lft_tiny_model), sft.final)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
@@ -127,13 +127,13 @@ def test_sft_adapter_becomes_the_ppo_policy_and_reference(tmp_path, lft_tiny_mod
     first, last = ppo.history[0], ppo.history[-1]
     assert first["kl"] == pytest.approx(0.0, abs=1e-6) and "reward_reward_model" in first
     assert last["kl"] > 0 and "explained_variance" in last
-    checkpoint = lft.checkpoint.load(tmp_path / "ppo" / "checkpoints" / "last.ckpt")
+    checkpoint = lft.train.checkpoint.load(tmp_path / "ppo" / "checkpoints" / "last.ckpt")
     assert any(k.startswith("critic.head") for k in checkpoint["state_dict"])
     assert any("critic.body" in k and "lora_" in k for k in checkpoint["state_dict"])
 
     # The PPO adapter names the SFT adapter as its base; loading it merges the chain in order.
     assert json.loads((ppo.final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft.final)
-    chained, _ = models.load_model(cfgmod.build({"model": {"path": str(ppo.final)}}, cfgmod.config_class()))
+    chained, _ = loading.load_model(cfgmod.build({"model": {"path": str(ppo.final)}}, cfgmod.config_class()))
     by_hand = PeftModel.from_pretrained(merged, ppo.final).merge_and_unload()
     with torch.no_grad():
         assert torch.allclose(chained.eval()(ids).logits, by_hand.eval()(ids).logits, atol=1e-5)

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import lft
-from lft import chat, rewards, rollout
 from lft import config as cfgmod
-from lft.manager import PluginManager
+from lft.adapters import sampling
+from lft.data import chat
+from lft.online import rewards, rollout
+from lft.plugin.manager import PluginManager
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +171,7 @@ def test_samples_of_one_prompt_share_its_encoding_and_decode_like_it_alone(tiny)
 def test_a_prompt_encoded_once_for_its_samples_scores_like_whole_rows(tiny, temperature):
     """completion_stats with shared prompts (one prompt encoding, its keys and values shared by the
     group) gives the log-probs, entropy, hidden states and gradients of encoding every row whole."""
-    from lft.modeling import completion_stats
+    from lft.model.forward import completion_stats
 
     model, tokenizer = tiny
     batch, _ = prompt_batch(tokenizer, PROMPTS[:3])
@@ -225,7 +227,7 @@ def test_lora_folded_for_sampling_computes_the_same_and_leaves_the_base_untouche
     settings = rollout.RolloutSettings(max_new_tokens=8, temperature=0.0)
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
-        with rollout.sampling_weights(model) as folded:
+        with sampling.sampling_weights(model) as folded:
             got = model(input_ids=ids, attention_mask=mask).logits
         assert folded
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -244,7 +246,7 @@ def test_a_low_precision_base_is_not_folded(lft_tiny_model):
 
     model = apply_lora(AutoModelForCausalLM.from_pretrained(lft_tiny_model), 4, 8, 0.0, "attention")
     store_frozen_linears(model, torch.bfloat16)
-    with rollout.sampling_weights(model) as folded:
+    with sampling.sampling_weights(model) as folded:
         assert not folded
 
 
@@ -255,5 +257,5 @@ def test_disabled_adapters_are_not_folded(lft_tiny_model):
     from lft.adapters.lora import apply_lora
 
     model = apply_lora(AutoModelForCausalLM.from_pretrained(lft_tiny_model), 4, 8, 0.0, "attention")
-    with model.disable_adapter(), rollout.sampling_weights(model) as folded:
+    with model.disable_adapter(), sampling.sampling_weights(model) as folded:
         assert not folded

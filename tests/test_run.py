@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lft
-from lft.cli import main
-from lft.testing import FAST
+from lft.cli.main import main
+from lft.plugin.testing import FAST
 
 
 def history(output):

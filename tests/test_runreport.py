@@ -1,7 +1,7 @@
 """The run report: small SVG charts, Markdown and HTML from the same content, written atomically."""
 
 import lft
-from lft.runreport import build, charts, svg_chart, to_markdown, write_report
+from lft.output.report import build, charts, svg_chart, to_markdown, write_report
 
 HISTORY = [{"step": s, "loss": 2.0 / s, "lr": 1e-3, "reward_mean": 0.1 * s, "kl": 0.01 * s, "rewards/chosen": s}
            for s in range(1, 6)]

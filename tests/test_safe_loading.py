@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import lft
-from lft import models
-from lft.cli import main
-from lft.testing import FAST
+from lft.cli.main import main
+from lft.model import loading
+from lft.plugin.testing import FAST
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,10 +62,10 @@ def test_pickle_adapter_is_refused(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     torch.save({}, folder / "adapter_model.bin")
     with pytest.raises(lft.ModelError, match=r"stores its weights only as pickle \(adapter_model.bin\)"):
-        models.check_safe_weights(folder)
-    models.check_safe_weights(folder, allow_pickle=True)
+        loading.check_safe_weights(folder)
+    loading.check_safe_weights(folder, allow_pickle=True)
     (folder / "adapter_model.safetensors").write_bytes(b"")
-    models.check_safe_weights(folder)  # safetensors present: the pickle file is not what gets loaded
+    loading.check_safe_weights(folder)  # safetensors present: the pickle file is not what gets loaded
 
 
 REMOTE_CODE = '''
@@ -92,9 +92,9 @@ def test_remote_code_runs_only_when_trusted(tmp_path, lft_tiny_model):
     (folder / "shipped.py").write_text(REMOTE_CODE.format(marker=str(marker)))
     with pytest.raises(lft.ModelError, match="lft runs no code shipped with a model unless you set "
                                              r"model.trust_remote_code=true"):
-        models.load_model(lft.load_config(overrides=[f"model.path={folder}"]))
+        loading.load_model(lft.load_config(overrides=[f"model.path={folder}"]))
     assert not marker.exists()
-    model, _ = models.load_model(lft.load_config(overrides=[f"model.path={folder}", "model.trust_remote_code=true"]))
+    model, _ = loading.load_model(lft.load_config(overrides=[f"model.path={folder}", "model.trust_remote_code=true"]))
     assert marker.exists() and type(model).__name__ == "ShippedModel"  # the check above could have seen it run
 
 
@@ -104,7 +104,7 @@ def test_checkpoints_are_safetensors(lft_run):
     summary = lft_run("trainer.max_steps=2", "trainer.checkpoint_every=1")
     with safe_open(str(summary["output"] / "checkpoints" / "last.ckpt"), framework="pt") as handle:
         assert handle.metadata()["format"] == "lft-checkpoint/1" and len(list(handle.keys())) > 0
-    from lft.checkpoint import _is_pickle
+    from lft.train.checkpoint import _is_pickle
 
     pickled = [p.name for p in summary["output"].rglob("*") if p.is_file() and _is_pickle(p)]
     assert not pickled, pickled  # nothing lft wrote is a pickle or a torch.save zip

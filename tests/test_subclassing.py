@@ -10,8 +10,8 @@ import textwrap
 import pytest
 
 import lft
-from lft.cli import main
-from lft.testing import FAST, install_fake_distribution
+from lft.cli.main import main
+from lft.plugin.testing import FAST, install_fake_distribution
 
 # At the first step the policy is the reference, so h = 0 and -log sigmoid(beta * 0 - gamma) =
 # log(1 + e^gamma); gamma = 1 gives 1.31326, where plain DPO gives log 2 = 0.69315.

@@ -3,7 +3,7 @@
 import json
 import re
 
-from lft import task
+from lft.data import task
 
 
 def test_shipped_files_match_the_generator():

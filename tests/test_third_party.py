@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lft import scaffold
+from lft.cli import new_plugin
 
 ROOT = Path(__file__).resolve().parents[1]
 KTO = ROOT / "docs" / "examples" / "lft-kto"
@@ -49,9 +49,9 @@ def test_kto_example_installs_lists_and_passes_its_tests(tmp_path):
     run_tests(KTO, site)
 
 
-@pytest.mark.parametrize("kind", scaffold.KINDS)
+@pytest.mark.parametrize("kind", new_plugin.KINDS)
 def test_scaffolded_package_works_unedited(tmp_path, kind):
-    package = scaffold.create(f"my_{kind}", kind, tmp_path)
+    package = new_plugin.create(f"my_{kind}", kind, tmp_path)
     site = tmp_path / "site"
     pip_install(package, site)
     plugins = listed_plugins(site)
@@ -63,9 +63,9 @@ def test_scaffold_refuses_bad_names_and_existing_folders(tmp_path):
     from lft.errors import LftError
 
     with pytest.raises(LftError, match="must start with a letter"):
-        scaffold.create("9lives", "objective", tmp_path)
+        new_plugin.create("9lives", "objective", tmp_path)
     with pytest.raises(LftError, match="unknown plugin kind 'magic'"):
-        scaffold.create("ok", "magic", tmp_path)
-    scaffold.create("twice", "callback", tmp_path)
+        new_plugin.create("ok", "magic", tmp_path)
+    new_plugin.create("twice", "callback", tmp_path)
     with pytest.raises(LftError, match="already exists"):
-        scaffold.create("twice", "callback", tmp_path)
+        new_plugin.create("twice", "callback", tmp_path)

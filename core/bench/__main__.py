@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                         "optimisation switched off")
     args = parser.parse_args(argv)
 
-    from lft import models
+    from lft.model import loading
 
-    model = args.model or models.local_folder(None)
+    model = args.model or loading.local_folder(None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lft-bench-"))

@@ -51,7 +51,7 @@ def write_data(method: str, folder: Path, turns: int = 1, rows: int = 2000) -> P
 
     ``turns`` > 1 joins several problems into one multi-turn conversation, for length sweeps.
     """
-    from lft import task
+    from lft.data import task
 
     form = FORMS[method]
     source = [json.loads(x) for x in task.path(form, "train").read_text().splitlines()]

@@ -111,10 +111,12 @@ def run_trl(s: Settings) -> dict:
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
     elif s.method in ("orpo", "simpo"):
         if s.method == "orpo":
-            from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+            from trl.experimental.orpo import ORPOConfig as Config
+            from trl.experimental.orpo import ORPOTrainer as Trainer
             extra: dict = {}
         else:
-            from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+            from trl.experimental.cpo import CPOConfig as Config
+            from trl.experimental.cpo import CPOTrainer as Trainer
             # lft's SimPO defaults (beta 2.0, gamma 1.0, no NLL term)
             extra = {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": 2.0, "simpo_gamma": 1.0}
         args = Config(**common, max_length=s.max_length, **extra)
@@ -122,7 +124,7 @@ def run_trl(s: Settings) -> dict:
     elif s.method == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        from lft import task
+        from lft.data import task
 
         def exact_answer(completions: list, answer: list, **_: Any) -> list[float]:
             texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]

@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from lft import chat, task
+from lft.data import chat, task
 from lft.guards import measure
 from lft.objective import IGNORE_INDEX
 
@@ -55,7 +55,7 @@ SIGNATURE_SHARE = 0.5
 
 def read_prompts(path: str | Path | None, limit: int) -> list[Any]:
     """Prompts (strings or lists of messages) from a JSONL file of rows with ``prompt``."""
-    from lft.data import read_rows
+    from lft.data.files import read_rows
     from lft.errors import DataError
 
     rows = read_rows(str(path or EVERYDAY))

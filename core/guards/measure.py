@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from lft import chat, evaluate
+from lft.data import chat
 from lft.losses.logprobs import IGNORE_INDEX
-from lft.modeling import token_logprobs
+from lft.model.forward import token_logprobs
+from lft.use import evaluate
 
 
 def prompt_prefixes(features: list[dict], limit: int) -> list[list[int]]:

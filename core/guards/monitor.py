@@ -15,8 +15,8 @@ from typing import Any
 
 import lightning as L
 
-from lft import chat, task
-from lft.data import read_rows
+from lft.data import chat, task
+from lft.data.files import read_rows
 from lft.guards import everyday, measure
 from lft.guards.findings import Finding, add_to_summary, skipped
 
@@ -102,7 +102,7 @@ class GuardMonitor(L.Callback):
             self.base = json.loads(path.read_text(encoding="utf-8"))
         elif trainer.global_step == 0:
             self.base = self.measure(pl_module, trainer, base=None)
-            from lft.report import write_json
+            from lft.output.summary import write_json
 
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, self.base)
@@ -264,7 +264,7 @@ class GuardMonitor(L.Callback):
         data: dict[str, Any] = {"perplexity_before": ppl0, "perplexity_after": ppl1, "kl_per_token": kl}
         if behaviour is not None:
             data["everyday"] = {k: v for k, v in behaviour.items() if k != "rows"}
-            from lft.report import write_json
+            from lft.output.summary import write_json
 
             folder = Path(self.config.output) / "guards"  # where base.json is, in a run
             if folder.is_dir():  # every answer, base and tuned side by side, with its signs

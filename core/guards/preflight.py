@@ -15,8 +15,8 @@ from typing import Any
 
 from rich.markup import escape
 
-from lft import chat, task
-from lft.data import Rows, read_rows
+from lft.data import chat, task
+from lft.data.files import Rows, read_rows
 from lft.guards.contamination import check_contamination
 from lft.guards.findings import TITLES, Finding, add_to_summary, enforce
 from lft.guards.lint import lint_rows
@@ -116,11 +116,11 @@ class RunGuards:
         import hashlib
         import json
 
-        from lft.checkpoint import atomic_write_text
         from lft.errors import DataError
         from lft.guards import everyday
-        from lft.models import cache_dir
-        from lft.reference import tokenizer_fingerprint
+        from lft.model.loading import cache_dir
+        from lft.model.reference import tokenizer_fingerprint
+        from lft.output.files import atomic_write_text
 
         opts = self.opts.forgetting
         prompts = everyday.read_prompts(GENERAL_PROMPTS, 10_000)

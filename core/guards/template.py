@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lft import chat
+from lft.data import chat
 from lft.errors import DataError
 from lft.guards.findings import Finding
 from lft.losses.logprobs import IGNORE_INDEX

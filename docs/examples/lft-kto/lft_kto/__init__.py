@@ -16,11 +16,11 @@ import torch
 from pydantic import Field
 
 import lft
-from lft import chat, task
 from lft.config import Section
-from lft.data import pad_collate
-from lft.models import cache_dir
-from lft.modeling import token_logprobs
+from lft.data import chat, task
+from lft.data.format import pad_collate
+from lft.model.forward import token_logprobs
+from lft.model.loading import cache_dir
 from lft_kto.loss import kto_loss
 
 

@@ -1,13 +1,13 @@
-"""Tests for lft-kto, written with the fixtures lft ships for plugin authors (lft.testing)."""
+"""Tests for lft-kto, written with the fixtures lft ships for plugin authors (lft.plugin.testing)."""
 
 import json
 import math
 
 import pytest
 import torch
-
-from lft.manager import PluginManager
 from lft_kto.loss import kto_loss
+
+from lft.plugin.manager import PluginManager
 
 
 def test_loss_by_hand():
@@ -76,7 +76,7 @@ def test_kto_trains(lft_run, kto_data, wrapper):
     ('{"prompt": "p", "completion": " ", "label": true}', "'completion' is empty"),
 ])
 def test_bad_rows_are_one_line_errors(tmp_path, capsys, lft_tiny_model, row, message):
-    from lft.cli import main
+    from lft.cli.main import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(row + "\n")

@@ -1,0 +1,1 @@
+"""The ``lft`` command line: the parser (``main``) and the commands that are not runs."""

@@ -1,0 +1,147 @@
+"""Reading data files: JSONL, JSON, Parquet, CSV and hub datasets, as rows that remember where
+each came from. A bad file or row is reported as one line that names the file and the row (the
+line number for JSONL) and says what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from lft.errors import DataError
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+#: The key under which a training batch carries the unit counts of its optimizer step (taken off
+
+@dataclass
+class Rows:
+    """Rows of one data source, with a label for each row to use in error messages."""
+
+    source: str
+    rows: list[dict]
+    where: list[str]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, indices: list[int]) -> "Rows":
+        return Rows(self.source, [self.rows[i] for i in indices], [self.where[i] for i in indices])
+
+
+def _check_surrogates(row: dict, where: str) -> None:
+    """JSON escapes can spell half of a UTF-16 pair (\\ud800), which is no character at all."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end].encode("unicode_escape").decode()
+        raise DataError(f"{where}: contains an unpaired surrogate escape ({bad}), which is not text") from None
+
+
+def _read_jsonl(path: Path) -> Rows:
+    rows, where = [], []
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            if "\\u" in line.lower():
+                _check_surrogates(row, f"{path}:{lineno}")
+            rows.append(row)
+            where.append(f"{path}:{lineno}")
+    return Rows(str(path), rows, where)
+
+
+def _read_json(path: Path) -> Rows:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); re-encode it as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i + 1}: expected an object, got {type(row).__name__}")
+    return Rows(str(path), data, [f"{path}: row {i + 1}" for i in range(len(data))])
+
+
+def _read_with_datasets(spec: str, kind: str | None, split: str) -> Rows:
+    import logging
+
+    import datasets
+
+    datasets.logging.set_verbosity(logging.CRITICAL)  # its error lines would repeat ours
+    datasets.disable_progress_bars()
+    try:
+        if kind is not None:
+            table = datasets.load_dataset(kind, data_files=spec, split="train")
+        else:
+            table = datasets.load_dataset(spec, split=split)
+    except Exception as exc:  # datasets raises many types; the user needs the root cause, in one line
+        chain: list[BaseException] = [exc]
+        while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+        for cause in chain:
+            if isinstance(cause, UnicodeDecodeError):
+                raise DataError(f"{spec}: not UTF-8 text (invalid byte at offset {cause.start}); "
+                                "re-encode it as UTF-8") from None
+            if type(cause).__name__ == "EmptyDataError":
+                raise DataError(f"{spec}: no rows; the dataset is empty") from None
+        root = next((c for c in chain if not type(c).__module__.startswith("datasets")), exc)
+        message = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+        raise DataError(f"{spec}: could not be read ({message})") from None
+    rows = table.to_list()
+    return Rows(spec, rows, [f"{spec}: row {i + 1}" for i in range(len(rows))])
+
+
+def read_rows(spec: str, split: str = "train") -> Rows:
+    """Read a data file (.jsonl, .json, .parquet, .csv) or a hub dataset id."""
+    path = Path(spec).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise DataError(f"{spec} is a folder; give a data file ({', '.join(SUFFIXES)}) or a hub dataset id")
+    if not path.exists():
+        looks_local = suffix in SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") != 1
+        if looks_local:
+            raise DataError(f"data file {spec} not found")
+        rows = _read_with_datasets(spec, None, split)
+    elif suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif suffix == ".json":
+        rows = _read_json(path)
+    elif suffix in (".parquet", ".csv"):
+        rows = _read_with_datasets(str(path), suffix[1:], split)
+    else:
+        raise DataError(f"{spec}: unsupported file type {suffix or '(none)'}; expected one of {', '.join(SUFFIXES)}")
+    if not rows.rows:
+        raise DataError(f"{spec}: no rows; the dataset is empty")
+    return rows
+
+
+def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
+    """Carve a held-out split off ``rows`` (at least one row each side)."""
+    n = len(rows)
+    n_eval = max(1, int(round(n * fraction)))
+    if n - n_eval < 1:
+        raise DataError(f"{rows.source}: {n} row(s) are too few to hold some out for evaluation; "
+                        "give data.eval or set data.eval_split=0")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return rows.subset(sorted(order[n_eval:])), rows.subset(sorted(order[:n_eval]))
+
+

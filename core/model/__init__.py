@@ -1,0 +1,1 @@
+"""Models: loading, forward passes and per-token log-probs, fused kernels, the reference policy."""

@@ -1,0 +1,1 @@
+"""Online methods' core: the default rollout and the reward hook."""

@@ -1,0 +1,75 @@
+"""lft's own plugin, ``core``: the trylast fallbacks that every run has, and the guards (their
+``guards`` config section, their callback, and the ``lft check`` and ``lft inspect`` commands)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lft.data.format import pad_collate
+from lft.model import loading
+from lft.plugin.manager import hookimpl
+
+
+class CorePlugin:
+    """Loads models the standard way, pads batches and generates the experience of online objectives
+    (those with a ``rollout`` attribute) when no selected plugin does; saves the random states in
+    checkpoints, guards against NaN/Inf losses and gradients, and runs the guards against
+    fine-tuning pitfalls (``lft.guards``). Adds the commands new-plugin, check, inspect, generate,
+    chat, eval and merge."""
+
+    name = "core"
+    kind = "core"
+
+    def __init__(self) -> None:
+        self.hook: Any = None  # the run's hook relay, set when plugins are selected
+
+    @hookimpl(trylast=True)
+    def lft_load_model(self, config: Any) -> Any:
+        quantization = self.hook.lft_quantization_config(config=config) if self.hook is not None else None
+        return loading.load_model(config, quantization_config=quantization)
+
+    @hookimpl(trylast=True)
+    def lft_collate(self, features: list, tokenizer: Any, config: Any) -> Any:
+        return pad_collate(features, tokenizer.pad_token_id)
+
+    @hookimpl
+    def lft_callbacks(self, config: Any) -> Any:
+        from lft.guards import GuardMonitor
+        from lft.train.checkpoint import RngState
+        from lft.train.numerics import NonFiniteGuard
+
+        tc = config.trainer
+        guard = NonFiniteGuard(tc.on_nonfinite, config.output, check_gradients=tc.precision != "16-mixed")
+        callbacks = [RngState(), guard]
+        if config.section("guards").enabled:
+            callbacks.append(GuardMonitor(config))
+        return callbacks
+
+    @hookimpl(trylast=True)
+    def lft_save_model(self, model: Any, tokenizer: Any, path: str, config: Any) -> Any:
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+        return path
+
+    @hookimpl(trylast=True)
+    def lft_rollout(self, module: Any, batch: dict, config: Any) -> Any:
+        settings = getattr(module.objective, "rollout", None)
+        if settings is None:
+            return None  # an offline objective: its batch is used as it is
+        from lft.online.rollout import experience
+
+        return experience(module, batch, settings)
+
+    @hookimpl
+    def lft_add_config(self, register: Any) -> None:
+        from lft.guards import GuardsOptions
+
+        register("guards", GuardsOptions)
+
+    @hookimpl
+    def lft_add_commands(self, cli: Any) -> None:
+        from lft.cli import check, new_plugin, use
+
+        new_plugin.add_command(cli)
+        check.add_commands(cli)
+        use.add_commands(cli)

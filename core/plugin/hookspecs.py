@@ -1,0 +1,227 @@
+"""The hook points of lft: the public contract between the engine and its plugins.
+
+Every method in lft, built-in or third-party, is a plugin that implements some of these hooks
+with ``@lft.hookimpl``. Only the plugins selected for a run take part in it (plus lft's own
+``core`` plugin, which supplies trylast fallbacks).
+
+Two kinds of hook:
+
+* *collect* hooks call every selected implementation and return the list of their results;
+* *firstresult* hooks stop at the first non-None result and return it alone.
+
+Implementations run in LIFO registration order unless they ask for ``tryfirst`` or ``trylast``.
+docs/plugin-hooks.md documents each hook for plugin authors; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("lft")
+
+
+@hookspec
+def lft_add_config(register: Any) -> None:
+    """Register a plugin's own options section.
+
+    :param register: a callable ``register(section, model)`` where ``section`` is the name of
+        the section (for example ``"lora"``) and ``model`` a pydantic ``BaseModel`` subclass
+        whose fields, all with defaults, are the options. The section then appears as
+        ``lora.r`` in config files, ``key=value`` overrides and ``lft config schema``.
+
+    Called for every installed plugin, selected or not, so that a config file may carry the
+    sections of methods it does not use in this run. No return value.
+    """
+
+
+@hookspec(firstresult=True)
+def lft_load_model(config: Any) -> Any:
+    """Load the model and its tokenizer.
+
+    :param config: the validated ``RunConfig``.
+    :return: a ``(model, tokenizer)`` tuple, or None to let another plugin load it.
+
+    The core's trylast implementation handles a local HF folder, a hub id, a GGUF file and the
+    embedded default model; it asks ``lft_quantization_config`` for a quantization config. A
+    plugin may wrap the loader (``@lft.hookimpl(wrapper=True)``, ``loaded = yield``) to check or
+    adjust whatever model was loaded.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def lft_quantization_config(config: Any) -> Any:
+    """Choose how the base model's weights are quantized at load time.
+
+    :param config: the validated ``RunConfig``.
+    :return: a ``transformers`` quantization config (for example ``BitsAndBytesConfig``), or
+        None to keep full precision.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def lft_wrap_model(model: Any, config: Any) -> Any:
+    """Wrap the loaded model for training: add adapters, freeze weights, prepare k-bit layers.
+
+    :param model: the ``PreTrainedModel`` returned by ``lft_load_model``.
+    :param config: the validated ``RunConfig``.
+    :return: the model to train (it may be the same object, or a ``peft.PeftModel``), or None.
+
+    Exactly one model wrapper is selected per run (``lora`` when none is asked for).
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def lft_format_example(example: dict, tokenizer: Any, config: Any) -> Any:
+    """Turn one raw data row into token ids and a label mask, in the objective's format.
+
+    :param example: one row, a dict of column name to value, as read from the data file.
+    :param tokenizer: the run's tokenizer.
+    :param config: the validated ``RunConfig``.
+    :return: a dict of lists (for SFT ``input_ids`` and ``labels``, with -100 on tokens that
+        are not trained), or None to skip to the next implementation. Raise ``lft.DataError``
+        for a row that cannot be used; the engine adds the file and row number to the message.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def lft_collate(features: list, tokenizer: Any, config: Any) -> Any:
+    """Turn a list of formatted examples into one batch.
+
+    :param features: the dicts returned by ``lft_format_example``.
+    :param tokenizer: the run's tokenizer (for its pad token).
+    :param config: the validated ``RunConfig``.
+    :return: a dict of tensors. The core's trylast implementation right-pads every
+        ``*input_ids`` with the pad token, every ``*labels`` with -100 and builds the matching
+        ``*attention_mask``; other numeric keys are stacked into tensors.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def lft_loss(config: Any) -> Any:
+    """Build the run's objective. Called once, before training.
+
+    :param config: the validated ``RunConfig``.
+    :return: an object callable as ``objective(module, batch) -> (loss, metrics)``, where
+        ``module`` is the ``LftModule`` (the model is ``module.model``), ``loss`` a scalar
+        tensor (a mean over the batch's units) or a dict ``{unit: mean}`` of terms averaged over
+        different units, and ``metrics`` a dict of floats or 0-d tensors to log. Its
+        ``units(batch)`` says what the loss averages over (``{"tokens": n}``, ``{"pairs": n}``,
+        ...; rows when it has none), so that lft weighs every unit of an optimizer step the same
+        across micro-batches and processes (``lft.objective``, the base class to subclass). It may set
+        ``needs_reference = True`` to ask the engine for a reference policy, which it then finds
+        as ``module.reference`` (``lft.model.reference.ReferencePolicy``), and ``rollout``
+        (``lft.online.rollout.RolloutSettings``) to have the core's ``lft_rollout`` generate its
+        experience before every step. It may define ``setup(module)``, ``training_step(module,
+        batch)`` (with ``updates_per_batch`` when it steps the optimizer itself),
+        ``state_dict()``/``load_state_dict(state)`` (saved in checkpoints), and ``notes`` (a dict)
+        and ``warnings`` (a list of lines), which the engine adds to the run summary.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def lft_rollout(module: Any, batch: dict, config: Any) -> Any:
+    """Generate experience for online methods (PPO, GRPO) from the current policy.
+
+    Called by the engine at the start of every training step, before the objective.
+
+    :param module: the ``LftModule`` being trained (``module.model``, ``module.tokenizer``,
+        ``module.objective``, ``module.hook``; ``module.reference`` when the objective asked for
+        a reference policy).
+    :param batch: the collated batch of prompts (``prompt_input_ids``,
+        ``prompt_attention_mask`` and the data's other columns).
+    :param config: the validated ``RunConfig``.
+    :return: the batch to hand to the objective instead of ``batch``, or None for offline
+        methods, whose batch is used as it is. The core's trylast implementation serves every
+        objective that has a ``rollout`` attribute (``lft.online.rollout.RolloutSettings``): it samples
+        with a KV cache, scores the tokens under the policy and the reference, calls
+        ``lft_reward``, and returns the experience dict described in ``lft.online.rollout``
+        (prompts, completions, token ids, masks, per-token log-probs, rewards).
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec
+def lft_reward(prompts: list, completions: list, batch: dict, config: Any) -> Any:
+    """Score completions. Every selected reward plugin is called and the scores are combined.
+
+    :param prompts: the prompts, one per completion (a string, or the list of messages the data
+        gave).
+    :param completions: the generated completion strings.
+    :param batch: the rollout batch: the data's other columns, one entry per completion (for
+        example ``batch["answer"]``), and the tensors of the experience (``completion_ids``,
+        ``completion_mask``...).
+    :param config: the validated ``RunConfig``.
+    :return: a dict ``{"name": str, "scores": list[float], "weight": float}`` or None when
+        this plugin does not score this run. The rollout adds up ``weight * scores`` and logs
+        each function's mean and std under its name. A score that is not a finite number, or
+        an exception, stops the run with one line naming the function and the sample.
+    """
+
+
+@hookspec
+def lft_callbacks(config: Any) -> Any:
+    """Add Lightning callbacks to the run: progress, guards, logging.
+
+    :param config: the validated ``RunConfig``.
+    :return: a list of ``lightning.pytorch.Callback`` objects, or None.
+    """
+
+
+@hookspec
+def lft_add_commands(cli: Any) -> None:
+    """Add subcommands to the ``lft`` command line.
+
+    :param cli: the ``argparse`` subparsers object of ``lft``. Call
+        ``cli.add_parser(name, help=...)``, add arguments, and
+        ``parser.set_defaults(handler=function)``; the handler gets the parsed
+        ``argparse.Namespace`` and returns an exit code (None means 0).
+
+    Called for every installed plugin. No return value.
+    """
+
+
+@hookspec(firstresult=True)
+def lft_default_data(config: Any) -> Any:
+    """Name the data a run uses when the config gives no training file.
+
+    :param config: the validated ``RunConfig``.
+    :return: a dict ``{"train": path, "eval": path_or_None}``, or None. Objectives return the
+        embedded task's data in their own format (SFT rows, preference pairs or prompts). An
+        optional ``"settings"`` dict of dotted config keys (``{"trainer.max_steps": 60}``) is
+        applied to every key the user did not set.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def lft_save_model(model: Any, tokenizer: Any, path: str, config: Any) -> Any:
+    """Save the trained model into ``path`` in its standard format.
+
+    :param model: the trained model (a ``peft.PeftModel`` for adapter methods).
+    :param tokenizer: the run's tokenizer, to save beside it.
+    :param path: an empty folder; the engine renames it into place when the hook returns, so a
+        crash never leaves a half-written result.
+    :param config: the validated ``RunConfig``.
+    :return: the path written, or None to let the next implementation save. The core's trylast
+        implementation calls ``model.save_pretrained`` (safetensors) and
+        ``tokenizer.save_pretrained``: a peft adapter folder for LoRA, a transformers model
+        folder for full fine-tuning.
+
+    Stops at the first non-None result.
+    """

@@ -1,0 +1,436 @@
+"""One run, from config to saved model: select plugins, load, wrap, format data, fit, save,
+evaluate, summarise. Every method-specific step goes through a hook."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from lft import config as cfgmod
+from lft.data.files import read_rows, split_rows
+from lft.data.format import format_rows
+from lft.data.loader import LftDataModule
+from lft.errors import ConfigError, DataError, LftError, ModelError, PluginError
+from lft.guards import RunGuards
+from lft.model.forward import trainable_parameters
+from lft.output.files import atomic_write_text
+from lft.plugin.manager import PluginManager, Selection
+from lft.train import distributed
+from lft.train.callbacks import AtomicCheckpointIO, GracefulStop, RunMonitor
+from lft.train.checkpoint import CheckpointError
+from lft.train.module import LftModule
+from lft.train.numerics import NonFiniteError
+from lft.use import evaluate
+
+log = logging.getLogger("lft")
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+
+
+@dataclass
+class RunResult:
+    """What ``lft.run`` returns: the summary metrics, the per-step history and the paths."""
+
+    output: Path
+    final: Path | None
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
+    config: Any = None
+
+    def __repr__(self) -> str:
+        return f"RunResult(output={str(self.output)!r}, steps={self.metrics.get('steps')}, final={str(self.final)!r})"
+
+
+def quiet_libraries() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # Online methods optimise manually; the step's checkpoint is meant to hold the state after it.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+    # peft, saving an adapter whose base is another adapter folder (merged on load, see lft.model.loading)
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in .*vocabulary was not modified")
+
+
+def resolve_config(config: Any, manager: PluginManager) -> Any:
+    """A RunConfig (with every installed plugin's section) from a RunConfig, dict or YAML path."""
+    cls = cfgmod.config_class(cfgmod.plugin_sections(manager))
+    if isinstance(config, cfgmod.RunConfigBase):
+        return cfgmod.build(config.model_dump(exclude_unset=True), cls)
+    if isinstance(config, (str, Path)):
+        return cfgmod.load(cls, file=config)
+    if config is None:
+        return cfgmod.build({}, cls)
+    if isinstance(config, dict):
+        data: dict = {}
+        for key, value in config.items():  # allow dotted keys in dicts too
+            cfgmod.set_dotted(data, key, value) if "." in key else data.__setitem__(key, value)
+        return cfgmod.build(data, cls)
+    raise ConfigError(f"expected a RunConfig, a dict or a YAML path, got {type(config).__name__}")
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    if precision != "auto":
+        return precision
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    from lft.train.numerics import native_bf16_cpu
+
+    return "bf16-mixed" if native_bf16_cpu() else "32-true"
+
+
+def run(config: Any = None, plugins: Iterable[Any] = (), quiet: bool = False, console: Any = None) -> RunResult:
+    """Run one fine-tuning job.
+
+    :param config: a ``RunConfig``, a dict (dotted keys allowed, e.g. ``{"lora.r": 32}``), a path
+        to a YAML file, or None for every default (LoRA SFT of the embedded model on the
+        embedded task).
+    :param plugins: extra plugin objects (or classes) to register and select for this run; one
+        with the name of an installed plugin replaces it, so a subclass of a built-in method
+        takes its place.
+    :param quiet: print nothing.
+    :return: a ``RunResult`` with the summary metrics, per-step history and output paths.
+    """
+    quiet_libraries()
+    extra = list(plugins)
+    manager = PluginManager(extra=extra)
+    cfg = resolve_config(config, manager)
+    names = list(cfg.plugins)
+    for obj in extra:
+        from lft.plugin.manager import plugin_name
+
+        name = plugin_name(obj() if isinstance(obj, type) else obj)
+        if name not in names:
+            names.append(name)
+    selection = manager.select(names)
+    return Run(cfg, selection, quiet=quiet, console=console).execute()
+
+
+class Run:
+    def __init__(self, config: Any, selection: Selection, quiet: bool = False, console: Any = None):
+        from rich.console import Console
+
+        self.config = config
+        self.selection = selection
+        self.hook = selection.hook
+        self.main = distributed.is_main_process()  # only the main process writes outputs
+        self.quiet = quiet or not self.main
+        self.console = console or Console(quiet=self.quiet)
+        self.output = Path(config.output).expanduser()
+        self.summary: dict[str, Any] = {
+            "objective": selection.objective,
+            "wrapper": selection.wrapper,
+            "extensions": selection.extensions,
+            "defaults_used": selection.defaults,
+        }
+        self.guards = RunGuards(config, selection, self.console)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def check_output(self) -> Path | None:
+        """The checkpoint to resume from, if any. Touches nothing: a run that fails on its
+        config, model or data leaves an earlier run's output folder as it was."""
+        cfg = self.config
+        ckpt = self.output / CHECKPOINTS / "last.ckpt"
+        if cfg.resume:
+            if not ckpt.exists():  # a file, or a folder for sharded strategies
+                raise LftError(f"nothing to resume: no checkpoint at {ckpt}")
+            return ckpt
+        if self.main and self.output.exists() and any(self.output.iterdir()) and not cfg.overwrite:
+            raise LftError(f"output folder {self.output} already exists and is not empty; pass --overwrite "
+                           f"to replace it, --resume to continue its run, or choose another --output")
+        return None
+
+    def prepare_output(self) -> None:
+        """Empty the output folder (--overwrite) and write the resolved config, just before training."""
+        if not self.main:
+            return
+        if not self.config.resume and self.output.exists() and self.config.overwrite:
+            shutil.rmtree(self.output)
+        self.output.mkdir(parents=True, exist_ok=True)
+        for stale in (self.output / CHECKPOINTS).glob(".*.tmp-*"):  # left by a save that was killed
+            stale.unlink(missing_ok=True)
+        atomic_write_text(self.output / "config.yaml", self.config.to_yaml(), "config")
+
+    def load(self) -> tuple[Any, Any]:
+        loaded = self.hook.lft_load_model(config=self.config)
+        if loaded is None:
+            raise ModelError("no plugin could load the model")
+        model, tokenizer = loaded
+        self.guards.generation_config = getattr(model, "generation_config", None)
+        self.guards.model = model  # the base, before any wrapping
+        self.summary["model"] = getattr(getattr(model, "config", None), "_name_or_path", "") or str(self.config.model.path)
+        return model, tokenizer
+
+    def data_files(self) -> tuple[str, str | None]:
+        train, evalf = self.config.data.train, self.config.data.eval
+        if train is None:
+            default = self.hook.lft_default_data(config=self.config)
+            if not default:
+                raise DataError("no training data: give --data FILE (the selected objective has no default data)")
+            train = default["train"]
+            evalf = evalf or default.get("eval")
+            self.summary["data_default"] = True
+            self.apply_settings(default.get("settings") or {})
+        return train, evalf
+
+    def apply_settings(self, settings: dict) -> None:
+        """Apply an objective's suggested settings for its default data, for keys the user left unset."""
+        applied = []
+        for key, value in settings.items():
+            *path, leaf = key.split(".")
+            node = self.config
+            for part in path:
+                node = getattr(node, part)
+            if leaf not in node.model_fields_set:
+                setattr(node, leaf, value)
+                node.model_fields_set.discard(leaf)
+                applied.append(f"{key}={value}")
+        if applied:
+            self.summary["default_data_settings"] = applied
+            self.console.print(f"[dim]embedded task settings: {', '.join(applied)} (set them to override)[/]")
+
+    def read_data(self, tokenizer: Any) -> tuple[list[dict], list[dict], dict]:
+        cfg = self.config
+        train_spec, eval_spec = self.data_files()
+        train_rows = read_rows(train_spec, cfg.data.split)
+        if eval_spec:
+            eval_rows = read_rows(eval_spec, cfg.data.split)
+        elif cfg.data.eval_split > 0:
+            train_rows, eval_rows = split_rows(train_rows, cfg.data.eval_split, cfg.trainer.seed)
+        else:
+            eval_rows = None
+        if eval_rows is not None and cfg.data.max_eval_rows and len(eval_rows) > cfg.data.max_eval_rows:
+            eval_rows = eval_rows.subset(list(range(cfg.data.max_eval_rows)))
+        train_rows = self.guards.preflight(tokenizer, train_rows, eval_rows)
+        train, train_stats = format_rows(train_rows, self.hook, tokenizer, cfg)
+        self.guards.formatted(train_stats)
+        evals, eval_stats = (format_rows(eval_rows, self.hook, tokenizer, cfg) if eval_rows is not None
+                             else ([], None))
+        info = {"train_file": train_spec, "eval_file": eval_spec or ("split" if evals else None),
+                "train_examples": len(train), "eval_examples": len(evals),
+                "truncated": train_stats.truncated, "dropped": train_stats.dropped, "skipped": train_stats.skipped,
+                "longest": train_stats.longest, "trained_tokens": train_stats.trained_tokens}
+        for note in train_stats.notes:
+            self.console.print(f"[yellow]note:[/] {note}")
+        if train_stats.truncated or train_stats.dropped:
+            self.console.print(f"[yellow]note:[/] {train_stats.truncated} training example(s) truncated and "
+                               f"{train_stats.dropped} dropped at data.max_length={cfg.data.max_length}")
+        return train, evals, info
+
+    def task_rows(self, train_spec: str) -> list[dict] | None:
+        return evaluate.task_rows(self.config.eval, train_spec)
+
+    def measure(self, module: LftModule, datamodule: LftDataModule, task_rows: list[dict] | None) -> dict:
+        """The objective's own held-out loss and metrics, then the method-independent
+        measurements, computed by the same code as ``lft eval`` (they win where names meet)."""
+        out: dict[str, Any] = {}
+        if datamodule.eval_features:
+            out.update({f"eval_{k}": v for k, v in evaluate.objective_loss(module, datamodule.eval_loader()).items()})
+        measured = evaluate.measure(module.model, module.tokenizer, datamodule.eval_features, task_rows,
+                                    evaluate.Settings.from_config(self.config))
+        if "eval_tokens" in measured:  # SFT rows: eval_loss becomes the NLL per token over the whole set
+            out.pop("eval_nll", None)
+            if "eval_loss" in out:  # the objective's own loss, as the guards' evaluations see it
+                out["eval_objective_loss"] = out.pop("eval_loss")
+        return {**out, **measured}
+
+    def trainer(self, monitor: RunMonitor, stop: GracefulStop, manual: bool = False) -> Any:
+        import lightning as L
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.loggers import CSVLogger
+
+        tc = self.config.trainer
+        callbacks: list[Any] = [monitor]
+        if tc.checkpoint_every > 0:
+            callbacks.append(ModelCheckpoint(dirpath=self.output / CHECKPOINTS, filename="last", monitor=None,
+                                             every_n_train_steps=tc.checkpoint_every, save_top_k=1,
+                                             enable_version_counter=False, save_on_train_epoch_end=False))
+        for extra in self.hook.lft_callbacks(config=self.config):
+            callbacks.extend(extra or [])
+        callbacks.append(stop)  # last, so it sees a stop requested by any callback in the same step
+        kwargs: dict[str, Any] = {}
+        if tc.eval_every > 0:
+            kwargs.update(val_check_interval=tc.eval_every * (1 if manual else tc.grad_accum), check_val_every_n_epoch=None)
+        else:
+            kwargs.update(limit_val_batches=0)
+        return L.Trainer(
+            accelerator=tc.accelerator,
+            devices=tc.devices,
+            num_nodes=tc.num_nodes,
+            strategy=distributed.strategy(tc),
+            precision=tc.precision,
+            max_steps=tc.max_steps,
+            max_epochs=-1 if tc.max_steps > 0 else tc.epochs,
+            # An objective that steps the optimizer itself (manual optimization) clips and accumulates itself.
+            accumulate_grad_batches=1 if manual else tc.grad_accum,
+            gradient_clip_val=None if manual else tc.max_grad_norm,
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+            logger=CSVLogger(self.output, name="logs"),  # a new version_N per attempt; resume never deletes logs
+            log_every_n_steps=1,
+            num_sanity_val_steps=0,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=tc.checkpoint_every > 0,
+            use_distributed_sampler=False,  # ResumableLoader shards by rank itself
+            default_root_dir=self.output,
+            **kwargs,
+        )
+
+    def save_progress(self, trainer: Any) -> str:
+        """Checkpoint a run that failed mid-way, and say where (empty before the first step)."""
+        if trainer.global_step == 0:
+            return ""
+        target = self.output / CHECKPOINTS / "last.ckpt"
+        try:
+            trainer.save_checkpoint(target)
+        except Exception:  # the failure may have left nothing saveable; the periodic checkpoints stay
+            return f" (checkpoints so far are kept in {target.parent})"
+        return f"; a checkpoint at step {trainer.global_step} was saved in {target.parent}; continue with --resume"
+
+    def save_final(self, module: LftModule) -> Path:
+        """Save the trained model (adapter or full) with its tokenizer and config, atomically."""
+        final = self.output / FINAL
+        tmp = self.output / f".{FINAL}.tmp"
+        old = self.output / f".{FINAL}.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            saved = self.hook.lft_save_model(model=module.model, tokenizer=module.tokenizer, path=str(tmp),
+                                             config=self.config)
+            if saved is None:
+                raise LftError("no plugin saved the model")
+            (tmp / "lft_config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+        except OSError as exc:  # a full disk: the checkpoint is whole, so --resume can save again
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise LftError(f"could not save the final model in {final}: {exc.strerror or exc}; the checkpoint in "
+                           f"{self.output / CHECKPOINTS} is kept; free some space and continue with --resume") from None
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def collect_objective_report(self, objective: Any) -> None:
+        """An objective's ``notes`` (a dict) and ``warnings`` (a list of lines) go into the summary."""
+        notes = dict(getattr(objective, "notes", None) or {})
+        if notes:
+            self.summary["notes"] = notes
+        found = [str(w) for w in getattr(objective, "warnings", None) or []]
+        if found:
+            self.summary.setdefault("warnings", []).extend(found)
+
+    # -- the run -----------------------------------------------------------------------------------
+    def execute(self) -> RunResult:
+        started = time.perf_counter()
+        cfg = self.config
+        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+        distributed.validate(cfg.trainer)
+        resume_from = self.check_output()
+        if cfg.trainer.release_freed_memory:
+            from lft.train.memory import release_freed_memory
+
+            release_freed_memory()
+        import lightning as L
+
+        L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+        self.console.print(f"[bold]lft run[/]: {self.selection.describe()}"
+                           + (f"  [dim](defaults: {', '.join(self.selection.defaults)})[/]" if self.selection.defaults else ""))
+        model, tokenizer = self.load()
+        train, evals, data_info = self.read_data(tokenizer)
+        self.summary["data"] = data_info
+        objective = self.hook.lft_loss(config=cfg)
+        if objective is None:
+            raise PluginError(f"the objective {self.selection.objective!r} returned no loss from lft_loss")
+        wrapped = self.hook.lft_wrap_model(model=model, config=cfg)
+        if wrapped is None:
+            raise PluginError(f"the model wrapper {self.selection.wrapper!r} returned no model")
+        trainable, total = trainable_parameters(wrapped)
+        self.summary.update(trainable_params=trainable, total_params=total)
+        module = LftModule(wrapped, tokenizer, objective, self.hook, cfg)
+        datamodule = LftDataModule(train, evals, self.hook, tokenizer, cfg, objective)
+        task_rows = self.task_rows(data_info["train_file"])
+        self.console.print(f"model {self.summary['model']} · trainable {trainable:,} of {total:,} parameters · "
+                           f"{len(train)} train / {len(evals)} eval examples · precision {cfg.trainer.precision}")
+        module.setup("fit")
+        if cfg.eval.before and resume_from is None and self.main:
+            self.console.print("[dim]measuring the model before training...[/]")
+            self.summary["before"] = self.measure(module, datamodule, task_rows)
+        self.prepare_output()
+        monitor = RunMonitor(self.output, quiet=self.quiet)
+        stop = GracefulStop()
+        trainer = self.trainer(monitor, stop, manual=not module.automatic_optimization)
+        fit_started = time.perf_counter()
+        stop.install()
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        except (CheckpointError, NonFiniteError):
+            raise  # these keep the last good checkpoint, and say so; saving now would replace it
+        except LftError as exc:  # a one-line error from a plugin mid-run: keep the progress made so far
+            raise type(exc)(f"{exc}{self.save_progress(trainer)}") from None
+        finally:
+            stop.uninstall()
+            monitor.close()
+        train_time = time.perf_counter() - fit_started
+        if stop.requested:
+            trainer.save_checkpoint(self.output / CHECKPOINTS / "last.ckpt")
+            raise LftError(f"interrupted at step {trainer.global_step}; a checkpoint was saved in "
+                           f"{self.output / CHECKPOINTS}; continue with --resume")
+        trainer.save_checkpoint(self.output / CHECKPOINTS / "last.ckpt")
+        with distributed.full_weights(trainer, module.model):
+            final = self.save_final(module) if trainer.global_rank == 0 else None
+        if trainer.global_rank != 0:  # evaluation and the summary are the main process's job
+            return RunResult(self.output, None, {"rank": trainer.global_rank}, monitor.history, cfg)
+        self.summary["after"] = self.measure(module, datamodule, task_rows)
+        self.collect_objective_report(objective)
+        history = monitor.history
+        from lft.output.summary import reward_task_warning
+
+        hacking = reward_task_warning(self.summary, history)
+        if hacking:
+            self.summary.setdefault("warnings", []).append(hacking)
+        self.summary.update(
+            steps=trainer.global_step,
+            processes=trainer.world_size,
+            train_time_s=round(train_time, 2),
+            total_time_s=round(time.perf_counter() - started, 2),
+            first_loss=history[0].get("loss") if history else None,
+            last_loss=history[-1].get("loss") if history else None,
+            tokens_per_s=(sum(h["tokens"] for h in history) / sum(h["step_time"] for h in history)) if history else None,
+            output=str(self.output),
+            final=str(final) if final else None,
+        )
+        self.guards.finish(self.summary)
+        for callback in trainer.callbacks:  # a callback may add its results (guards, monitors) to the summary
+            if callable(getattr(callback, "summarize", None)):
+                callback.summarize(self.summary)
+        from lft.output.report import write_report
+        from lft.output.summary import print_summary, write_summary
+
+        if trainer.global_rank == 0:
+            self.summary["report"] = [str(p) for p in write_report(self.output, self.summary, history, cfg)]
+        write_summary(self.output, self.summary)
+        if not self.quiet:
+            print_summary(self.console, self.summary)
+        return RunResult(self.output, final, self.summary, history, cfg)

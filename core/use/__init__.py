@@ -1,0 +1,1 @@
+"""Using trained models: loading with adapters, generation and held-out evaluation."""
