@@ -210,6 +210,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+#: What ``get_dotted`` returns for a key that is not set.
+MISSING: Any = object()
+
+
+def get_dotted(data: dict, key: str, default: Any = None) -> Any:
+    """``data["a"]["b"]`` for ``key="a.b"``; ``default`` when a part is missing."""
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
 def set_dotted(data: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = data

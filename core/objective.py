@@ -1,4 +1,4 @@
-"""The objective contract: what ``lft_loss`` returns, and how the engine turns its loss into the
+"""The objective contract: what ``lft_objective`` returns, and how the engine turns its loss into the
 update of one large batch whatever the batch shape.
 
 An objective's loss is an average: over trained tokens (SFT, an NLL term), over preference
@@ -23,7 +23,8 @@ See docs/concepts.md ("How lft averages a loss").
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, Union, runtime_checkable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 
@@ -35,33 +36,130 @@ Units = Mapping[str, Union[torch.Tensor, int, float]]
 Loss = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 
-@runtime_checkable
-class ObjectiveContract(Protocol):
-    """What every objective provides (``Objective`` below gives the defaults)."""
-
-    #: The run takes ``module.reference``, the model as training starts, before the first update.
-    needs_reference: bool
-
-    def units(self, batch: Mapping[str, Any]) -> Units:
-        """How many of each unit the loss of ``batch`` averages over."""
-        ...
-
-    def __call__(self, module: Any, batch: Mapping[str, Any]) -> tuple[Loss, Mapping[str, Any]]:
-        """``(loss, metrics)`` of one micro-batch: the loss as means over its units (see above)."""
-        ...
-
-
 class Objective:
-    """Base class of objectives: a loss averaged over the rows of the batch, no reference.
-    Subclasses override ``units`` when the loss averages over anything else."""
+    """Base class of every objective, and the contract the engine calls. ``lft_objective`` returns
+    one; a plain callable ``(module, batch) -> (loss, metrics)`` is wrapped in ``FunctionObjective``.
 
+    What every objective has (the defaults below suit an offline loss averaged over rows):
+
+    * ``__call__(module, batch) -> (loss, metrics)``: the loss of one micro-batch as means over its
+      units (see the module docstring), and step metrics (floats or 0-d tensors) to log;
+    * ``units(batch)``: how many of each unit the loss averages over;
+    * ``needs_reference``: set it to have ``module.reference`` (``lft.model.reference.ReferencePolicy``),
+      the model as training starts, taken before the first update;
+    * ``setup(module)``: called once, before training (attach a head, check the model);
+    * ``state_dict()`` / ``load_state_dict(state)``: state that travels with checkpoints;
+    * ``notes`` (a dict) and ``warnings`` (lines), added to the run summary at the end.
+
+    How it reports held-out metrics:
+
+    * on held-out batches the engine calls ``__call__`` in eval mode: the loss becomes the held-out
+      loss of the whole set (each term weighted by its units), the metrics ``eval_<name>`` (weighted
+      by batch size);
+    * ``measure(model, tokenizer, features, settings)``: measurements of a model on examples in this
+      objective's format that do not depend on how the model was trained (a token NLL, which of a
+      pair the model prefers), so that runs of different methods compare on the same data. The run
+      and ``lft eval`` call the same code;
+    * ``progress_metrics`` name the step metrics shown on the progress line and charted in the
+      report; ``summary_metrics`` the held-out ones shown in the run's summary table (everything
+      is in summary.json).
+
+    What an online objective adds: see ``OnlineObjective``.
+    """
+
+    #: The run gives ``module.reference``, the model as training starts, before the first update.
     needs_reference: bool = False
+    #: Step metrics shown on the progress line and charted in the report, besides the loss.
+    progress_metrics: tuple[str, ...] = ()
+    #: Held-out metrics (without the ``eval_`` prefix) shown in the summary table, besides the loss.
+    summary_metrics: tuple[str, ...] = ()
+    #: Read at the end of the run into the summary; subclasses assign their own.
+    notes: Mapping[str, Any] = MappingProxyType({})
+    warnings: Sequence[str] = ()
+
+    @property
+    def online(self) -> bool:
+        """Whether a rollout generates each step's batch (``OnlineObjective``)."""
+        return False
+
+    @property
+    def steps_optimizer(self) -> bool:
+        """Whether ``training_step`` steps the optimizer itself (Lightning manual optimization)."""
+        return False
+
+    def setup(self, module: Any) -> None:
+        """Called once before training, with the ``LftModule``."""
 
     def units(self, batch: Mapping[str, Any]) -> Units:
         return {"rows": batch_rows(batch)}
 
     def __call__(self, module: Any, batch: Mapping[str, Any]) -> tuple[Loss, Mapping[str, Any]]:
         raise NotImplementedError(f"{type(self).__name__} must compute its loss in __call__(module, batch)")
+
+    def measure(self, model: Any, tokenizer: Any, features: Sequence[Mapping[str, Any]], settings: Any) -> dict:
+        """Method-independent measurements on held-out ``features`` (formatted by this objective's
+        plugin), without the ``eval_`` prefix; ``settings`` is a ``lft.use.evaluate.Settings``."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned, on resume."""
+
+
+class OnlineObjective(Objective):
+    """An objective whose batches are generated by the current policy before every step.
+
+    What it adds to ``Objective``:
+
+    * ``rollout``: the ``lft.online.rollout.RolloutSettings`` that the ``lft_rollout`` hook (the core's
+      default: ``lft.online.rollout.experience``) generates each step's experience with;
+    * ``training_step(module, experience) -> (loss, metrics)``: the whole update of one step. It
+      steps the optimizer itself (several times per batch, as PPO does), clips gradients and steps
+      the schedule;
+    * ``updates_per_batch``: the optimizer steps one batch takes, so the schedule has the right length.
+
+    Its ``__call__`` is its held-out measurement (a greedy rollout scored by the rewards).
+    """
+
+    rollout: Any = None
+    updates_per_batch: int = 1
+
+    @property
+    def online(self) -> bool:
+        return True
+
+    @property
+    def steps_optimizer(self) -> bool:
+        return True
+
+    def training_step(self, module: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Mapping[str, Any]]:
+        raise NotImplementedError(f"{type(self).__name__} must update the policy in training_step(module, batch)")
+
+
+class FunctionObjective(Objective):
+    """A plain callable ``(module, batch) -> (loss, metrics)`` as an objective: a loss over rows."""
+
+    def __init__(self, function: Callable[..., Any]):
+        self.function = function
+
+    def __call__(self, module: Any, batch: Mapping[str, Any]) -> tuple[Loss, Mapping[str, Any]]:
+        return self.function(module, batch)
+
+
+def as_objective(value: Any, plugin: str) -> Objective:
+    """What ``lft_objective`` returned, as an ``Objective``; anything else is a one-line error."""
+    if isinstance(value, Objective):
+        return value
+    if callable(value):
+        return FunctionObjective(value)
+    from lft.errors import PluginError
+
+    if value is None:
+        raise PluginError(f"the objective {plugin!r} returned no objective from lft_objective")
+    raise PluginError(f"the objective {plugin!r} returned {type(value).__name__} from lft_objective; expected an "
+                      "lft.objective.Objective (or a callable (module, batch) -> (loss, metrics))")
 
 
 def batch_rows(batch: Mapping[str, Any]) -> int:
@@ -78,11 +176,9 @@ def trained_tokens(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> to
     return (labels[..., 1:] != ignore_index).sum()
 
 
-def units_of(objective: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """``objective.units(batch)`` as float64 tensors; objectives that predate the contract
-    (no ``units``) average over rows."""
-    counter = getattr(objective, "units", None)
-    counts = counter(batch) if callable(counter) else {"rows": batch_rows(batch)}
+def units_of(objective: Objective, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``objective.units(batch)`` as float64 tensors."""
+    counts = objective.units(batch)
     if not counts:
         raise ValueError(f"{type(objective).__name__}.units returned no unit")
     return as_units(counts)
@@ -150,10 +246,10 @@ def step_share(loss: Loss, counts: Mapping[str, torch.Tensor], totals: Mapping[s
     return share
 
 
-def reduce_units(totals: Mapping[str, torch.Tensor], strategy: Any) -> dict[str, torch.Tensor]:
-    """Sum step counts over every process, in one all-reduce (a no-op in a single process)."""
+def reduce_units(totals: Mapping[str, torch.Tensor], strategy: Any, world: int) -> dict[str, torch.Tensor]:
+    """Sum step counts over the ``world`` processes of ``strategy`` (a Lightning strategy), in one
+    all-reduce (a no-op in a single process)."""
     keys = sorted(totals)
-    world = int(getattr(strategy, "world_size", 1) or 1) if strategy is not None else 1
     if world <= 1:
         return {k: totals[k] for k in keys}
     packed = torch.stack([totals[k].to(torch.float64) for k in keys]).to(strategy.root_device)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from lft.losses.grpo import group_advantages, grpo_loss
-from lft.plugins.online import OnlineMethod, OnlineObjective, OnlineOptions
+from lft.plugins.online import OnlineMethod, OnlineOptions, RolloutObjective
 
 
 class GRPOOptions(OnlineOptions):
@@ -27,7 +27,7 @@ class GRPOOptions(OnlineOptions):
         "group", description="Divide advantages by the reward std of the group, of the batch, or not at all.")
 
 
-class GRPOObjective(OnlineObjective):
+class GRPOObjective(RolloutObjective):
     """The GRPO update on a batch of grouped experience."""
 
     def __init__(self, opts: GRPOOptions, config: Any):

@@ -23,6 +23,7 @@ from lft.data import chat, task
 from lft.data.format import pad_collate
 from lft.losses.ppo import kl_estimate, masked_mean
 from lft.model.forward import completion_stats
+from lft.objective import OnlineObjective
 from lft.online.rewards import reward_plugins
 from lft.online.rollout import RESERVED, RolloutSettings, experience
 from lft.train.module import gradient_norm
@@ -50,13 +51,16 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x * y).sum() / denominator) if denominator > 0 else 0.0
 
 
-class OnlineObjective:
+class RolloutObjective(OnlineObjective):
     """Runs the update loop of an online method: ``epochs`` x ``minibatches`` optimizer steps per
     rollout batch, under Lightning manual optimization, with clipping and the LR schedule.
 
     Subclasses implement ``prepare(module, exp) -> dict`` (advantages and the like, with no
     gradient) and ``loss(module, exp, rows) -> (loss, metrics)`` on the rows of one minibatch.
     """
+
+    progress_metrics = ("reward", "kl")
+    summary_metrics = ("reward",)
 
     def __init__(self, name: str, opts: OnlineOptions, config: Any, num_generations: int = 1,
                  needs_reference: bool = False, value_states: bool = False):
@@ -80,7 +84,6 @@ class OnlineObjective:
 
     # -- set-up --------------------------------------------------------------------------------
     def setup(self, module: Any) -> None:
-        module.automatic_optimization = False  # several optimizer steps per rollout batch
         if not reward_plugins(module.hook):
             raise lft.PluginError("no reward function is selected: add one, e.g. --plugin exact_answer (checks an "
                                   "'answer' column), --plugin reward_model reward_model.path=DIR, or your own reward plugin")
@@ -151,8 +154,8 @@ class OnlineObjective:
         micro = [part for part in torch.tensor_split(rows, min(self.config.trainer.grad_accum, len(rows))) if len(part)]
         counts = [as_units(self.rows_units(exp, part)) for part in micro]
         strategy = module.trainer.strategy if module._trainer is not None else None
-        totals = reduce_units(add_units(counts), strategy)
         world = module.trainer.world_size if module._trainer is not None else 1
+        totals = reduce_units(add_units(counts), strategy, world)
         total, collected = torch.zeros(()), []
         for part, units in zip(micro, counts):
             loss, metrics = self.loss(module, exp, part)
@@ -247,9 +250,6 @@ class OnlineMethod:
 
     kind = "objective"
     options = OnlineOptions
-    #: Learns from its own samples: its loss is a policy gradient, not a likelihood, so the guards do
-    #: not watch it for overfitting (the held-out reward before and after is in the summary).
-    online = True
     #: Settings for the embedded task's prompts that make `lft run --plugin NAME` a few minutes on a CPU.
     default_settings: dict = {}
 
@@ -258,7 +258,7 @@ class OnlineMethod:
         register(self.name, self.options)
 
     @lft.hookimpl
-    def lft_default_data(self, config: Any) -> Any:
+    def lft_default_data(self) -> Any:
         return {**task.files("prompts"), "settings": self.default_settings}
 
     def format_row(self, example: dict, tokenizer: Any, config: Any) -> dict:
@@ -285,12 +285,12 @@ class OnlineMethod:
         batch.update({key: [f.get(key) for f in features] for key in features[0] if key != "prompt_input_ids"})
         return batch
 
-    #: The ``OnlineObjective`` subclass this method trains with.
-    objective_class: type = OnlineObjective
+    #: The ``RolloutObjective`` subclass this method trains with.
+    objective_class: type = RolloutObjective
 
     def objective(self, config: Any) -> Any:
         return self.objective_class(config.section(self.name), config)
 
     @lft.hookimpl
-    def lft_loss(self, config: Any) -> Any:
+    def lft_objective(self, config: Any) -> Any:
         return self.objective(config)

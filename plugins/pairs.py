@@ -88,3 +88,21 @@ def pair_logps(model: Any, batch: dict, pad_id: int, chunk: int) -> tuple[torch.
     ids, mask, labels = concatenated(batch, pad_id)
     logps, scored = token_logprobs(model, ids, mask, labels, chunk)
     return logps.sum(-1), scored.sum(-1)
+
+
+def measure_pairs(model: Any, tokenizer: Any, features: Any, settings: Any) -> dict:
+    """Which completion of each held-out pair the model prefers, by its summed log-probs (the
+    implied reward of any method): the share of pairs where it is the chosen one, and the mean
+    margin of the sums."""
+    from lft.use import evaluate
+
+    wins, margins = [], []
+    device = next(model.parameters()).device
+    with evaluate.eval_mode(model), evaluate.autocast(settings.precision, device):
+        for batch in evaluate.batches(model, features, TOKEN_KEYS, tokenizer.pad_token_id, settings.batch_size):
+            chosen, _ = evaluate.sequence_logprobs(model, batch, "chosen_", settings.chunk)
+            rejected, _ = evaluate.sequence_logprobs(model, batch, "rejected_", settings.chunk)
+            wins += (chosen > rejected).tolist()
+            margins += (chosen - rejected).tolist()
+    n = max(1, len(wins))
+    return {"preference_accuracy": sum(wins) / n, "logps_margin": sum(margins) / n, "pairs": len(wins)}

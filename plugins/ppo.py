@@ -31,7 +31,7 @@ from lft.losses.ppo import (
     ppo_policy_loss,
     whiten,
 )
-from lft.plugins.online import OnlineMethod, OnlineObjective, OnlineOptions
+from lft.plugins.online import OnlineMethod, OnlineOptions, RolloutObjective
 
 
 class PPOOptions(OnlineOptions):
@@ -52,7 +52,7 @@ class PPOOptions(OnlineOptions):
                               "the reward model in reward_model.path.")
 
 
-class PPOObjective(OnlineObjective):
+class PPOObjective(RolloutObjective):
     """The PPO update, with the critic as ``module.value_head`` or ``module.critic``."""
 
     def __init__(self, opts: PPOOptions, config: Any):

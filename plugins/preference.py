@@ -25,7 +25,7 @@ from lft.data import task
 from lft.losses.preference import PairLogps, PairLoss
 from lft.model import reference as refmod
 from lft.objective import Objective, trained_tokens
-from lft.plugins.pairs import TOKEN_KEYS, format_pair, pair_logps
+from lft.plugins.pairs import TOKEN_KEYS, format_pair, measure_pairs, pair_logps
 
 log = logging.getLogger("lft")
 REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -80,6 +80,9 @@ class PreferenceObjective(Objective):
     """``(module, batch) -> (loss, metrics)`` for a pairwise loss over summed completion log-probs.
     The loss is a mean over pairs, plus any NLL term's mean over the chosen completions' tokens."""
 
+    progress_metrics = ("accuracy", "margin", "reward")
+    summary_metrics = ("accuracy", "margin")
+
     def __init__(self, loss: Any, chunk: int = 1024):
         self.loss = loss
         self.chunk = chunk
@@ -131,7 +134,8 @@ class PreferenceObjective(Objective):
         chosen, rejected = out.chosen_rewards, out.rejected_rewards
         metrics = {
             "rewards_chosen": chosen.mean(), "rewards_rejected": rejected.mean(),
-            "margin": (chosen - rejected).mean(), "accuracy": (chosen > rejected).float().mean(),
+            # a tie (the policy is the reference at the start) counts half, not as a wrong answer
+            "margin": (chosen - rejected).mean(), "accuracy": pair_accuracy(chosen, rejected),
             # the model's own preference: the chosen completion is the more likely one
             "preference_accuracy": (pairs.chosen > pairs.rejected).float().mean(),
             "logps_chosen": pairs.chosen.detach().mean(), "logps_rejected": pairs.rejected.detach().mean(),
@@ -140,6 +144,9 @@ class PreferenceObjective(Objective):
             metrics.update(ref_logps_chosen=pairs.ref_chosen.mean(), ref_logps_rejected=pairs.ref_rejected.mean())
         metrics.update(out.metrics)
         return metrics
+
+    def measure(self, model: Any, tokenizer: Any, features: Any, settings: Any) -> dict:
+        return measure_pairs(model, tokenizer, features, settings)
 
     def observe(self, module: Any, pairs: PairLogps, out: PairLoss) -> None:
         """Training-time checks: policy equals reference at the start; likelihood displacement."""
@@ -157,6 +164,11 @@ class PreferenceObjective(Objective):
         message = self.watch.update(module.global_step, float(chosen.detach().mean()), float(margin), relative)
         if message and not any(w.startswith("likelihood displacement") for w in self.warnings):
             self.warn(message)
+
+
+def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """The share of pairs whose chosen reward is the higher, a tie counting half."""
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
 
 
 def precompute_callback(use_cache: bool = True) -> Any:
@@ -211,7 +223,7 @@ class Preference:
         register(self.name, self.options)
 
     @lft.hookimpl
-    def lft_default_data(self, config: Any) -> Any:
+    def lft_default_data(self) -> Any:
         # "{name}.KEY" is this plugin's own section, so a subclass under another name gets the
         # setting in its section, and none at all when its options lack the key.
         settings = {}
@@ -238,5 +250,5 @@ class Preference:
         return PreferenceObjective(self.loss(config.section(self.name)), config.trainer.logits_chunk)
 
     @lft.hookimpl
-    def lft_loss(self, config: Any) -> Any:
+    def lft_objective(self, config: Any) -> Any:
         return self.objective(config)

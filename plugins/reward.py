@@ -17,8 +17,8 @@ import lft
 from lft.adapters import value_head
 from lft.losses.bradley_terry import BradleyTerryLoss
 from lft.objective import Objective
-from lft.plugins.pairs import concatenated
-from lft.plugins.preference import Preference, PreferenceOptions
+from lft.plugins.pairs import concatenated, measure_pairs
+from lft.plugins.preference import Preference, PreferenceOptions, pair_accuracy
 
 
 class RewardOptions(PreferenceOptions):
@@ -31,6 +31,9 @@ class RewardOptions(PreferenceOptions):
 class RewardObjective(Objective):
     """Bradley-Terry loss on the value head's rewards for the chosen and rejected sequences,
     which go through the backbone together in one forward pass. A mean over pairs."""
+
+    progress_metrics = ("accuracy", "margin", "reward")
+    summary_metrics = ("accuracy",)
 
     def __init__(self, loss: BradleyTerryLoss):
         self.loss = loss
@@ -53,7 +56,10 @@ class RewardObjective(Objective):
         loss = self.loss(chosen, rejected, batch.get("margin"))
         chosen, rejected = chosen.detach(), rejected.detach()
         return loss, {"rewards_chosen": chosen.mean(), "rewards_rejected": rejected.mean(),
-                      "margin": (chosen - rejected).mean(), "accuracy": (chosen > rejected).float().mean()}
+                      "margin": (chosen - rejected).mean(), "accuracy": pair_accuracy(chosen, rejected)}
+
+    def measure(self, model: Any, tokenizer: Any, features: Any, settings: Any) -> dict:
+        return measure_pairs(model, tokenizer, features, settings)
 
 
 class Reward(Preference):

@@ -7,6 +7,7 @@ turns are trained, each up to and including its end-of-turn token.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field
@@ -17,6 +18,7 @@ from lft.data import chat, task
 from lft.losses.sft import masked_nll
 from lft.model.forward import token_logprobs
 from lft.objective import Objective, trained_tokens
+from lft.use import evaluate
 
 
 class SFTOptions(Section):
@@ -31,14 +33,28 @@ class SFTOptions(Section):
 class SFTObjective(Objective):
     """Token-level mean NLL of the trained tokens, computed in chunks over the vocabulary."""
 
+    summary_metrics = ("perplexity",)
+
     def units(self, batch: dict) -> dict:
         return {"tokens": trained_tokens(batch["labels"])}
 
     def __call__(self, module: Any, batch: dict) -> tuple[Any, dict]:
         logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                      module.config.trainer.logits_chunk)
-        loss = masked_nll(logps, mask)
-        return loss, {"nll": loss.detach(), "trained_tokens": mask.sum()}
+        return masked_nll(logps, mask), {}
+
+    def measure(self, model: Any, tokenizer: Any, features: Any, settings: Any) -> dict:
+        """The held-out mean NLL per trained token over the whole set (a sum over every token
+        divided by their count, so batching does not change it), and its perplexity."""
+        total, count = 0.0, 0.0
+        with evaluate.eval_mode(model), evaluate.autocast(settings.precision, next(model.parameters()).device):
+            for batch in evaluate.batches(model, features, ("input_ids", "labels"), tokenizer.pad_token_id,
+                                          settings.batch_size):
+                logp, n = evaluate.sequence_logprobs(model, batch, "", settings.chunk)
+                total -= float(logp.sum())
+                count += float(n.sum())
+        loss = total / max(count, 1.0)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count)}
 
 
 class SFT:
@@ -60,7 +76,7 @@ class SFT:
                         "guards.forgetting.mix_ratio": 0.1, "guards.forgetting.mix_data": "self"}
 
     @lft.hookimpl
-    def lft_default_data(self, config: Any) -> Any:
+    def lft_default_data(self) -> Any:
         return {**task.files("sft"), "settings": self.default_settings}
 
     def format_row(self, example: dict, tokenizer: Any, config: Any) -> dict:
@@ -90,5 +106,5 @@ class SFT:
         return SFTObjective()
 
     @lft.hookimpl
-    def lft_loss(self, config: Any) -> Any:
+    def lft_objective(self, config: Any) -> Any:
         return self.objective(config)

@@ -78,9 +78,9 @@ def test_resume_and_overwrite_conflict(cls):
 
 
 def test_python_api_accepts_dotted_dicts():
-    from lft.train.engine import resolve_config
+    from lft.train.engine import config_data, resolve
 
-    cfg = resolve_config({"lora.r": 4, "trainer": {"lr": 0.01}}, PluginManager())
+    cfg = resolve(config_data({"lora.r": 4, "trainer": {"lr": 0.01}}), PluginManager()).config
     assert cfg.lora.r == 4 and cfg.trainer.lr == 0.01
 
 

@@ -79,10 +79,10 @@ def test_eval_numbers_match_an_independent_computation(trained, lft_sft_data, lf
         rejected = -sequence_nll(model, *chat.tokenize_prompt_completion(tokenizer, row["prompt"], row["rejected"]))[0]
         wins.append(chosen > rejected)
         margins.append(chosen - rejected)
-    assert got["pref_pairs"] == len(wins) == 16
-    assert got["pref_accuracy"] == pytest.approx(sum(wins) / len(wins))
-    assert got["pref_margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-4)
-    assert 0 < got["pref_accuracy"] < 1 or got["pref_margin"] != 0
+    assert got["eval_pairs"] == len(wins) == 16
+    assert got["eval_preference_accuracy"] == pytest.approx(sum(wins) / len(wins))
+    assert got["eval_logps_margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-4)
+    assert 0 < got["eval_preference_accuracy"] < 1 or got["eval_logps_margin"] != 0
 
 
 def test_task_accuracy_on_prompt_answer_rows_matches_one_by_one_generation(tmp_path, trained):

@@ -10,6 +10,7 @@ import lft
 from lft.guards import measure
 from lft.guards.monitor import GuardMonitor
 from lft.plugin.testing import write_jsonl
+from lft.plugins.sft import SFTObjective
 from lft.train.module import LftModule
 
 OVERFIT = ["--plugin", "full", "trainer.lr=1e-2", "trainer.batch_size=4", "trainer.eval_every=5",
@@ -48,7 +49,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(lft_run, eight_rows,
     assert any(p.startswith(f"stopped early at step {summary['steps']}") for p in finding["problems"])
     assert any(p == f"restored the weights of step {best['step']} (best eval loss)" for p in finding["problems"])
     # the saved model is the best (the guard measures the objective's loss over the whole held-out set)
-    assert summary["after"]["eval_objective_loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
+    assert summary["after"]["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
 
 
 def test_a_clean_run_is_quiet_and_writes_the_report(lft_run):
@@ -74,7 +75,7 @@ def tiny(lft_tiny_model):
 
 
 def module_for(model, tokenizer, config):
-    return LftModule(model, tokenizer, objective=None, hook=None, config=config)
+    return LftModule(model, tokenizer, objective=SFTObjective(), hook=None, config=config)
 
 
 def drift(model, scale):

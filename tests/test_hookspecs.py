@@ -39,3 +39,10 @@ def test_docs_say_which_hooks_are_firstresult():
     for name, fn in specs().items():
         firstresult = getattr(fn, "lft_spec").get("firstresult")
         assert sections[name].startswith("*firstresult" if firstresult else "*collect"), name
+
+
+def test_plugin_hooks_page_is_generated_from_the_hookspecs():
+    from lft.cli import docgen
+
+    assert DOCS.read_text(encoding="utf-8") == docgen.render_hooks(), \
+        "docs/plugin-hooks.md is stale: run `python -m lft.cli.docgen`"

@@ -83,10 +83,10 @@ def test_wrong_hook_signature_names_plugin_and_hook():
         name = "badargs"
 
         @lft.hookimpl
-        def lft_loss(self, config, extra_argument):
+        def lft_objective(self, config, extra_argument):
             return None
 
-    with pytest.raises(PluginError, match="badargs.*lft_loss.*unknown argument.*extra_argument"):
+    with pytest.raises(PluginError, match="badargs.*lft_objective.*unknown argument.*extra_argument"):
         PluginManager(extra=[BadArgs()])
 
 

@@ -147,30 +147,27 @@ def test_a_subclass_replaces_the_loss_and_its_warnings_reach_the_summary(tmp_pat
 
 
 def test_default_data_and_settings_are_valid(lft_pref_data):
-    from lft.config import config_class, plugin_sections
     from lft.data import task
     from lft.plugin.manager import PluginManager
-    from lft.train.engine import Run
+    from lft.train.engine import resolve
 
     manager = PluginManager()
-    config = config_class(plugin_sections(manager))()
-    config.trainer.batch_size = 2  # set by the user: kept
     forms = {"sft": "sft", "dpo": "pref", "orpo": "pref", "simpo": "pref", "reward": "pref", "grpo": "prompts", "ppo": "prompts"}
     for name, form in forms.items():
-        default = manager.infos[name].obj.lft_default_data(config=config)
+        default = manager.infos[name].obj.lft_default_data()
         assert default["train"] == str(task.path(form, "train")) and default["eval"] == str(task.path(form, "eval"))
-        run = Run.__new__(Run)
-        run.config, run.summary, run.console = config.model_copy(deep=True), {}, type("C", (), {"print": print})()
-        run.apply_settings(default["settings"])  # every key exists and validates
-        assert run.config.trainer.batch_size == 2
-        assert not any(item.startswith("trainer.batch_size=") for item in run.summary.get("default_data_settings", []))
+        # merged before the one validation: every key exists and validates; the user's own value is kept
+        resolved = resolve({"plugins": [name], "trainer": {"batch_size": 2}}, manager)
+        assert resolved.default_data and resolved.config.data.train == default["train"]
+        assert resolved.config.trainer.batch_size == 2
+        assert not any(item.startswith("trainer.batch_size=") for item in resolved.applied)
+        assert "batch_size" in resolved.config.trainer.model_fields_set
         if "trainer.max_steps" in default["settings"]:
-            assert run.config.trainer.max_steps == default["settings"]["trainer.max_steps"]
-    sft = Run.__new__(Run)
-    sft.config, sft.summary, sft.console = config.model_copy(deep=True), {}, type("C", (), {"print": print})()
-    sft.apply_settings(manager.infos["sft"].obj.lft_default_data(config=config)["settings"])
+            assert resolved.config.trainer.max_steps == default["settings"]["trainer.max_steps"]
+            assert f"trainer.max_steps={default['settings']['trainer.max_steps']}" in resolved.applied
+    sft = resolve({}, manager).config
     # the default job keeps its everyday answers with a tenth of the base's own answers mixed in
-    assert sft.config.guards.forgetting.mix_ratio == 0.1 and sft.config.guards.forgetting.mix_data == "self"
-    grpo = manager.infos["grpo"].obj.lft_default_data(config=config)["settings"]
+    assert sft.guards.forgetting.mix_ratio == 0.1 and sft.guards.forgetting.mix_data == "self"
+    grpo = manager.infos["grpo"].obj.lft_default_data()["settings"]
     # Measured on the embedded task: at T=1 the instruct model's samples are right about 3% of the time.
     assert grpo["grpo.temperature"] < 1 and grpo["grpo.num_generations"] >= 8

@@ -108,13 +108,12 @@ def qlora_model(tiny, seed=0, **options):
     """The qlora plugin's load and wrap hooks, as a run calls them; LoRA B made non-zero so that
     every adapter weight gets a gradient."""
     from lft.plugin.manager import PluginManager
-    from lft.train.engine import resolve_config
+    from lft.train.engine import resolve
 
-    manager = PluginManager()
-    config = resolve_config({"model.path": str(tiny), "plugins": ["qlora"], "trainer.precision": "32-true",
-                             **{f"qlora.{k}": v for k, v in options.items()}}, manager)
-    hook = manager.select(config.plugins).hook
-    model, tokenizer = hook.lft_load_model(config=config)
+    resolved = resolve({"model": {"path": str(tiny)}, "plugins": ["qlora"], "trainer": {"precision": "32-true"},
+                        "qlora": options}, PluginManager())
+    config, hook = resolved.config, resolved.selection.hook
+    model, tokenizer = hook.lft_load_model(config=config, quantization_config=hook.lft_quantization_config(config=config))
     torch.manual_seed(seed)
     wrapped = hook.lft_wrap_model(model=model, config=config)
     for name, param in wrapped.named_parameters():

@@ -7,7 +7,7 @@ HISTORY = [{"step": s, "loss": 2.0 / s, "lr": 1e-3, "reward_mean": 0.1 * s, "kl"
            for s in range(1, 6)]
 HISTORY[2]["eval_loss"] = 1.2
 HISTORY[4]["eval_loss"] = 1.1
-SUMMARY = {"output": "runs/x", "objective": "dpo", "wrapper": "lora", "steps": 5, "warnings": ["overfitting: rose"],
+SUMMARY = {"output": "runs/x", "objective": "dpo", "progress_metrics": ["reward", "kl", "margin", "accuracy"], "wrapper": "lora", "steps": 5, "warnings": ["overfitting: rose"],
            "guards": [{"guard": "overfit", "status": "warning", "detail": "eval 1.2 -> 1.1", "problems": ["rose"],
                        "examples": [], "data": {}},
                       {"guard": "lint", "status": "ok", "detail": "5 rows", "problems": [], "examples": [], "data": {}}]}
@@ -25,11 +25,11 @@ def test_svg_chart_scales_points_into_the_plot_area():
 
 
 def test_charts_for_loss_and_every_reward_kl_metric():
-    names = [name for name, _ in charts(HISTORY)]
+    names = [name for name, _ in charts(HISTORY, families=("reward", "kl", "margin", "accuracy"))]
     assert names == ["loss", "reward", "kl"]
-    loss_svg = dict(charts(HISTORY))["loss"]
+    loss_svg = dict(charts(HISTORY, families=("reward", "kl", "margin", "accuracy")))["loss"]
     assert "train loss" in loss_svg and "eval loss" in loss_svg
-    reward_svg = dict(charts(HISTORY))["reward"]
+    reward_svg = dict(charts(HISTORY, families=("reward", "kl", "margin", "accuracy")))["reward"]
     assert "reward_mean" in reward_svg and "rewards/chosen" in reward_svg
     assert charts([{"step": 1, "lr": 0.1}]) == []
     with_before = dict(charts(HISTORY, eval_before=2.5))["loss"]

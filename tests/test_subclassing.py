@@ -184,14 +184,14 @@ def test_a_reference_free_subclass_with_its_own_options_trains_from_the_cli(tmp_
         # the embedded default data's suggested settings land in the subclass's own section
         from lft.plugins.dpo import DPO
 
-        assert module.CPO().lft_default_data(config=None)["settings"] == {
+        assert module.CPO().lft_default_data()["settings"] == {
             "trainer.max_steps": 40, "trainer.batch_size": 4, "trainer.lr": 5e-4}
 
         class MyDPO(DPO):
             name = "my_dpo"
 
-        assert MyDPO().lft_default_data(config=None)["settings"]["my_dpo.nll_weight"] == 1.0
-        assert not any(key.startswith("dpo.") for key in MyDPO().lft_default_data(config=None)["settings"])
+        assert MyDPO().lft_default_data()["settings"]["my_dpo.nll_weight"] == 1.0
+        assert not any(key.startswith("dpo.") for key in MyDPO().lft_default_data()["settings"])
     finally:
         sys.modules.pop("lft_cpo", None)
 

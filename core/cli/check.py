@@ -52,10 +52,8 @@ def prepare(args: argparse.Namespace, console: Console) -> tuple[Any, Any, Any]:
     from lft.train.engine import Run, quiet_libraries
 
     quiet_libraries()
-    config, manager = _resolve(args)
-    selection = manager.select(config.plugins)
-    run = Run(config, selection, console=console)
-    return config, run, load_tokenizer(run)
+    run = Run(_resolve(args), console=console)
+    return run.config, run, load_tokenizer(run)
 
 
 def load_tokenizer(run: Any) -> Any:
@@ -157,8 +155,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     out = Console(highlight=False)
     config, run, tokenizer = prepare(args, Console(stderr=True, highlight=False) if args.json else out)
-    train_spec, _ = run.data_files()
-    rows = read_rows(train_spec, config.data.split)
+    rows = read_rows(config.data.train, config.data.split)
     max_length = config.data.max_length
     shown, records, errors = [], [], []
     for index, (row, where) in enumerate(zip(rows.rows, rows.where)):
@@ -184,14 +181,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     stats = {"rows": len(rows), "examples": len(records), "trained_tokens": sum(r["trained"] for r in records),
              "masked_tokens": sum(r["masked"] for r in records), "truncated": sum(r["truncated"] for r in records),
              "max_length": max_length, "longest": longest and {"where": longest["where"], "length": longest["length"]},
-             "errors": len(errors), "first_error": errors[0] if errors else None, "data": train_spec}
+             "errors": len(errors), "first_error": errors[0] if errors else None, "data": config.data.train}
     if args.json:
         print(json.dumps({"examples": shown, "stats": stats}, indent=2))
         return 0
     colour = out.color_system is not None
     legend = (Text.assemble(("trained", "black on green"), "  ", ("masked", "grey50"), "  ", ("<special>", "bold magenta"))
               if colour else Text("⟦trained⟧ masked"))
-    out.print(Text.assemble("lft inspect ", (train_spec, "bold"), f"  objective {run.selection.objective}  ", legend))
+    out.print(Text.assemble("lft inspect ", (config.data.train, "bold"), f"  objective {run.selection.objective}  ", legend))
     for example in shown:
         out.rule(f"{example['where']}" + ("  (truncated at data.max_length)" if example["truncated"] else ""))
         for name, tokens in example["parts"].items():

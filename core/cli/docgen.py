@@ -1,6 +1,7 @@
-"""Generate docs/config-reference.md from the pydantic config models, so it never drifts.
+"""Generate docs/config-reference.md from the pydantic config models and docs/plugin-hooks.md from
+the hookspecs, so neither drifts.
 
-``python -m lft.cli.docgen`` rewrites the file; a test fails when it is out of date. Only lft's own
+``python -m lft.cli.docgen`` rewrites both; a test fails when it is out of date. Only lft's own
 plugins are included (third-party sections are documented by their packages).
 """
 
@@ -100,11 +101,74 @@ def render() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+HOOKS_HEADER = """# Hook reference
+
+Every lft method is a plugin: an object (usually a class, so it can be subclassed) whose methods
+are marked with `@lft.hookimpl`. A plugin declares its `kind`:
+
+| kind | per run | examples |
+|---|---|---|
+| `objective` | exactly one (default `sft`) | `sft`, `dpo`, `grpo` |
+| `wrapper` | exactly one (default `lora`) | `lora`, `qlora`, `full` |
+| `extension` | any number | reward functions, callbacks, commands |
+
+Only the plugins selected for a run take part in it, together with lft's own `core` plugin, which
+provides the trylast fallbacks (model loading, padding, saving). `lft_add_config` and
+`lft_add_commands` are the exceptions: they are called for every installed plugin, so config files
+and the command line know every option.
+
+A *collect* hook returns the list of every plugin's non-None results. A *firstresult* hook stops at
+the first non-None result. Implementations registered later run first; `@lft.hookimpl(tryfirst=True)`
+and `trylast=True` change that. This page is generated from `core/plugin/hookspecs.py` by `python -m lft.cli.docgen`; a
+test fails when it is out of date.
+
+"""
+
+
+def _markdown(doc: str) -> str:
+    """A hookspec docstring in Markdown: ``code`` in single backticks, ``:param x:`` and
+    ``:return:`` as a list."""
+    out = []
+    for line in doc.splitlines():
+        line = line.replace("``", "`")
+        stripped = line.lstrip()
+        if stripped.startswith(":param "):
+            name, _, rest = stripped[len(":param "):].partition(":")
+            line = f"- `{name.strip()}`: {rest.strip()}"
+        elif stripped.startswith(":return:"):
+            line = f"- returns: {stripped[len(':return:'):].strip()}"
+        elif line.startswith("    ") and out and out[-1].startswith(("- ", "  ")):
+            line = "  " + stripped  # the continuation of a list item
+        out.append(line)
+    return "\n".join(out).strip()
+
+
+def render_hooks() -> str:
+    """docs/plugin-hooks.md: every hook of ``lft.plugin.hookspecs``, its signature, whether it
+    collects or stops at the first result, and its docstring."""
+    import inspect
+
+    from lft.plugin import hookspecs
+
+    lines = [HOOKS_HEADER + "---", ""]
+    for name, fn in vars(hookspecs).items():
+        if not (name.startswith("lft_") and callable(fn)):
+            continue
+        params = ", ".join(inspect.signature(fn).parameters)
+        kind = "*firstresult.*" if getattr(fn, "lft_spec").get("firstresult") else "*collect.*"
+        lines += [f"### `{name}({params})`", "", kind + " " + _markdown(inspect.getdoc(fn) or ""), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def target() -> Path:
     return Path(__file__).resolve().parents[2] / "docs" / "config-reference.md"
 
 
+def hooks_target() -> Path:
+    return Path(__file__).resolve().parents[2] / "docs" / "plugin-hooks.md"
+
+
 if __name__ == "__main__":
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else target()
-    path.write_text(render(), encoding="utf-8")
-    print(path)
+    for path, text in ((target(), render()), (hooks_target(), render_hooks())):
+        path.write_text(text, encoding="utf-8")
+        print(path)

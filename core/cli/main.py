@@ -66,12 +66,14 @@ def _add_config_sources(parser: argparse.ArgumentParser, with_flags: bool = True
                         help="set any config key, e.g. lora.r=32 trainer.lr=1e-4 data.max_length=512")
 
 
-def _resolve(args: argparse.Namespace) -> tuple[Any, Any]:
+def _resolve(args: argparse.Namespace) -> Any:
+    """The run a command describes (``lft.train.engine.Resolved``): its raw settings from the
+    config file, the flags and KEY=VALUE overrides (later ones winning), resolved and validated
+    once with the command line's plugin manager."""
     from lft import config as cfgmod
-    from lft.plugin.manager import PluginManager
+    from lft.train.engine import resolve
 
-    manager = PluginManager()
-    cls = cfgmod.config_class(cfgmod.plugin_sections(manager))
+    data = cfgmod.read_yaml(args.config) if args.config else {}
     flags: dict[str, Any] = {key: getattr(args, flag, None) for flag, key in RUN_FLAGS.items()}
     if getattr(args, "resume", False):
         flags["resume"] = True
@@ -79,33 +81,29 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, Any]:
         flags["overwrite"] = True
     if getattr(args, "strict", False):
         flags["guards.strict"] = True
-    base = cfgmod.read_yaml(args.config) if args.config else {}
-    plugins = list(base.get("plugins") or []) if isinstance(base.get("plugins"), list) else base.get("plugins")
-    if args.plugin:
-        plugins = list(plugins or []) + [p for p in args.plugin if p not in (plugins or [])]
-    if plugins is not None:
-        flags["plugins"] = plugins
-    config = cfgmod.load(cls, file=args.config, overrides=args.overrides, flags=flags)
-    return config, manager
+    for key, value in flags.items():
+        if value is not None:
+            cfgmod.set_dotted(data, key, value)
+    for text in args.overrides:
+        key, value = cfgmod.parse_override(text)
+        cfgmod.set_dotted(data, key, value)
+    return resolve(data, args.manager, [p for p in args.plugin], str(args.config or "config"))
 
 
 # -- commands -------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lft.train.engine import quiet_libraries, run
+    from lft.train.engine import Run, quiet_libraries
 
     quiet_libraries()
-    config, _ = _resolve(args)
-    run(config, quiet=args.quiet)
+    Run(_resolve(args), quiet=args.quiet).execute()
     return 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from lft.plugin.manager import PluginManager
-
-    manager = PluginManager()
+    manager = args.manager
     infos = sorted(manager.infos.values(), key=lambda i: (i.kind == "core", i.name))
     if args.json:
         print(json.dumps([{"name": i.name, "kind": i.kind, "package": i.package, "version": i.version,
@@ -125,21 +123,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    config, _ = _resolve(args)
-    print(config.to_yaml(), end="")
+    print(_resolve(args).config.to_yaml(), end="")
     return 0
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
     from lft import config as cfgmod
     from lft.errors import ConfigError
-    from lft.plugin.manager import PluginManager
 
-    manager = PluginManager()
-    cls = cfgmod.config_class(cfgmod.plugin_sections(manager))
+    cls = cfgmod.config_class(cfgmod.plugin_sections(args.manager))
     try:
         config = cfgmod.load(cls, file=args.file)
-        manager.select(config.plugins)
+        args.manager.select(config.plugins)
     except ConfigError as exc:
         console = _err_console()
         console.print(f"[bold red]error:[/] {args.file}: {len(exc.problems)} problem(s)")
@@ -152,16 +147,15 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 
 def cmd_config_schema(args: argparse.Namespace) -> int:
     from lft import config as cfgmod
-    from lft.plugin.manager import PluginManager
 
-    cls = cfgmod.config_class(cfgmod.plugin_sections(PluginManager()))
+    cls = cfgmod.config_class(cfgmod.plugin_sections(args.manager))
     print(json.dumps(cls.model_json_schema(), indent=2))
     return 0
 
 
 # -- parser ---------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(manager: Any) -> argparse.ArgumentParser:
     from lft import __version__
 
     parser = argparse.ArgumentParser(
@@ -202,12 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Print the JSON schema of the config, with every plugin's section.")
     schema.set_defaults(handler=cmd_config_schema)
 
-    from lft.plugin.manager import PluginManager
-
     try:
-        PluginManager().pm.hook.lft_add_commands(cli=sub)
+        manager.pm.hook.lft_add_commands(cli=sub)
     except Exception as exc:  # a plugin's command must not break lft's own
         _error(f"a plugin failed to add its commands: {exc}")
+    parser.set_defaults(manager=manager)  # one plugin manager for the whole command
     return parser
 
 
@@ -215,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lft.errors import LftError
 
     try:
-        parser = build_parser()
+        from lft.plugin.manager import PluginManager
+
+        parser = build_parser(PluginManager())
         args, rest = parser.parse_known_args(argv)
         # KEY=VALUE overrides may come between flags, which argparse's positionals do not allow.
         if hasattr(args, "overrides"):

@@ -104,7 +104,7 @@ class {cls}:
         register(self.name, self.options)
 
     @lft.hookimpl
-    def lft_default_data(self, config: Any) -> Any:
+    def lft_default_data(self) -> Any:
         # Data used when the user gives no --data: here, lft's embedded task in SFT form.
         return task.files("sft")
 
@@ -125,7 +125,7 @@ class {cls}:
         return self.format_row(example, tokenizer, config)
 
     @lft.hookimpl
-    def lft_loss(self, config: Any) -> Any:
+    def lft_objective(self, config: Any) -> Any:
         # Called once per run; returns the callable objective.
         return {cls}Objective()
 '''

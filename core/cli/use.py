@@ -222,15 +222,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 # -- eval ------------------------------------------------------------------------------------------
 
-LABELS = {"eval_loss": "held-out loss (per token)", "eval_perplexity": "perplexity", "eval_tokens": "tokens scored",
-          "pref_accuracy": "preference accuracy", "pref_margin": "log-prob margin (chosen - rejected)",
-          "pref_pairs": "preference pairs", "task_accuracy": "task accuracy"}
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from lft.output.summary import _fmt, write_json
+    from lft.output.files import write_json
+    from lft.output.summary import fmt
     from lft.use.loaded import BASE
 
     loaded = _load(args)
@@ -242,9 +238,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     table.add_column("")
     for name in names:
         table.add_column(name, justify="right")
-    keys = [k for k in LABELS if any(k in r for r in results.values())]
-    for key in keys:
-        table.add_row(LABELS[key], *[_fmt(results[n].get(key)) for n in names])
+    keys = list(dict.fromkeys(k for r in results.values() for k in r if not k.endswith("samples")))
+    for key in keys:  # named by the objective plugin that measured them (eval_*) or the task
+        table.add_row(key.removeprefix("eval_").replace("_", " "), *[fmt(results[n].get(key)) for n in names])
     console = Console(highlight=False)
     console.print(table)
     for form, info in prepared["files"].items():

@@ -162,7 +162,7 @@ class LftDataModule(L.LightningDataModule):
             lengths = ([sum(len(v) for k, v in f.items() if k.endswith("input_ids")) for f in self.train_features]
                        if self.config.data.group_by_length else None)
             # Objectives that step the optimizer themselves (online methods) count their own units.
-            counted = self.objective is not None and not callable(getattr(self.objective, "training_step", None))
+            counted = self.objective is not None and not self.objective.steps_optimizer
             self._train_loader = ResumableLoader(self.train_features, cfg.batch_size, self.collate, cfg.seed,
                                                  rank=rank, world_size=world, lengths=lengths,
                                                  accumulate=cfg.grad_accum,

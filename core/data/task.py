@@ -113,6 +113,11 @@ def is_embedded(data_path: str | None) -> bool:
     return bool(data_path) and Path(data_path).resolve().parent == ASSETS.resolve()
 
 
+def is_task_rows(rows: list[dict]) -> bool:
+    """Rows the task metric scores: a ``prompt`` and its ``answer`` (the embedded task's prompts form)."""
+    return bool(rows) and all(isinstance(r, dict) and "prompt" in r and "answer" in r for r in rows[:8])
+
+
 def render(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 

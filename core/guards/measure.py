@@ -15,7 +15,7 @@ import torch
 
 from lft.data import chat
 from lft.losses.logprobs import IGNORE_INDEX
-from lft.model.forward import token_logprobs
+from lft.model.forward import eval_mode, token_logprobs
 from lft.use import evaluate
 
 
@@ -93,27 +93,22 @@ def _batched_logprobs(module: Any, sequences: list[tuple[list[int], int]], batch
     pad = module.tokenizer.pad_token_id or 0
     chunk = config.trainer.logits_chunk
     results: list[tuple[float, int]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), evaluate._autocast(module):
-            for start in range(0, len(sequences), batch_size):
-                part = sequences[start: start + batch_size]
-                width = max(len(s) for s, _ in part)
-                ids = torch.full((len(part), width), pad, dtype=torch.long)
-                labels = torch.full((len(part), width), IGNORE_INDEX, dtype=torch.long)
-                mask = torch.zeros((len(part), width), dtype=torch.long)
-                for i, (seq, begin) in enumerate(part):
-                    ids[i, : len(seq)] = torch.tensor(seq)
-                    mask[i, : len(seq)] = 1
-                    labels[i, begin: len(seq)] = torch.tensor(seq[begin:])
-                device = module.device
-                logps, valid = token_logprobs(model, ids.to(device), mask.to(device), labels.to(device), chunk)
-                logps = (logps.float() * valid).sum(-1).tolist()
-                counts = valid.sum(-1).tolist()
-                results.extend((float(lp), int(c)) for lp, c in zip(logps, counts))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), evaluate._autocast(module):
+        for start in range(0, len(sequences), batch_size):
+            part = sequences[start: start + batch_size]
+            width = max(len(s) for s, _ in part)
+            ids = torch.full((len(part), width), pad, dtype=torch.long)
+            labels = torch.full((len(part), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(part), width), dtype=torch.long)
+            for i, (seq, begin) in enumerate(part):
+                ids[i, : len(seq)] = torch.tensor(seq)
+                mask[i, : len(seq)] = 1
+                labels[i, begin: len(seq)] = torch.tensor(seq[begin:])
+            device = module.device
+            logps, valid = token_logprobs(model, ids.to(device), mask.to(device), labels.to(device), chunk)
+            logps = (logps.float() * valid).sum(-1).tolist()
+            counts = valid.sum(-1).tolist()
+            results.extend((float(lp), int(c)) for lp, c in zip(logps, counts))
     return results
 
 

@@ -90,7 +90,7 @@ class GuardMonitor(L.Callback):
 
     # -- before and after ------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.online = getattr(pl_module.objective, "rollout", None) is not None
+        self.online = pl_module.objective.online
         self.rank = adapter_rank(pl_module.model)
         if not (self.opts.on("repetition") or self.opts.on("forgetting")):
             return

@@ -32,8 +32,11 @@ ORDER = ("template", "lint", "contamination")
 
 
 class RunGuards:
-    def __init__(self, config: Any, selection: Any, console: Any, check_only: bool = False):
+    def __init__(self, config: Any, selection: Any, console: Any, check_only: bool = False, online: bool = False):
         self.config = config
+        self.online = online  # the objective learns from its own samples (no overfitting curve to watch)
+        #: The evaluation interval the guards chose, when the user set none (the config is left as it is).
+        self.eval_every: int | None = None
         self.selection = selection
         self.console = console
         self.check_only = check_only
@@ -154,12 +157,11 @@ class RunGuards:
         tc = self.config.trainer
         if not self.opts.on("overfit") or not eval_rows or tc.eval_every or "eval_every" in tc.model_fields_set:
             return
-        if getattr(self.selection.plugin(self.selection.objective), "online", False):
+        if self.online:
             return  # a policy-gradient loss says nothing about memorising; each evaluation is a rollout
         steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * math.ceil(len(train) / (tc.batch_size * tc.grad_accum))
-        tc.eval_every = max(1, steps // self.opts.overfit.eval_points)
-        tc.model_fields_set.discard("eval_every")
-        self.console.print(f"[dim]guards: eval loss every {tc.eval_every} steps to watch for overfitting "
+        self.eval_every = max(1, steps // self.opts.overfit.eval_points)
+        self.console.print(f"[dim]guards: eval loss every {self.eval_every} steps to watch for overfitting "
                            "(set trainer.eval_every to choose)[/]")
 
     def finish(self, summary: dict) -> None:

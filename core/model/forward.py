@@ -3,7 +3,8 @@ log-probs computed in chunks (see ``lft.losses.logprobs``)."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 
@@ -11,6 +12,19 @@ from lft.losses.logprobs import entropy_from_logits, logprobs_from_logits, shift
 
 # Config attributes of models whose logits are more than ``lm_head(hidden)``.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any, grad: bool = False) -> Iterator[Any]:
+    """Eval mode (no dropout) and, unless ``grad``, no gradients, for the duration; the model's
+    training mode is restored after, whatever happens inside. Yields the model."""
+    was_training = model.training
+    model.eval()
+    try:
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def unwrap(model: Any) -> Any:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from lft.errors import LftError
+from lft.model.forward import eval_mode
 
 #: Bump when the meaning of cached values changes.
 CACHE_FORMAT = "lft-reference-v1"
@@ -72,13 +73,8 @@ class ReferencePolicy:
                     self._frozen.to(device)
                 yield self._frozen
                 return
-            was_training = self.policy.training
-            self.policy.eval()
-            try:
-                with self.policy.disable_adapter():
-                    yield self.policy
-            finally:
-                self.policy.train(was_training)
+            with eval_mode(self.policy, grad=True), self.policy.disable_adapter():
+                yield self.policy
 
     def release(self) -> None:
         """Drop the frozen copy (when every log-prob it is needed for has been precomputed)."""

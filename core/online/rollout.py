@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -43,7 +43,7 @@ from lft.adapters.sampling import sampling_weights
 from lft.data import chat
 from lft.errors import LftError
 from lft.losses.logprobs import IGNORE_INDEX
-from lft.model.forward import completion_stats, positions_of
+from lft.model.forward import completion_stats, eval_mode, positions_of
 from lft.online.rewards import score
 from lft.train.numerics import native_bf16_cpu
 
@@ -72,18 +72,6 @@ class RolloutSettings:
     policy_logps: bool = True
     #: Sequences generated at once (memory bound); 0 means all of them.
     generation_batch_size: int = 0
-
-
-@contextlib.contextmanager
-def sampling_mode(model: Any) -> Iterator[None]:
-    """Eval mode (no dropout) and no gradients; the training mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def samples_in_float32(device_type: str, autocast_dtype: Any = None) -> bool:
@@ -138,7 +126,7 @@ def generate_tokens(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     parts = []
     device = prompt_ids.device.type
     precision = torch.autocast(device, enabled=False) if samples_in_float32(device) else contextlib.nullcontext()
-    with sampling_mode(model), sampling_weights(model), precision, torch.inference_mode():
+    with eval_mode(model), sampling_weights(model), precision, torch.inference_mode():
         for start in range(0, prompt_ids.shape[0], step):
             ids, mask = prompt_ids[start: start + step], prompt_mask[start: start + step]
             extra = _shared_prefix(model, ids, mask, group) if group > 1 and ids.shape[1] > 1 else {}
@@ -217,7 +205,7 @@ def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
     temperature = settings.temperature if settings.temperature > 0 else 1.0
     exp: dict[str, Any] = repeat_columns(batch, group)
     if settings.policy_logps or settings.hidden:
-        with sampling_mode(model):
+        with eval_mode(model):
             stats = completion_stats(model, input_ids, attention_mask, labels, width, chunk, temperature, entropy=True,
                                      hidden=settings.hidden, position_ids=position_ids, groups=groups)
         exp.update(logps=stats["logps"], entropy=stats["entropy"])
@@ -228,7 +216,7 @@ def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
         if reference is None:
             raise LftError("the objective asks for reference log-probs but the run has no reference policy "
                            "(set needs_reference = True on the objective)")
-        with reference.model() as ref_model, sampling_mode(ref_model):
+        with reference.model() as ref_model, eval_mode(ref_model):
             ref = completion_stats(ref_model, input_ids, attention_mask, labels, width, chunk, temperature,
                                    position_ids=position_ids, groups=groups)
         exp["ref_logps"] = ref["logps"]

@@ -2,7 +2,7 @@
 
 ``report.html`` is self-contained (plots are inline SVG); ``report.md`` shows the same content, its
 plots written beside it in ``report/``. The plots are small line charts drawn here as SVG: the train
-and eval loss, and any reward, KL, margin or accuracy metric the objective logged. Every file is
+and eval loss, and the metrics the objective names in its ``progress_metrics``. Every file is
 written atomically.
 """
 
@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from lft.guards.findings import TITLES
 from lft.output.files import atomic_write_text
-from lft.output.summary import summary_rows
+from lft.output.summary import fmt, summary_rows
 
-#: Metric families plotted when the history has them, each in its own chart.
-FAMILIES = ("reward", "kl", "margin", "accuracy")
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 WIDTH, HEIGHT, PAD = 520, 200, 50
 
@@ -70,8 +68,10 @@ def svg_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, x
     return "\n".join(out)
 
 
-def charts(history: list[dict], eval_before: float | None = None) -> list[tuple[str, str]]:
-    """``(name, svg)`` of every chart the history supports; ``eval_before`` is the eval loss at step 0."""
+def charts(history: list[dict], eval_before: float | None = None, families: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """``(name, svg)`` of every chart the history supports: the losses, then one chart per name in
+    ``families`` (the objective's ``progress_metrics``) with every metric whose name has a part
+    that starts with it; ``eval_before`` is the eval loss at step 0."""
     def series(key: str) -> list[tuple[float, float]]:
         return [(h["step"], float(h[key])) for h in history if isinstance(h.get(key), (int, float)) and "step" in h]
 
@@ -81,7 +81,7 @@ def charts(history: list[dict], eval_before: float | None = None) -> list[tuple[
     if loss:
         out.append(("loss", svg_chart(loss, "loss")))
     keys = sorted({k for h in history for k in h if isinstance(h.get(k), (int, float))})
-    for family in FAMILIES:
+    for family in families:
         members = [k for k in keys if any(part.startswith(family) for part in k.replace("/", "_").split("_"))]
         found = [(k, series(k)) for k in members if series(k)]
         if found:
@@ -98,6 +98,11 @@ def build(summary: dict, history: list[dict]) -> list[tuple]:
     blocks.append(("p", f"{len(fired)} of {len(guards)} guards fired." if fired else
                    f"No guard fired ({len(guards)} checked)."))
     blocks += [("h", "Summary"), ("table", ["", "value"], summary_rows(summary))]
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    measured = [k for k in sorted(set(before) | set(after)) if not k.endswith("samples")]
+    if measured:
+        blocks += [("h", "Every held-out measurement"), ("table", ["", "before", "after"],
+                                                          [(k, fmt(before.get(k)), fmt(after.get(k))) for k in measured])]
     if guards:
         blocks += [("h", "Guards"), ("table", ["guard", "result", "detail"],
                                      [(TITLES.get(g["guard"], g["guard"]), g["status"], g.get("detail") or "") for g in guards])]
@@ -117,7 +122,7 @@ def build(summary: dict, history: list[dict]) -> list[tuple]:
                 for r in behaviour["worst"]]
         blocks += [("h", "Everyday prompts where the tuned model degenerated"),
                    ("table", ["prompt", "base model", "tuned model", "signs"], rows)]
-    plots = charts(history, (summary.get("before") or {}).get("eval_loss"))
+    plots = charts(history, (summary.get("before") or {}).get("eval_loss"), summary.get("progress_metrics") or ())
     if plots:
         blocks.append(("h", "Curves"))
         blocks += [("chart", name, svg) for name, svg in plots]

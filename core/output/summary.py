@@ -34,7 +34,7 @@ def reward_task_warning(summary: dict, history: list[dict]) -> str | None:
     return None
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -52,28 +52,30 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     table.add_row("model wrapper", wrapper + (" (default)" if f"wrapper {wrapper}" in defaults else ""))
     if summary.get("extensions"):
         table.add_row("extensions", ", ".join(summary["extensions"]))
-    table.add_row("model", _fmt(summary.get("model")))
+    table.add_row("model", fmt(summary.get("model")))
     data = summary.get("data", {})
     table.add_row("data", f"{data.get('train_examples')} train / {data.get('eval_examples')} eval examples"
                   + (f", {data['truncated']} truncated" if data.get("truncated") else ""))
     trainable, total = summary.get("trainable_params"), summary.get("total_params")
     if trainable is not None and total:
         table.add_row("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    table.add_row("steps", _fmt(summary.get("steps")))
-    table.add_row("train loss", f"{_fmt(summary.get('first_loss'))} -> {_fmt(summary.get('last_loss'))}")
+    table.add_row("steps", fmt(summary.get("steps")))
+    table.add_row("train loss", f"{fmt(summary.get('first_loss'))} -> {fmt(summary.get('last_loss'))}")
     before, after = summary.get("before") or {}, summary.get("after") or {}
-    for key in sorted(set(before) | set(after)):
-        if key.endswith("samples"):
-            continue
-        table.add_row(key.replace("_", " "), f"{_fmt(before.get(key))} -> {_fmt(after.get(key))}")
-    table.add_row("tokens/s", _fmt(summary.get("tokens_per_s")))
-    guard_time = f"; guards measured the model for {_fmt(summary['guards_measure_time_s'])} s of it" \
+    objective = summary.get("objective", "")
+    for key in [f"eval_{name}" for name in summary.get("summary_metrics") or ["loss"]] + ["task_accuracy"]:
+        if key in before or key in after:  # the objective's own held-out metrics and the task: the rest is in summary.json
+            label = f"{objective} {key.removeprefix('eval_').replace('_', ' ')} (held out)" if key.startswith("eval_") \
+                else key.replace("_", " ")
+            table.add_row(label, f"{fmt(before.get(key))} -> {fmt(after.get(key))}")
+    table.add_row("tokens/s", fmt(summary.get("tokens_per_s")))
+    guard_time = f"; guards measured the model for {fmt(summary['guards_measure_time_s'])} s of it" \
         if summary.get("guards_measure_time_s") else ""
-    table.add_row("train time", f"{_fmt(summary.get('train_time_s'))} s (total {_fmt(summary.get('total_time_s'))} s"
+    table.add_row("train time", f"{fmt(summary.get('train_time_s'))} s (total {fmt(summary.get('total_time_s'))} s"
                   f"{guard_time})")
-    table.add_row("saved", _fmt(summary.get("final")))
+    table.add_row("saved", fmt(summary.get("final")))
     for key, value in (summary.get("notes") or {}).items():
-        table.add_row(key.replace("_", " "), _fmt(value))
+        table.add_row(key.replace("_", " "), fmt(value))
     return table.rows
 
 

@@ -7,12 +7,13 @@ from typing import Any
 
 from lft.data.format import pad_collate
 from lft.model import loading
+from lft.objective import OnlineObjective
 from lft.plugin.manager import hookimpl
 
 
 class CorePlugin:
     """Loads models the standard way, pads batches and generates the experience of online objectives
-    (those with a ``rollout`` attribute) when no selected plugin does; saves the random states in
+    (``lft.objective.OnlineObjective``) when no selected plugin does; saves the random states in
     checkpoints, guards against NaN/Inf losses and gradients, and runs the guards against
     fine-tuning pitfalls (``lft.guards``). Adds the commands new-plugin, check, inspect, generate,
     chat, eval and merge."""
@@ -20,13 +21,9 @@ class CorePlugin:
     name = "core"
     kind = "core"
 
-    def __init__(self) -> None:
-        self.hook: Any = None  # the run's hook relay, set when plugins are selected
-
     @hookimpl(trylast=True)
-    def lft_load_model(self, config: Any) -> Any:
-        quantization = self.hook.lft_quantization_config(config=config) if self.hook is not None else None
-        return loading.load_model(config, quantization_config=quantization)
+    def lft_load_model(self, config: Any, quantization_config: Any) -> Any:
+        return loading.load_model(config, quantization_config=quantization_config)
 
     @hookimpl(trylast=True)
     def lft_collate(self, features: list, tokenizer: Any, config: Any) -> Any:
@@ -53,12 +50,11 @@ class CorePlugin:
 
     @hookimpl(trylast=True)
     def lft_rollout(self, module: Any, batch: dict, config: Any) -> Any:
-        settings = getattr(module.objective, "rollout", None)
-        if settings is None:
+        if not isinstance(module.objective, OnlineObjective):
             return None  # an offline objective: its batch is used as it is
         from lft.online.rollout import experience
 
-        return experience(module, batch, settings)
+        return experience(module, batch, module.objective.rollout)
 
     @hookimpl
     def lft_add_config(self, register: Any) -> None:

@@ -15,9 +15,12 @@ docs/plugin-hooks.md documents each hook for plugin authors; a test keeps the tw
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
+
+if TYPE_CHECKING:
+    from lft.objective import Objective
 
 hookspec = pluggy.HookspecMarker("lft")
 
@@ -37,14 +40,15 @@ def lft_add_config(register: Any) -> None:
 
 
 @hookspec(firstresult=True)
-def lft_load_model(config: Any) -> Any:
+def lft_load_model(config: Any, quantization_config: Any) -> Any:
     """Load the model and its tokenizer.
 
     :param config: the validated ``RunConfig``.
+    :param quantization_config: what ``lft_quantization_config`` returned (None: full precision).
     :return: a ``(model, tokenizer)`` tuple, or None to let another plugin load it.
 
     The core's trylast implementation handles a local HF folder, a hub id, a GGUF file and the
-    embedded default model; it asks ``lft_quantization_config`` for a quantization config. A
+    embedded default model, quantized as ``quantization_config`` says. A
     plugin may wrap the loader (``@lft.hookimpl(wrapper=True)``, ``loaded = yield``) to check or
     adjust whatever model was loaded.
 
@@ -109,24 +113,18 @@ def lft_collate(features: list, tokenizer: Any, config: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def lft_loss(config: Any) -> Any:
+def lft_objective(config: Any) -> Objective | Callable[..., Any] | None:
     """Build the run's objective. Called once, before training.
 
     :param config: the validated ``RunConfig``.
-    :return: an object callable as ``objective(module, batch) -> (loss, metrics)``, where
-        ``module`` is the ``LftModule`` (the model is ``module.model``), ``loss`` a scalar
-        tensor (a mean over the batch's units) or a dict ``{unit: mean}`` of terms averaged over
-        different units, and ``metrics`` a dict of floats or 0-d tensors to log. Its
-        ``units(batch)`` says what the loss averages over (``{"tokens": n}``, ``{"pairs": n}``,
-        ...; rows when it has none), so that lft weighs every unit of an optimizer step the same
-        across micro-batches and processes (``lft.objective``, the base class to subclass). It may set
-        ``needs_reference = True`` to ask the engine for a reference policy, which it then finds
-        as ``module.reference`` (``lft.model.reference.ReferencePolicy``), and ``rollout``
-        (``lft.online.rollout.RolloutSettings``) to have the core's ``lft_rollout`` generate its
-        experience before every step. It may define ``setup(module)``, ``training_step(module,
-        batch)`` (with ``updates_per_batch`` when it steps the optimizer itself),
-        ``state_dict()``/``load_state_dict(state)`` (saved in checkpoints), and ``notes`` (a dict)
-        and ``warnings`` (a list of lines), which the engine adds to the run summary.
+    :return: an ``lft.objective.Objective`` (``OnlineObjective`` for a method that generates its
+        own batches), or a plain callable ``objective(module, batch) -> (loss, metrics)``, which
+        is taken as an objective averaged over rows. ``module`` is the ``LftModule`` (the model
+        is ``module.model``); ``loss`` is a scalar tensor (a mean over the batch's units) or a
+        dict ``{unit: mean}`` of terms averaged over different units; ``metrics`` is a dict of
+        floats or 0-d tensors to log. ``lft.objective`` documents the whole contract: units,
+        the reference, set-up, checkpointed state, held-out measurement, the metrics shown, and
+        what an online objective adds.
 
     Stops at the first non-None result.
     """
@@ -196,10 +194,12 @@ def lft_add_commands(cli: Any) -> None:
 
 
 @hookspec(firstresult=True)
-def lft_default_data(config: Any) -> Any:
+def lft_default_data() -> Any:
     """Name the data a run uses when the config gives no training file.
 
-    :param config: the validated ``RunConfig``.
+    Called before the config is validated, so that the settings it suggests are validated with
+    the rest: it takes no config.
+
     :return: a dict ``{"train": path, "eval": path_or_None}``, or None. Objectives return the
         embedded task's data in their own format (SFT rows, preference pairs or prompts). An
         optional ``"settings"`` dict of dotted config keys (``{"trainer.max_steps": 60}``) is

@@ -208,7 +208,6 @@ class Selection:
         self.extensions = [n for n in names if infos[n].kind == "extension"]
         excluded = [i.obj for n, i in infos.items() if n not in names and i.obj is not None and n != "core"]
         self.hook = _SubsetRelay(manager.pm, excluded)
-        manager.core.hook = self.hook
 
     def plugin(self, name: str) -> Any:
         return self.manager.infos[name].obj

@@ -8,7 +8,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import lightning as L
 import torch
@@ -16,7 +16,14 @@ import torch
 from lft.output.files import atomic_write_text
 from lft.train.checkpoint import AtomicCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "GracefulStop", "RunMonitor"]
+__all__ = ["AtomicCheckpointIO", "GracefulStop", "RunMonitor", "Summarizes"]
+
+
+@runtime_checkable
+class Summarizes(Protocol):
+    """A callback that adds its results to the run summary when training ends (the guards do)."""
+
+    def summarize(self, summary: dict) -> None: ...
 
 
 class GracefulStop(L.Callback):
@@ -83,11 +90,14 @@ class GracefulStop(L.Callback):
 
 class RunMonitor(L.Callback):
     """Collects per-optimizer-step metrics (averaged over gradient accumulation), appends them to
-    ``metrics.jsonl``, and shows a live progress line: step, loss, learning rate, tokens/s and
-    time left. Without a terminal it prints a plain line every ``print_every`` steps."""
+    ``metrics.jsonl``, and shows a live progress line: step, loss, learning rate, tokens/s, the
+    objective's ``progress_metrics`` (each name and the metrics it starts) and time left. Without a
+    terminal it prints a plain line every ``print_every`` steps."""
 
-    def __init__(self, output: Path, quiet: bool = False, print_every: int = 10):
+    def __init__(self, output: Path, quiet: bool = False, print_every: int = 10,
+                 progress_metrics: Sequence[str] = ()):
         self.output = Path(output)
+        self.progress_metrics = tuple(progress_metrics)
         self.quiet = quiet
         self.print_every = print_every
         self.history: list[dict] = []
@@ -206,7 +216,8 @@ class RunMonitor(L.Callback):
     def _show(self, trainer: L.Trainer, record: dict) -> None:
         if self.quiet:
             return
-        extras = "  ".join(f"{k} {v:.3g}" for k, v in record.items() if k.startswith(("reward", "accuracy", "margin", "kl")))
+        extras = "  ".join(f"{k} {v:.3g}" for k, v in record.items()
+                           if self.progress_metrics and k.startswith(self.progress_metrics))
         info = (f"loss {record.get('loss', float('nan')):.4f}  lr {record['lr']:.2e}  "
                 f"{record['tokens_per_s']:.0f} tok/s" + (f"  {extras}" if extras else ""))
         if self._progress is not None:
@@ -245,7 +256,7 @@ def _across_processes(record: dict) -> dict:
     out = {}
     for key in {k for r in gathered for k in r}:
         values = [r[key] for r in gathered if key in r]
-        out[key] = sum(values) if key in ("tokens", "trained_tokens") else sum(values) / len(values)
+        out[key] = sum(values) if key == "tokens" else sum(values) / len(values)
     return out
 
 

@@ -3,6 +3,7 @@ evaluate, summarise. Every method-specific step goes through a hook."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -21,10 +22,11 @@ from lft.data.loader import LftDataModule
 from lft.errors import ConfigError, DataError, LftError, ModelError, PluginError
 from lft.guards import RunGuards
 from lft.model.forward import trainable_parameters
+from lft.objective import Objective, as_objective
 from lft.output.files import atomic_write_text
-from lft.plugin.manager import PluginManager, Selection
+from lft.plugin.manager import PluginManager, Selection, plugin_name
 from lft.train import distributed
-from lft.train.callbacks import AtomicCheckpointIO, GracefulStop, RunMonitor
+from lft.train.callbacks import AtomicCheckpointIO, GracefulStop, RunMonitor, Summarizes
 from lft.train.checkpoint import CheckpointError
 from lft.train.module import LftModule
 from lft.train.numerics import NonFiniteError
@@ -72,21 +74,64 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"Could not find a config file in .*vocabulary was not modified")
 
 
-def resolve_config(config: Any, manager: PluginManager) -> Any:
-    """A RunConfig (with every installed plugin's section) from a RunConfig, dict or YAML path."""
-    cls = cfgmod.config_class(cfgmod.plugin_sections(manager))
+def config_data(config: Any) -> dict:
+    """A run's raw settings, not yet validated, from a RunConfig (the fields it set), a dict
+    (dotted keys allowed), a YAML path, or None for every default."""
     if isinstance(config, cfgmod.RunConfigBase):
-        return cfgmod.build(config.model_dump(exclude_unset=True), cls)
+        return config.model_dump(exclude_unset=True)
     if isinstance(config, (str, Path)):
-        return cfgmod.load(cls, file=config)
+        return cfgmod.read_yaml(config)
     if config is None:
-        return cfgmod.build({}, cls)
+        return {}
     if isinstance(config, dict):
         data: dict = {}
-        for key, value in config.items():  # allow dotted keys in dicts too
-            cfgmod.set_dotted(data, key, value) if "." in key else data.__setitem__(key, value)
-        return cfgmod.build(data, cls)
+        for key, value in config.items():
+            if "." in key:
+                cfgmod.set_dotted(data, key, value)
+            else:
+                data[key] = value
+        return data
     raise ConfigError(f"expected a RunConfig, a dict or a YAML path, got {type(config).__name__}")
+
+
+@dataclass
+class Resolved:
+    """A run's validated config and its plugins, with what the objective's default data added."""
+
+    config: Any
+    selection: Selection
+    default_data: bool = False
+    #: ``KEY=VALUE`` of the default data's suggested settings that were applied (the user left them unset).
+    applied: list[str] = field(default_factory=list)
+
+
+def resolve(data: dict, manager: PluginManager, extra: Iterable[str] = (), source: str = "config") -> Resolved:
+    """Select the plugins, add the objective's default data and its suggested settings for every
+    key the user left unset, resolve ``trainer.precision=auto``, then validate the config, once."""
+    data = copy.deepcopy(data)
+    listed = data.get("plugins")
+    names = [*(listed if isinstance(listed, list) else []), *extra]
+    selection = manager.select(names)
+    if not isinstance(listed, list) or any(n not in listed for n in extra):
+        data["plugins"] = [*(listed if isinstance(listed, list) else []), *[n for n in extra if n not in (listed or [])]]
+    resolved = Resolved(None, selection)
+    if cfgmod.get_dotted(data, "data.train") is None:
+        default = selection.hook.lft_default_data()
+        if not default:
+            raise DataError("no training data: give --data FILE (the selected objective has no default data)")
+        cfgmod.set_dotted(data, "data.train", default["train"])
+        if cfgmod.get_dotted(data, "data.eval") is None and default.get("eval"):
+            cfgmod.set_dotted(data, "data.eval", default["eval"])
+        resolved.default_data = True
+        for key, value in (default.get("settings") or {}).items():
+            if cfgmod.get_dotted(data, key, cfgmod.MISSING) is cfgmod.MISSING:
+                cfgmod.set_dotted(data, key, value)
+                resolved.applied.append(f"{key}={value}")
+    trainer = data.get("trainer") if isinstance(data.get("trainer"), dict) else {}
+    if trainer.get("precision", "auto") == "auto":
+        cfgmod.set_dotted(data, "trainer.precision", resolve_precision("auto", str(trainer.get("accelerator", "auto"))))
+    resolved.config = cfgmod.build(data, cfgmod.config_class(cfgmod.plugin_sections(manager)), source)
+    return resolved
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -99,7 +144,8 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if native_bf16_cpu() else "32-true"
 
 
-def run(config: Any = None, plugins: Iterable[Any] = (), quiet: bool = False, console: Any = None) -> RunResult:
+def run(config: Any = None, plugins: Iterable[Any] = (), quiet: bool = False, console: Any = None,
+        manager: PluginManager | None = None) -> RunResult:
     """Run one fine-tuning job.
 
     :param config: a ``RunConfig``, a dict (dotted keys allowed, e.g. ``{"lora.r": 32}``), a path
@@ -109,27 +155,27 @@ def run(config: Any = None, plugins: Iterable[Any] = (), quiet: bool = False, co
         with the name of an installed plugin replaces it, so a subclass of a built-in method
         takes its place.
     :param quiet: print nothing.
+    :param manager: the plugin manager to use (the command line passes its own), else a new one.
     :return: a ``RunResult`` with the summary metrics, per-step history and output paths.
     """
     quiet_libraries()
     extra = list(plugins)
-    manager = PluginManager(extra=extra)
-    cfg = resolve_config(config, manager)
-    names = list(cfg.plugins)
-    for obj in extra:
-        from lft.plugin.manager import plugin_name
-
-        name = plugin_name(obj() if isinstance(obj, type) else obj)
-        if name not in names:
-            names.append(name)
-    selection = manager.select(names)
-    return Run(cfg, selection, quiet=quiet, console=console).execute()
+    if manager is None:
+        manager = PluginManager(extra=extra)
+    else:
+        for obj in extra:
+            manager.add(obj)
+    names = [plugin_name(obj() if isinstance(obj, type) else obj) for obj in extra]
+    resolved = resolve(config_data(config), manager, names, str(config) if isinstance(config, (str, Path)) else "config")
+    return Run(resolved, quiet=quiet, console=console).execute()
 
 
 class Run:
-    def __init__(self, config: Any, selection: Selection, quiet: bool = False, console: Any = None):
+    def __init__(self, resolved: Resolved, quiet: bool = False, console: Any = None):
         from rich.console import Console
 
+        config, selection = resolved.config, resolved.selection
+        self.resolved = resolved
         self.config = config
         self.selection = selection
         self.hook = selection.hook
@@ -143,7 +189,10 @@ class Run:
             "extensions": selection.extensions,
             "defaults_used": selection.defaults,
         }
-        self.guards = RunGuards(config, selection, self.console)
+        self.objective = as_objective(self.hook.lft_objective(config=config), selection.objective)
+        self.summary.update(progress_metrics=list(self.objective.progress_metrics),
+                            summary_metrics=["loss", *self.objective.summary_metrics])
+        self.guards = RunGuards(config, selection, self.console, online=self.objective.online)
 
     # -- steps -----------------------------------------------------------------------------------
     def check_output(self) -> Path | None:
@@ -172,7 +221,8 @@ class Run:
         atomic_write_text(self.output / "config.yaml", self.config.to_yaml(), "config")
 
     def load(self) -> tuple[Any, Any]:
-        loaded = self.hook.lft_load_model(config=self.config)
+        quantization = self.hook.lft_quantization_config(config=self.config)
+        loaded = self.hook.lft_load_model(config=self.config, quantization_config=quantization)
         if loaded is None:
             raise ModelError("no plugin could load the model")
         model, tokenizer = loaded
@@ -181,37 +231,9 @@ class Run:
         self.summary["model"] = getattr(getattr(model, "config", None), "_name_or_path", "") or str(self.config.model.path)
         return model, tokenizer
 
-    def data_files(self) -> tuple[str, str | None]:
-        train, evalf = self.config.data.train, self.config.data.eval
-        if train is None:
-            default = self.hook.lft_default_data(config=self.config)
-            if not default:
-                raise DataError("no training data: give --data FILE (the selected objective has no default data)")
-            train = default["train"]
-            evalf = evalf or default.get("eval")
-            self.summary["data_default"] = True
-            self.apply_settings(default.get("settings") or {})
-        return train, evalf
-
-    def apply_settings(self, settings: dict) -> None:
-        """Apply an objective's suggested settings for its default data, for keys the user left unset."""
-        applied = []
-        for key, value in settings.items():
-            *path, leaf = key.split(".")
-            node = self.config
-            for part in path:
-                node = getattr(node, part)
-            if leaf not in node.model_fields_set:
-                setattr(node, leaf, value)
-                node.model_fields_set.discard(leaf)
-                applied.append(f"{key}={value}")
-        if applied:
-            self.summary["default_data_settings"] = applied
-            self.console.print(f"[dim]embedded task settings: {', '.join(applied)} (set them to override)[/]")
-
     def read_data(self, tokenizer: Any) -> tuple[list[dict], list[dict], dict]:
         cfg = self.config
-        train_spec, eval_spec = self.data_files()
+        train_spec, eval_spec = cfg.data.train, cfg.data.eval
         train_rows = read_rows(train_spec, cfg.data.split)
         if eval_spec:
             eval_rows = read_rows(eval_spec, cfg.data.split)
@@ -241,18 +263,18 @@ class Run:
         return evaluate.task_rows(self.config.eval, train_spec)
 
     def measure(self, module: LftModule, datamodule: LftDataModule, task_rows: list[dict] | None) -> dict:
-        """The objective's own held-out loss and metrics, then the method-independent
-        measurements, computed by the same code as ``lft eval`` (they win where names meet)."""
+        """The objective's own held-out loss and metrics, then its method-independent measurements
+        of the same rows (they win where names meet: they cover the whole set exactly), then the
+        task metric; computed by the same code as ``lft eval``."""
+        settings = evaluate.Settings.from_config(self.config)
         out: dict[str, Any] = {}
         if datamodule.eval_features:
-            out.update({f"eval_{k}": v for k, v in evaluate.objective_loss(module, datamodule.eval_loader()).items()})
-        measured = evaluate.measure(module.model, module.tokenizer, datamodule.eval_features, task_rows,
-                                    evaluate.Settings.from_config(self.config))
-        if "eval_tokens" in measured:  # SFT rows: eval_loss becomes the NLL per token over the whole set
-            out.pop("eval_nll", None)
-            if "eval_loss" in out:  # the objective's own loss, as the guards' evaluations see it
-                out["eval_objective_loss"] = out.pop("eval_loss")
-        return {**out, **measured}
+            out.update(evaluate.objective_loss(module, datamodule.eval_loader()))
+            out.update(module.objective.measure(module.model, module.tokenizer, datamodule.eval_features, settings))
+        out = {f"eval_{k}": v for k, v in out.items()}
+        if task_rows:
+            out.update(evaluate.task_measure(module.model, module.tokenizer, task_rows, settings))
+        return out
 
     def trainer(self, monitor: RunMonitor, stop: GracefulStop, manual: bool = False) -> Any:
         import lightning as L
@@ -269,8 +291,9 @@ class Run:
             callbacks.extend(extra or [])
         callbacks.append(stop)  # last, so it sees a stop requested by any callback in the same step
         kwargs: dict[str, Any] = {}
-        if tc.eval_every > 0:
-            kwargs.update(val_check_interval=tc.eval_every * (1 if manual else tc.grad_accum), check_val_every_n_epoch=None)
+        eval_every = self.guards.eval_every or tc.eval_every
+        if eval_every > 0:
+            kwargs.update(val_check_interval=eval_every * (1 if manual else tc.grad_accum), check_val_every_n_epoch=None)
         else:
             kwargs.update(limit_val_batches=0)
         return L.Trainer(
@@ -332,20 +355,17 @@ class Run:
         shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def collect_objective_report(self, objective: Any) -> None:
+    def collect_objective_report(self, objective: Objective) -> None:
         """An objective's ``notes`` (a dict) and ``warnings`` (a list of lines) go into the summary."""
-        notes = dict(getattr(objective, "notes", None) or {})
-        if notes:
-            self.summary["notes"] = notes
-        found = [str(w) for w in getattr(objective, "warnings", None) or []]
-        if found:
-            self.summary.setdefault("warnings", []).extend(found)
+        if objective.notes:
+            self.summary["notes"] = dict(objective.notes)
+        if objective.warnings:
+            self.summary.setdefault("warnings", []).extend(str(w) for w in objective.warnings)
 
     # -- the run -----------------------------------------------------------------------------------
     def execute(self) -> RunResult:
         started = time.perf_counter()
         cfg = self.config
-        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
         distributed.validate(cfg.trainer)
         resume_from = self.check_output()
         if cfg.trainer.release_freed_memory:
@@ -357,12 +377,13 @@ class Run:
         L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
         self.console.print(f"[bold]lft run[/]: {self.selection.describe()}"
                            + (f"  [dim](defaults: {', '.join(self.selection.defaults)})[/]" if self.selection.defaults else ""))
+        if self.resolved.applied:
+            self.summary["default_data_settings"] = self.resolved.applied
+            self.console.print(f"[dim]embedded task settings: {', '.join(self.resolved.applied)} (set them to override)[/]")
+        objective = self.objective
         model, tokenizer = self.load()
         train, evals, data_info = self.read_data(tokenizer)
         self.summary["data"] = data_info
-        objective = self.hook.lft_loss(config=cfg)
-        if objective is None:
-            raise PluginError(f"the objective {self.selection.objective!r} returned no loss from lft_loss")
         wrapped = self.hook.lft_wrap_model(model=model, config=cfg)
         if wrapped is None:
             raise PluginError(f"the model wrapper {self.selection.wrapper!r} returned no model")
@@ -373,12 +394,12 @@ class Run:
         task_rows = self.task_rows(data_info["train_file"])
         self.console.print(f"model {self.summary['model']} · trainable {trainable:,} of {total:,} parameters · "
                            f"{len(train)} train / {len(evals)} eval examples · precision {cfg.trainer.precision}")
-        module.setup("fit")
+        module.prepare()
         if cfg.eval.before and resume_from is None and self.main:
             self.console.print("[dim]measuring the model before training...[/]")
             self.summary["before"] = self.measure(module, datamodule, task_rows)
         self.prepare_output()
-        monitor = RunMonitor(self.output, quiet=self.quiet)
+        monitor = RunMonitor(self.output, quiet=self.quiet, progress_metrics=objective.progress_metrics)
         stop = GracefulStop()
         trainer = self.trainer(monitor, stop, manual=not module.automatic_optimization)
         fit_started = time.perf_counter()
@@ -423,7 +444,7 @@ class Run:
         )
         self.guards.finish(self.summary)
         for callback in trainer.callbacks:  # a callback may add its results (guards, monitors) to the summary
-            if callable(getattr(callback, "summarize", None)):
+            if isinstance(callback, Summarizes):
                 callback.summarize(self.summary)
         from lft.output.report import write_report
         from lft.output.summary import print_summary, write_summary

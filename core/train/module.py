@@ -1,5 +1,5 @@
 """The LightningModule of every lft run. It knows no method: it calls the rollout hook and the
-objective that ``lft_loss`` returned, and it builds the optimizer and schedule from the config."""
+objective that ``lft_objective`` returned, and it builds the optimizer and schedule from the config."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from lft.objective import Objective, OnlineObjective
+
 
 def _scalar(value: Any) -> float:
     return float(value.detach().float().item()) if torch.is_tensor(value) else float(value)
@@ -19,20 +21,16 @@ def _scalar(value: Any) -> float:
 class LftModule(L.LightningModule):
     """Wraps the model, the objective and the run's hook relay.
 
-    Objectives read ``module.model``, ``module.tokenizer``, ``module.config`` and ``module.hook``.
-    Each micro-batch's loss is weighted by its share of the units (``objective.units``) of its
-    whole optimizer step, over every process, as ``lft.objective`` describes.
-    An objective with ``needs_reference = True`` also gets ``module.reference``, the model as it
-    was before training (``lft.model.reference.ReferencePolicy``), taken in ``setup``.
-    An objective may define ``setup(module)`` (called once before training) and
-    ``training_step(module, batch)`` to take over the whole step (for several optimizer steps
-    per batch, as PPO does, after setting ``module.automatic_optimization = False``; it then
-    clips gradients and steps the schedule itself, and ``updates_per_batch`` tells the schedule
-    how many optimizer steps a batch takes). An objective's ``state_dict()`` and
-    ``load_state_dict(state)``, when it has them, travel with the checkpoints.
+    Objectives (``lft.objective.Objective``) read ``module.model``, ``module.tokenizer``,
+    ``module.config`` and ``module.hook``. Each micro-batch's loss is weighted by its share of the
+    units (``objective.units``) of its whole optimizer step, over every process, as
+    ``lft.objective`` describes. An objective with ``needs_reference`` also gets
+    ``module.reference``, the model as it was before training, taken in ``prepare``. An online
+    objective (``lft.objective.OnlineObjective``) takes over the whole step in ``training_step``
+    and steps the optimizer itself (manual optimization).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, objective: Any, hook: Any, config: Any):
+    def __init__(self, model: Any, tokenizer: Any, objective: Objective, hook: Any, config: Any):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -42,20 +40,18 @@ class LftModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trained weights
         self.last_metrics: dict[str, float] = {}
         self.reference: Any = None
-        self._objective_ready = False
+        self.automatic_optimization = not objective.steps_optimizer
         self._step_key: Any = None  # the optimizer step whose counts are in _step_units
         self._step_units: dict = {}
 
-    def setup(self, stage: str) -> None:
-        if self._objective_ready:
-            return
-        if getattr(self.objective, "needs_reference", False) and self.reference is None:
+    def prepare(self) -> None:
+        """Take the reference and set the objective up; the engine calls it once, before the
+        measurements that precede training (and so before a resume loads weights)."""
+        if self.objective.needs_reference:
             from lft.model.reference import ReferencePolicy
 
-            self.reference = ReferencePolicy.of(self.model)  # before any update (and before a resume loads weights)
-        if hasattr(self.objective, "setup"):
-            self.objective.setup(self)
-        self._objective_ready = True
+            self.reference = ReferencePolicy.of(self.model)
+        self.objective.setup(self)
 
     def on_fit_start(self) -> None:
         if self.config.trainer.fused_mlp:
@@ -90,7 +86,9 @@ class LftModule(L.LightningModule):
         key = step["step"]
         if key is None or key != self._step_key:
             self._step_key = key
-            self._step_units = reduce_units(step["totals"], self.trainer.strategy if self._trainer is not None else None)
+            attached = self._trainer is not None
+            self._step_units = reduce_units(step["totals"], self.trainer.strategy if attached else None,
+                                            self.trainer.world_size if attached else 1)
         return step["units"], self._step_units, int(step["size"])
 
     def training_step(self, batch: dict, batch_idx: int) -> Any:
@@ -101,7 +99,7 @@ class LftModule(L.LightningModule):
         experience = self.hook.lft_rollout(module=self, batch=batch, config=self.config)
         if experience is not None:
             batch, step = experience, None  # the step's counts are those of the experience
-        if callable(getattr(self.objective, "training_step", None)):  # it steps the optimizer itself
+        if isinstance(self.objective, OnlineObjective):  # it steps the optimizer itself
             loss, metrics = self.objective.training_step(self, batch)
             logged = loss
         else:
@@ -161,8 +159,8 @@ class LftModule(L.LightningModule):
         from transformers import get_scheduler
 
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        if not self.automatic_optimization and cfg.max_steps <= 0:  # several optimizer steps per batch
-            total *= int(getattr(self.objective, "updates_per_batch", 1))
+        if isinstance(self.objective, OnlineObjective) and cfg.max_steps <= 0:  # several optimizer steps per batch
+            total *= self.objective.updates_per_batch
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(math.ceil(cfg.warmup_ratio * total))
         name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=min(warmup, total), num_training_steps=total)
@@ -173,11 +171,10 @@ class LftModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lft_config"] = self.config.model_dump(mode="json")
-        if hasattr(self.objective, "state_dict"):  # e.g. an adaptive KL coefficient
-            checkpoint["lft_objective"] = self.objective.state_dict()
+        checkpoint["lft_objective"] = self.objective.state_dict()  # e.g. an adaptive KL coefficient
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "lft_objective" in checkpoint and hasattr(self.objective, "load_state_dict"):
+        if checkpoint.get("lft_objective"):
             self.objective.load_state_dict(checkpoint["lft_objective"])
 
 

@@ -1,49 +1,42 @@
 """Evaluation shared by ``lft run`` (its before/after summary) and ``lft eval``, so that the two
 report the same numbers for the same model and data.
 
-The measurements do not depend on the training method, so runs of different methods on the same
-held-out data can be compared:
-
-* SFT-format examples (``input_ids``, ``labels``): the held-out loss is the mean negative
-  log-likelihood per trained token over the whole set (a sum over every token divided by their
-  count, so batching does not change it), and the perplexity is ``exp(loss)``;
-* preference examples (``chosen_*``/``rejected_*``): the preference accuracy is the share of pairs
-  whose chosen completion has the higher summed log-prob under the model (its implied reward),
-  and the margin is the mean difference of those sums;
-* prompt/answer rows (the embedded task): exact-match accuracy of greedy answers.
+What is measured comes from the plugins: the objective's own held-out loss and metrics
+(``objective_loss``), and its ``measure`` of examples in its format, which does not depend on the
+method that trained the model (a token NLL for SFT rows, which completion of a pair the model
+prefers), so runs of different methods compare on the same data. This module gives them the
+shared pieces (eval mode, batches, summed log-probs, autocast) and measures the embedded task.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from lft.data import chat, task
 from lft.data.format import pad_collate
-from lft.errors import ConfigError, DataError
-from lft.model.forward import token_logprobs
+from lft.errors import ConfigError
+from lft.model.forward import (
+    eval_mode,  # noqa: F401 (for objectives' measure)
+    token_logprobs,
+)
 
 
 @contextlib.contextmanager
-def inference_mode(model: Any, tokenizer: Any = None):
-    """Eval mode and no gradients (and left padding for ``tokenizer``) for the duration;
-    everything restored after."""
-    was_training = model.training
+def inference_mode(model: Any, tokenizer: Any = None) -> Iterator[None]:
+    """``eval_mode`` with left padding for ``tokenizer`` (for generation), restored after."""
     side = tokenizer.padding_side if tokenizer is not None else None
     if tokenizer is not None:
         tokenizer.padding_side = "left"
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model):
             yield
     finally:
         if tokenizer is not None:
             tokenizer.padding_side = side
-        model.train(was_training)
 
 
 def generate(
@@ -135,94 +128,51 @@ def _autocast(module: Any) -> Any:
 def objective_loss(module: Any, loader: Iterable[dict]) -> dict:
     """The objective's own loss and metrics over a held-out loader: what the method optimises (a
     DPO loss and its implicit rewards, a reward model's pair accuracy, the reward of greedy
-    completions for online methods), where ``measure`` gives method-independent numbers. The
-    loss is that of the whole set as one batch (each term weighted by the units it averages over,
-    see ``lft.objective``); the metrics are weighted by batch size."""
+    completions for online methods). The loss is that of the whole set as one batch (each term
+    weighted by the units it averages over, see ``lft.objective``); the metrics are weighted by
+    batch size."""
     from lft.objective import HeldOutLoss, batch_rows, units_of
 
-    model = module.model
     totals: dict[str, float] = {}
     held_out = HeldOutLoss()
     seen = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), _autocast(module):
-            for batch in loader:
-                batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                loss, metrics = module.objective(module, batch)
-                held_out.add(loss, units_of(module.objective, batch))
-                size = batch_rows(batch)
-                seen += size
-                for key, value in (metrics or {}).items():
-                    if "tokens" in key:  # counts, not quality metrics
-                        continue
-                    totals[key] = totals.get(key, 0.0) + float(value) * size
-    finally:
-        model.train(was_training)
+    with eval_mode(module.model), _autocast(module):
+        for batch in loader:
+            batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss, metrics = module.objective(module, batch)
+            held_out.add(loss, units_of(module.objective, batch))
+            size = batch_rows(batch)
+            seen += size
+            for key, value in (metrics or {}).items():
+                totals[key] = totals.get(key, 0.0) + float(value) * size
     out = {k: v / max(1, seen) for k, v in totals.items()}
     if held_out.value() is not None:
         out["loss"] = held_out.value()
-    if "nll" in out:  # objectives that report a token NLL get a perplexity
-        out["perplexity"] = math.exp(min(out["nll"], 50.0))
     return out
 
 
-def _batches(model: Any, features: list[dict], keys: tuple[str, ...], pad_id: int, batch_size: int):
+def batches(model: Any, features: Sequence[Mapping[str, Any]], keys: tuple[str, ...], pad_id: int,
+            batch_size: int) -> Iterator[dict]:
+    """Padded batches of ``keys`` of ``features``, on the model's device."""
     device = next(model.parameters()).device
     for start in range(0, len(features), batch_size):
         chunk = [{k: f[k] for k in keys} for f in features[start: start + batch_size]]
         yield {k: v.to(device) for k, v in pad_collate(chunk, pad_id).items()}
 
 
-def _sequence_logprobs(model: Any, batch: dict, prefix: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the labelled tokens of each sequence, and their counts."""
+def sequence_logprobs(model: Any, batch: Mapping[str, Any], prefix: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the labelled tokens of each sequence ``{prefix}input_ids`` /
+    ``{prefix}labels`` of ``batch``, and their counts."""
     logps, mask = token_logprobs(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"],
                                  batch[f"{prefix}labels"], chunk)
     mask = mask.to(logps.dtype)
     return (logps * mask).sum(-1).double(), mask.sum(-1).double()
 
 
-def sft_loss(model: Any, features: list[dict], pad_id: int, settings: Settings) -> dict:
-    """Held-out mean NLL per trained token over the whole set, and its perplexity."""
-    total, count = 0.0, 0.0
-    with inference_mode(model), autocast(settings.precision, next(model.parameters()).device):
-        for batch in _batches(model, features, ("input_ids", "labels"), pad_id, settings.batch_size):
-            logp, n = _sequence_logprobs(model, batch, "", settings.chunk)
-            total -= float(logp.sum())
-            count += float(n.sum())
-    loss = total / max(count, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
-
-
-def preference_accuracy(model: Any, features: list[dict], pad_id: int, settings: Settings) -> dict:
-    """Share of pairs whose chosen completion has the higher summed log-prob (implied reward)."""
-    keys = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
-    wins, margins = [], []
-    with inference_mode(model), autocast(settings.precision, next(model.parameters()).device):
-        for batch in _batches(model, features, keys, pad_id, settings.batch_size):
-            chosen, _ = _sequence_logprobs(model, batch, "chosen_", settings.chunk)
-            rejected, _ = _sequence_logprobs(model, batch, "rejected_", settings.chunk)
-            wins += (chosen > rejected).tolist()
-            margins += (chosen - rejected).tolist()
-    n = max(1, len(wins))
-    return {"pref_accuracy": sum(wins) / n, "pref_margin": sum(margins) / n, "pref_pairs": len(wins)}
-
-
-def measure(model: Any, tokenizer: Any, features: list[dict], task_rows: list[dict] | None,
-            settings: Settings) -> dict:
-    """Every measurement that applies: loss and perplexity for SFT-format ``features``,
-    preference accuracy for preference pairs, and the task metric on ``task_rows``."""
-    out: dict[str, Any] = {}
-    if features and "labels" in features[0]:
-        out.update(sft_loss(model, features, tokenizer.pad_token_id, settings))
-    if features and "chosen_labels" in features[0]:
-        out.update(preference_accuracy(model, features, tokenizer.pad_token_id, settings))
-    if task_rows:
-        metric = task_metric(model, tokenizer, task_rows, settings.max_new_tokens, settings.batch_size)
-        out["task_accuracy"] = metric["accuracy"]
-        out["task_samples"] = metric["samples"]
-    return out
+def task_measure(model: Any, tokenizer: Any, rows: list[dict], settings: Settings) -> dict:
+    """The embedded task's exact-match accuracy on its held-out prompt/answer rows."""
+    metric = task_metric(model, tokenizer, rows, settings.max_new_tokens, settings.batch_size)
+    return {"task_accuracy": metric["accuracy"], "task_samples": metric["samples"]}
 
 
 def task_rows(eval_config: Any, data_spec: str | None) -> list[dict] | None:
@@ -238,27 +188,3 @@ def task_rows(eval_config: Any, data_spec: str | None) -> list[dict] | None:
     from lft.data.files import read_rows
 
     return read_rows(str(task.path("prompts", "eval"))).rows[: eval_config.task_samples]
-
-
-# -- formatting held-out rows whatever method trained the model ---------------------------------------
-
-def row_form(row: dict) -> str:
-    """``preference`` (prompt/chosen/rejected), ``prompts`` (prompt/answer) or ``sft``."""
-    if "chosen" in row and "rejected" in row:
-        return "preference"
-    if "prompt" in row and "answer" in row and "completion" not in row:
-        return "prompts"
-    return "sft"
-
-
-def preference_example(row: dict, tokenizer: Any, max_length: int, use_template: bool = True) -> dict:
-    """A prompt/chosen/rejected row as two prompt+completion sequences, the prompt masked."""
-    if "prompt" not in row:
-        raise DataError("a preference row needs 'prompt', 'chosen' and 'rejected'")
-    out: dict[str, Any] = {}
-    for side in ("chosen", "rejected"):
-        ids, labels = chat.tokenize_prompt_completion(tokenizer, row["prompt"], row[side], use_template)
-        ids, labels, _ = chat.truncate(ids, labels, max_length)
-        out[f"{side}_input_ids"], out[f"{side}_labels"] = ids, labels
-    return out
-

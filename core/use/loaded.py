@@ -22,7 +22,8 @@ from lft.data import task
 from lft.data.files import Rows, read_rows
 from lft.data.format import format_rows
 from lft.errors import ConfigError, DataError, LftError
-from lft.plugin.manager import PluginManager, Selection
+from lft.objective import Objective, as_objective
+from lft.plugin.manager import DEFAULT_OBJECTIVE, PluginManager, Selection
 from lft.use import evaluate
 
 #: The name that selects the base model with every adapter switched off.
@@ -74,14 +75,15 @@ def _run_config(adapter: str | None, model: str | None, manager: PluginManager) 
         data["model"] = {**(data.get("model") or {}), "path": str(model), "gguf_file": None}
     elif adapter and not data.get("model"):
         data["model"] = {"path": read_adapter(adapter).get("base_model_name_or_path")}
-    try:
-        config = cfgmod.build(data, cls)
-    except ConfigError as exc:
-        raise ConfigError([f"{recorded}: {p}" for p in exc.problems]) from None
     from lft.train.engine import resolve_precision
 
-    config.trainer.precision = resolve_precision(config.trainer.precision, config.trainer.accelerator)
-    return config
+    trainer = data.get("trainer") if isinstance(data.get("trainer"), dict) else {}
+    cfgmod.set_dotted(data, "trainer.precision", resolve_precision(str(trainer.get("precision", "auto")),
+                                                                   str(trainer.get("accelerator", "auto"))))
+    try:
+        return cfgmod.build(data, cls)
+    except ConfigError as exc:
+        raise ConfigError([f"{recorded}: {p}" for p in exc.problems]) from None
 
 
 def _without_wrapper(manager: PluginManager, names: list[str]) -> list[str]:
@@ -149,80 +151,82 @@ class LoadedModel:
     # -- evaluation --------------------------------------------------------------------------------
     def eval_data(self, data: Iterable[str] | str | None = None, task_setting: str | None = None,
                   max_rows: int | None = None) -> dict:
-        """Read and format held-out data once: ``{"features": ..., "task_rows": ..., "files": ...}``.
+        """Read and format held-out data once: ``{"sets": [(objective, features)], "task_rows": ...,
+        "files": ...}``.
 
-        With no data, the embedded task's held-out SFT and preference files. At most one file per
-        form (SFT, preference, prompt/answer). Rows are capped at ``data.max_eval_rows`` like ``lft run``.
+        Each file is formatted and measured by the objective plugin that reads its rows: the one
+        the adapter trained with when it can, else the first offline objective installed that can
+        (``sft`` first). Prompt/answer rows of the embedded task are measured by its task metric.
+        With no data, the embedded task's held-out SFT and preference files. Rows are capped at
+        ``data.max_eval_rows`` like ``lft run``.
         """
         specs = [str(s) for s in ([data] if isinstance(data, (str, Path)) else list(data or []))]
         if not specs:
             specs = [task.files("sft")["eval"], task.files("pref")["eval"]]
         cap = max_rows if max_rows is not None else self.config.data.max_eval_rows
         eval_config = self.config.eval.model_copy(update={"task": task_setting} if task_setting else {})
-        prepared: dict[str, Any] = {"features": [], "task_rows": None, "files": {}}
+        prepared: dict[str, Any] = {"sets": [], "task_rows": None, "files": {}}
         for spec in specs:
             rows = read_rows(spec, self.config.data.split)
-            form = evaluate.row_form(rows.rows[0])
-            if form in prepared["files"]:
-                raise DataError(f"{spec} and {prepared['files'][form]['file']} are both {form} data; "
-                                "give one file of each form")
             if cap and len(rows) > cap:
                 rows = rows.subset(list(range(cap)))
-            prepared["files"][form] = {"file": spec, "rows": len(rows)}
-            if form == "prompts":
+            found = self._measurer(rows)
+            if found is None and task.is_task_rows(rows.rows):
                 prepared["task_rows"] = rows.rows
-            else:
-                prepared["features"].append(self._format(rows, form))
+                prepared["files"]["task"] = {"file": spec, "rows": len(rows)}
+                continue
+            if found is None:
+                raise DataError(f"{spec}: no installed objective reads these rows (columns: {', '.join(rows.rows[0])})")
+            name, hook, objective = found
+            if name in prepared["files"]:
+                raise DataError(f"{spec} and {prepared['files'][name]['file']} are both {name} data; "
+                                "give one file of each form")
+            features, _ = format_rows(rows, hook, self.tokenizer, self.config)
+            prepared["files"][name] = {"file": spec, "rows": len(rows)}
+            prepared["sets"].append((objective, features))
         if prepared["task_rows"] is None:
             embedded = next((s for s in specs if task.is_embedded(s)), None)
             prepared["task_rows"] = evaluate.task_rows(eval_config, embedded)
             if prepared["task_rows"]:
-                prepared["files"]["prompts"] = {"file": str(task.path("prompts", "eval")),
-                                                "rows": len(prepared["task_rows"])}
+                prepared["files"]["task"] = {"file": str(task.path("prompts", "eval")),
+                                             "rows": len(prepared["task_rows"])}
         return prepared
 
-    def _format(self, rows: Rows, form: str) -> list[dict]:
-        """Format with the training run's objective when it handles this form of data, else with
-        lft's default objective (SFT rows) or lft's own pairing of completions (preference rows)."""
-        want = "labels" if form == "sft" else "chosen_labels"
-        hook = self.selection.hook
-        try:
-            probe = hook.lft_format_example(example=rows.rows[0], tokenizer=self.tokenizer, config=self.config)
-        except DataError:
-            probe = None
-        if probe is None or want not in probe:
-            if form == "sft":
-                manager = self.selection.manager
-                hook = manager.select(_without_objective(manager, self.selection.names)).hook
-            else:
-                hook = _PreferenceFormatter()
-        features, _ = format_rows(rows, hook, self.tokenizer, self.config)
-        return features
+    def _measurer(self, rows: Rows) -> tuple[str, Any, Objective] | None:
+        """``(objective name, hook relay, objective)`` of the first offline objective whose plugin
+        formats the first row: the adapter's own, then ``sft``, then the others by name."""
+        manager = self.selection.manager
+        others = [n for n in manager.available("objective") if n != self.selection.objective]
+        order = [self.selection.objective, *sorted(others, key=lambda n: (n != DEFAULT_OBJECTIVE, n))]
+        rest = [n for n in self.selection.names if manager.infos[n].kind not in ("objective", "wrapper")]
+        for name in order:
+            selection = self.selection if name == self.selection.objective else manager.select([name, *rest])
+            objective = as_objective(selection.hook.lft_objective(config=self.config), name)
+            if objective.online:
+                continue
+            try:
+                feature = selection.hook.lft_format_example(example=rows.rows[0], tokenizer=self.tokenizer,
+                                                            config=self.config)
+            except DataError:
+                continue
+            if feature is not None:
+                return name, selection.hook, objective
+        return None
 
     def evaluate(self, data: Any = None, adapter: str | None = None, task_setting: str | None = None,
                  max_rows: int | None = None, prepared: dict | None = None) -> dict:
-        """Held-out loss and perplexity, preference accuracy and the task metric of one adapter
-        (or the base), computed by the code behind ``lft run``'s summary."""
+        """The measurements of each objective on its held-out data and the task metric, of one
+        adapter (or the base), computed by the code behind ``lft run``'s summary."""
         prepared = prepared or self.eval_data(data, task_setting, max_rows)
         settings = evaluate.Settings.from_config(self.config)
         out: dict[str, Any] = {}
         with self.using(adapter):
-            for features in prepared["features"]:
-                out.update(evaluate.measure(self.model, self.tokenizer, features, None, settings))
+            for objective, features in prepared["sets"]:
+                out.update({f"eval_{k}": v for k, v in objective.measure(self.model, self.tokenizer, features,
+                                                                         settings).items()})
             if prepared["task_rows"]:
-                out.update(evaluate.measure(self.model, self.tokenizer, [], prepared["task_rows"], settings))
+                out.update(evaluate.task_measure(self.model, self.tokenizer, prepared["task_rows"], settings))
         return out
-
-
-def _without_objective(manager: PluginManager, names: list[str]) -> list[str]:
-    return [n for n in names if manager.infos[n].kind != "objective"]
-
-
-class _PreferenceFormatter:
-    """Stands in for the hook relay when no installed objective formats preference rows."""
-
-    def lft_format_example(self, example: dict, tokenizer: Any, config: Any) -> dict:
-        return evaluate.preference_example(example, tokenizer, config.data.max_length)
 
 
 def load(model: str | None = None, adapters: Any = None, *, full_precision: bool = False,
@@ -247,7 +251,7 @@ def load(model: str | None = None, adapters: Any = None, *, full_precision: bool
     trained = manager.select(config.plugins)
     trained_q = trained.hook.lft_quantization_config(config=config)
     selection = manager.select(_without_wrapper(manager, trained.names)) if full_precision else trained
-    loaded = selection.hook.lft_load_model(config=config)
+    loaded = selection.hook.lft_load_model(config=config, quantization_config=trained_q if selection is trained else None)
     if loaded is None:
         raise LftError("no plugin could load the model")
     base, tokenizer = loaded

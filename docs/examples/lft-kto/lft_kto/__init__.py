@@ -21,6 +21,7 @@ from lft.data import chat, task
 from lft.data.format import pad_collate
 from lft.model.forward import token_logprobs
 from lft.model.loading import cache_dir
+from lft.objective import Objective
 from lft_kto.loss import kto_loss
 
 
@@ -40,7 +41,7 @@ def sequences(prompts: list[list[int]], completions: list[list[int]]) -> list[di
     return [{"input_ids": p + c, "labels": [-100] * len(p) + c} for p, c in zip(prompts, completions)]
 
 
-class KTOObjective:
+class KTOObjective(Objective):
     needs_reference = True
 
     def __init__(self, options: KTOOptions):
@@ -92,7 +93,7 @@ class KTO:
         register(self.name, self.options)
 
     @lft.hookimpl
-    def lft_default_data(self, config: Any) -> Any:
+    def lft_default_data(self) -> Any:
         return {**embedded_kto_data(), "settings": {"trainer.max_steps": 40, "trainer.lr": 5e-4, "eval.task": "arith"}}
 
     def format_row(self, example: dict, tokenizer: Any, config: Any) -> dict:
@@ -127,7 +128,7 @@ class KTO:
         return batch
 
     @lft.hookimpl
-    def lft_loss(self, config: Any) -> Any:
+    def lft_objective(self, config: Any) -> Any:
         return KTOObjective(config.section(self.name))
 
 
