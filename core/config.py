@@ -237,6 +237,20 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def own_settings(settings: dict[str, Any], name: str, options: type[BaseModel]) -> dict[str, Any]:
+    """A plugin's suggested settings with ``{name}.KEY`` in its own section: a subclass under
+    another name gets them in its section, and none at all for a key its options lack."""
+    out = {}
+    for key, value in settings.items():
+        section, _, field = key.partition(".")
+        if section == "{name}":
+            if field not in options.model_fields:
+                continue
+            key = f"{name}.{field}"
+        out[key] = value
+    return out
+
+
 def merge(base: dict, other: dict) -> dict:
     out = dict(base)
     for key, value in other.items():

@@ -23,6 +23,7 @@ See docs/concepts.md ("How lft averages a loss").
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -34,6 +35,20 @@ from lft.losses.logprobs import IGNORE_INDEX
 Units = Mapping[str, Union[torch.Tensor, int, float]]
 #: A loss: the mean over one unit, or ``{unit: mean}`` for a sum of terms over several units.
 Loss = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class RowTexts:
+    """The texts of one raw data row by role, as the objective's plugin reads the row: for the
+    guards that look at data before it is formatted (lint, contamination, the template check)."""
+
+    #: What the model is asked before each trained answer: strings, or message lists (the
+    #: conversation up to the turn that is trained).
+    prompts: list[Any] = field(default_factory=list)
+    #: Each trained answer: a string, or a message list whose assistant turns are trained.
+    answers: list[Any] = field(default_factory=list)
+    #: Answers that must differ for the row to teach anything (a preference pair's two sides).
+    contrasts: list[tuple[Any, Any]] = field(default_factory=list)
 
 
 class Objective:
@@ -64,6 +79,9 @@ class Objective:
       report; ``summary_metrics`` the held-out ones shown in the run's summary table (everything
       is in summary.json).
 
+    How the guards read its data: ``row_texts(row)`` says which texts of a raw row are prompts,
+    which are trained answers, and which answers must differ (``RowTexts``).
+
     What an online objective adds: see ``OnlineObjective``.
     """
 
@@ -73,6 +91,9 @@ class Objective:
     progress_metrics: tuple[str, ...] = ()
     #: Held-out metrics (without the ``eval_`` prefix) shown in the summary table, besides the loss.
     summary_metrics: tuple[str, ...] = ()
+    #: The step metric that is the training reward, if any: the run warns when it rises while the
+    #: held-out task metric falls (reward hacking).
+    reward_metric: str | None = None
     #: Read at the end of the run into the summary; subclasses assign their own.
     notes: Mapping[str, Any] = MappingProxyType({})
     warnings: Sequence[str] = ()
@@ -100,6 +121,11 @@ class Objective:
         """Method-independent measurements on held-out ``features`` (formatted by this objective's
         plugin), without the ``eval_`` prefix; ``settings`` is a ``lft.use.evaluate.Settings``."""
         return {}
+
+    def row_texts(self, row: Mapping[str, Any]) -> RowTexts:
+        """The prompts, trained answers and contrasts of a raw row in this objective's format
+        (none by default: the guards then skip the checks that need them)."""
+        return RowTexts()
 
     def state_dict(self) -> dict:
         return {}

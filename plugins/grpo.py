@@ -68,4 +68,4 @@ class GRPO(OnlineMethod):
     # held-out accuracy from 0.12 to 0.49 (docs/methods/grpo.md); at T=1 too few samples are right.
     default_settings = {"trainer.max_steps": 50, "trainer.batch_size": 8, "trainer.lr": 5e-4,
                         "trainer.warmup_steps": 0, "trainer.schedule": "constant", "data.max_eval_rows": 32,
-                        "grpo.max_new_tokens": 32, "grpo.num_generations": 8, "grpo.temperature": 0.7}
+                        "{name}.max_new_tokens": 32, "{name}.num_generations": 8, "{name}.temperature": 0.7}

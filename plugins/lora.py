@@ -39,10 +39,10 @@ class LoRA:
         register(self.name, self.options)
 
     @lft.hookimpl
-    def lft_wrap_model(self, model: Any, config: Any) -> Any:
-        return self.wrap(model, config)
+    def lft_wrap_model(self, model: Any, config: Any, objective: Any) -> Any:
+        return self.wrap(model, config, objective)
 
-    def wrap(self, model: Any, config: Any) -> Any:
+    def wrap(self, model: Any, config: Any, objective: Any = None) -> Any:
         """Freeze ``model`` and add the adapters described by this plugin's section."""
         opts = config.section(self.name)
         if config.trainer.gradient_checkpointing:
@@ -54,16 +54,17 @@ class LoRA:
         except ValueError as exc:
             raise lft.ConfigError(str(exc)) from None
         wrapped.train()
-        self.store_frozen(wrapped, config)
+        self.store_frozen(wrapped, config, objective)
         return wrapped
 
-    def store_frozen(self, model: Any, config: Any) -> None:
+    def store_frozen(self, model: Any, config: Any, objective: Any = None) -> None:
         choice = config.section(self.name).frozen_dtype
         if choice == "auto":
             from lft.train.engine import resolve_precision
 
             precision = resolve_precision(config.trainer.precision, config.trainer.accelerator)
-            choice = "bfloat16" if precision.startswith("bf16") and not self.samples_in_float32(config) else "float32"
+            choice = "bfloat16" if precision.startswith("bf16") and not self.samples_in_float32(config, objective) \
+                else "float32"
         if choice == "bfloat16":
             import torch
 
@@ -72,14 +73,13 @@ class LoRA:
             store_frozen_linears(model, torch.bfloat16)
 
     @staticmethod
-    def samples_in_float32(config: Any) -> bool:
-        """An online method (its section is an ``OnlineOptions``) on a CPU without bf16 arithmetic
-        samples in float32 (see ``lft.online.rollout``), so its base stays float32."""
+    def samples_in_float32(config: Any, objective: Any) -> bool:
+        """An online objective on a CPU without bf16 arithmetic samples in float32 (see
+        ``lft.online.rollout``), so its base stays float32."""
         import torch
 
         from lft.online.rollout import samples_in_float32
-        from lft.plugins.online import OnlineOptions
 
-        online = any(isinstance(getattr(config, name, None), OnlineOptions) for name in config.plugins)
+        online = objective is not None and objective.online
         on_gpu = config.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         return online and samples_in_float32("cuda" if on_gpu else "cpu", torch.bfloat16)

@@ -18,12 +18,12 @@ import torch
 from pydantic import Field
 
 import lft
-from lft.config import Section
+from lft.config import Section, own_settings
 from lft.data import chat, task
 from lft.data.format import pad_collate
 from lft.losses.ppo import kl_estimate, masked_mean
 from lft.model.forward import completion_stats
-from lft.objective import OnlineObjective
+from lft.objective import OnlineObjective, RowTexts
 from lft.online.rewards import reward_plugins
 from lft.online.rollout import RESERVED, RolloutSettings, experience
 from lft.train.module import gradient_norm
@@ -61,6 +61,11 @@ class RolloutObjective(OnlineObjective):
 
     progress_metrics = ("reward", "kl")
     summary_metrics = ("reward",)
+    reward_metric = "reward"
+
+    def row_texts(self, row: dict) -> RowTexts:
+        """Only the prompt: the policy writes its own answers (other columns are for the rewards)."""
+        return RowTexts(prompts=[row["prompt"]] if "prompt" in row else [])
 
     def __init__(self, name: str, opts: OnlineOptions, config: Any, num_generations: int = 1,
                  needs_reference: bool = False, value_states: bool = False):
@@ -259,7 +264,7 @@ class OnlineMethod:
 
     @lft.hookimpl
     def lft_default_data(self) -> Any:
-        return {**task.files("prompts"), "settings": self.default_settings}
+        return {**task.files("prompts"), "settings": own_settings(self.default_settings, self.name, self.options)}
 
     def format_row(self, example: dict, tokenizer: Any, config: Any) -> dict:
         if "prompt" not in example:

@@ -14,6 +14,7 @@ import lft
 from lft.data import chat
 from lft.losses.logprobs import IGNORE_INDEX
 from lft.model.forward import token_logprobs
+from lft.objective import RowTexts
 
 SIDES = ("chosen", "rejected")
 TOKEN_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -106,3 +107,11 @@ def measure_pairs(model: Any, tokenizer: Any, features: Any, settings: Any) -> d
             margins += (chosen - rejected).tolist()
     n = max(1, len(wins))
     return {"preference_accuracy": sum(wins) / n, "logps_margin": sum(margins) / n, "pairs": len(wins)}
+
+
+def pair_texts(row: dict) -> RowTexts:
+    """A preference row's prompt, its two answers, and that they must differ."""
+    if not all(side in row for side in SIDES):
+        return RowTexts()
+    prompts = [row["prompt"]] if "prompt" in row else []
+    return RowTexts(prompts=prompts, answers=[row["chosen"], row["rejected"]], contrasts=[(row["chosen"], row["rejected"])])

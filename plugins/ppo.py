@@ -126,4 +126,4 @@ class PPO(OnlineMethod):
     objective_class = PPOObjective
     default_settings = {"trainer.max_steps": 48, "trainer.batch_size": 8, "trainer.lr": 2e-4,
                         "trainer.warmup_steps": 0, "trainer.schedule": "constant", "data.max_eval_rows": 32,
-                        "ppo.max_new_tokens": 32}
+                        "{name}.max_new_tokens": 32}

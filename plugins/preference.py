@@ -20,12 +20,12 @@ import torch
 from pydantic import Field
 
 import lft
-from lft.config import Section
+from lft.config import Section, own_settings
 from lft.data import task
 from lft.losses.preference import PairLogps, PairLoss
 from lft.model import reference as refmod
-from lft.objective import Objective, trained_tokens
-from lft.plugins.pairs import TOKEN_KEYS, format_pair, measure_pairs, pair_logps
+from lft.objective import Objective, RowTexts, trained_tokens
+from lft.plugins.pairs import TOKEN_KEYS, format_pair, measure_pairs, pair_logps, pair_texts
 
 log = logging.getLogger("lft")
 REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -148,6 +148,9 @@ class PreferenceObjective(Objective):
     def measure(self, model: Any, tokenizer: Any, features: Any, settings: Any) -> dict:
         return measure_pairs(model, tokenizer, features, settings)
 
+    def row_texts(self, row: dict) -> RowTexts:
+        return pair_texts(row)
+
     def observe(self, module: Any, pairs: PairLogps, out: PairLoss) -> None:
         """Training-time checks: policy equals reference at the start; likelihood displacement."""
         relative = pairs.ref_chosen is not None and pairs.ref_rejected is not None
@@ -224,17 +227,7 @@ class Preference:
 
     @lft.hookimpl
     def lft_default_data(self) -> Any:
-        # "{name}.KEY" is this plugin's own section, so a subclass under another name gets the
-        # setting in its section, and none at all when its options lack the key.
-        settings = {}
-        for key, value in self.default_settings.items():
-            section, _, field = key.partition(".")
-            if section == "{name}":
-                if field not in self.options.model_fields:
-                    continue
-                key = f"{self.name}.{field}"
-            settings[key] = value
-        return {**task.files("pref"), "settings": settings}
+        return {**task.files("pref"), "settings": own_settings(self.default_settings, self.name, self.options)}
 
     def format_row(self, example: dict, tokenizer: Any, config: Any) -> dict:
         return format_pair(example, tokenizer, config.section(self.name), config.data.max_length, self.name)

@@ -66,5 +66,5 @@ class QLoRA(LoRA):
             raise lft.ModelError(f"{source}: model type {kind!r} cannot be quantized to {bits}-bit: bitsandbytes "
                                  f"found no linear layer to replace; train it with --plugin lora instead")
 
-    def wrap(self, model: Any, config: Any) -> Any:
-        return super().wrap(quantize.prepare_for_training(model), config)
+    def wrap(self, model: Any, config: Any, objective: Any = None) -> Any:
+        return super().wrap(quantize.prepare_for_training(model), config, objective)

@@ -16,8 +16,8 @@ from pydantic import Field
 import lft
 from lft.adapters import value_head
 from lft.losses.bradley_terry import BradleyTerryLoss
-from lft.objective import Objective
-from lft.plugins.pairs import concatenated, measure_pairs
+from lft.objective import Objective, RowTexts
+from lft.plugins.pairs import concatenated, measure_pairs, pair_texts
 from lft.plugins.preference import Preference, PreferenceOptions, pair_accuracy
 
 
@@ -60,6 +60,9 @@ class RewardObjective(Objective):
 
     def measure(self, model: Any, tokenizer: Any, features: Any, settings: Any) -> dict:
         return measure_pairs(model, tokenizer, features, settings)
+
+    def row_texts(self, row: dict) -> RowTexts:
+        return pair_texts(row)
 
 
 class Reward(Preference):

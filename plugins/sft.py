@@ -17,7 +17,7 @@ from lft.config import Section
 from lft.data import chat, task
 from lft.losses.sft import masked_nll
 from lft.model.forward import token_logprobs
-from lft.objective import Objective, trained_tokens
+from lft.objective import Objective, RowTexts, trained_tokens
 from lft.use import evaluate
 
 
@@ -42,6 +42,15 @@ class SFTObjective(Objective):
         logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                      module.config.trainer.logits_chunk)
         return masked_nll(logps, mask), {}
+
+    def row_texts(self, row: dict) -> RowTexts:
+        if isinstance(row.get("messages"), list):
+            turns = row["messages"]
+            prompts = [turns[:i] for i, m in enumerate(turns) if isinstance(m, dict) and m.get("role") == "assistant" and i]
+            return RowTexts(prompts=prompts, answers=[turns])
+        if "prompt" in row and "completion" in row:
+            return RowTexts(prompts=[row["prompt"]], answers=[row["completion"]])
+        return RowTexts(answers=[row["text"]] if "text" in row else [])
 
     def measure(self, model: Any, tokenizer: Any, features: Any, settings: Any) -> dict:
         """The held-out mean NLL per trained token over the whole set (a sum over every token

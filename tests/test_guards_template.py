@@ -8,6 +8,7 @@ from lft.data import chat
 from lft.data.files import Rows
 from lft.guards.template import check_template
 from lft.plugin.manager import PluginManager
+from lft.plugins.sft import SFTObjective
 
 ROWS = [
     {"messages": [{"role": "user", "content": "Tom has 5 apples. Tom gets 16 more apples. How many apples does Tom have now?"},
@@ -35,7 +36,8 @@ def lint(tokenizer, rows=ROWS, generation_config=None, **overrides):
     config = lft.load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
     selection = PluginManager().select(config.plugins)
     return check_template(tokenizer, Rows("data.jsonl", rows, [f"data.jsonl:{i + 1}" for i in range(len(rows))]),
-                          selection.hook, config, selection.objective, generation_config=generation_config)
+                          selection.hook, config, selection.objective, generation_config=generation_config,
+                          row_texts=SFTObjective().row_texts)
 
 
 def test_chatml_is_clean(tokenizer):

@@ -9,6 +9,7 @@ import lft
 from lft.adapters import quantize
 from lft.cli.main import main
 from lft.plugin.testing import FAST
+from lft.plugins.sft import SFTObjective
 
 
 class Inspect:
@@ -115,7 +116,7 @@ def qlora_model(tiny, seed=0, **options):
     config, hook = resolved.config, resolved.selection.hook
     model, tokenizer = hook.lft_load_model(config=config, quantization_config=hook.lft_quantization_config(config=config))
     torch.manual_seed(seed)
-    wrapped = hook.lft_wrap_model(model=model, config=config)
+    wrapped = hook.lft_wrap_model(model=model, config=config, objective=SFTObjective())
     for name, param in wrapped.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
@@ -135,7 +136,6 @@ def grads_after_validation(tiny, batch, validate, avx512bf16_cpu=True):
     import bitsandbytes as bnb
     import lightning as L
 
-    from lft.plugins.sft import SFTObjective
     from lft.train.module import LftModule
 
     patch = pytest.MonkeyPatch()
@@ -185,7 +185,6 @@ def test_8bit_and_compute_dtype_options(lft_tiny_model, sft_batch):
     import bitsandbytes as bnb
 
     from lft.plugins.qlora import QLoRA
-    from lft.plugins.sft import SFTObjective
     from lft.train.module import LftModule
 
     model, tokenizer, config, hook = qlora_model(lft_tiny_model, bits=8)

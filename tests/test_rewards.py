@@ -94,10 +94,11 @@ def test_critic_from_the_reward_model_reads_its_score_head_at_every_token(tiny_r
 def test_reward_hacking_warning():
     rising = [{"reward": r} for r in (0.1, 0.2, 0.5, 0.9)]
     summary = {"before": {"task_accuracy": 0.4}, "after": {"task_accuracy": 0.3}}
-    assert "reward rose (0.1 -> 0.9) while the held-out task accuracy fell (0.4 -> 0.3)" in reward_task_warning(summary, rising)
-    assert reward_task_warning({"before": {"task_accuracy": 0.4}, "after": {"task_accuracy": 0.5}}, rising) is None
-    assert reward_task_warning(summary, rising[::-1]) is None
-    assert reward_task_warning({}, rising) is None
+    assert "reward rose (0.1 -> 0.9) while the held-out task accuracy fell (0.4 -> 0.3)" in reward_task_warning(summary, rising, "reward")
+    assert reward_task_warning({"before": {"task_accuracy": 0.4}, "after": {"task_accuracy": 0.5}}, rising, "reward") is None
+    assert reward_task_warning(summary, rising[::-1], "reward") is None
+    assert reward_task_warning({}, rising, "reward") is None
+    assert reward_task_warning(summary, rising, None) is None  # an objective without a training reward
 
 
 def test_sft_adapter_becomes_the_ppo_policy_and_reference(tmp_path, lft_tiny_model, lft_sft_data, lft_prompt_data,

@@ -8,7 +8,6 @@ plugins are included (third-party sections are documented by their packages).
 from __future__ import annotations
 
 import os
-import sys
 import typing
 from pathlib import Path
 from typing import Any

@@ -47,13 +47,14 @@ def add_commands(cli: Any) -> None:
     chat.set_defaults(handler=cmd_chat)
 
     evaluate = cli.add_parser("eval", help="measure a model and its adapters on held-out data",
-                              description="Held-out loss and perplexity (SFT rows), preference accuracy "
-                              "(prompt/chosen/rejected rows: the chosen completion has the higher summed "
-                              "log-prob) and the embedded task's accuracy, by the same code as `lft run`'s "
-                              "summary. With no --data, the embedded task's held-out files.")
+                              description="Measure each held-out file with the installed objective that reads "
+                              "it (the adapter's own first): a token NLL and perplexity for SFT rows, which "
+                              "completion of a pair the model prefers for preference rows; and the embedded "
+                              "task's accuracy on prompt/answer rows. The same code as `lft run`'s summary. With "
+                              "no --data, the embedded task's held-out files.")
     _model_args(evaluate)
     evaluate.add_argument("--data", "-d", action="append", metavar="FILE", help="held-out data (repeatable, one "
-                          "file per form: SFT, preference, prompt/answer)")
+                          "file per objective that reads it, plus prompt/answer rows for the task)")
     evaluate.add_argument("--base", action="store_true", help="also measure the base model without adapters")
     evaluate.add_argument("--task", choices=["auto", "arith", "none"], help="the embedded task metric "
                           "(default auto: when the data is the embedded task's)")

@@ -21,9 +21,10 @@ import re
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from lft.guards.findings import Finding
+from lft.objective import RowTexts
 
 MIN_UNIT_WORDS = 4
 #: An n-gram found in more reference rows than this is boilerplate; it is not looked up.
@@ -35,24 +36,23 @@ def words(text: str) -> list[str]:
     return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).lower()).split()
 
 
-#: Fields that hold answers rather than prompts.
-ANSWER_FIELDS = ("completion", "chosen", "rejected", "answer", "response", "output")
+def _texts(value: Any, skip_roles: tuple[str, ...]) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)
+                and m.get("role") not in skip_roles]
+    return []
 
 
-def units(row: dict, prompts_only: bool = False) -> list[str]:
-    """The texts of a row: each string field, and each non-system turn of message lists; with
-    ``prompts_only``, no answer field and no assistant turn."""
-    out: list[str] = []
-    skip_roles = ("system", "assistant") if prompts_only else ("system",)
-    for key, value in row.items():
-        if prompts_only and key in ANSWER_FIELDS:
-            continue
-        if isinstance(value, str):
-            out.append(value)
-        elif isinstance(value, list):
-            out += [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)
-                    and m.get("role") not in skip_roles]
-    return out
+def units(row: dict) -> list[str]:
+    """The texts of a row in any format: each string field, and each non-system turn of message lists."""
+    return [text for value in row.values() for text in _texts(value, ("system",))]
+
+
+def prompt_units(texts: RowTexts) -> list[str]:
+    """The prompt texts of a row (``Objective.row_texts``): no answer, no assistant turn."""
+    return [text for prompt in texts.prompts for text in _texts(prompt, ("system", "assistant"))]
 
 
 def ngrams(tokens: list[str], n: int) -> set[int]:
@@ -89,12 +89,13 @@ class Index:
             for gram in grams:
                 self.postings[gram].append(index)
 
-    def match(self, row: dict, threshold: float) -> Overlap | None:
+    def match(self, row: dict, threshold: float, prompts: list[str] = ()) -> Overlap | None:
+        """The best overlap of ``row`` (its whole text, or one of its ``prompts`` exactly)."""
         parts = units(row)
         full = " ".join(w for p in parts for w in words(p))
         if not full:
             return None
-        candidates = [full] + [" ".join(t) for t in map(words, units(row, prompts_only=True)) if len(t) >= MIN_UNIT_WORDS]
+        candidates = [full] + [" ".join(t) for t in map(words, prompts) if len(t) >= MIN_UNIT_WORDS]
         for text in candidates:
             if text in self.exact:
                 return Overlap(-1, self.exact[text], "exact", 1.0)
@@ -114,12 +115,14 @@ class Index:
         return best
 
 
-def find_overlaps(train: list[dict], reference: list[dict], n: int = 13, threshold: float = 0.5) -> list[Overlap]:
-    """Every training row that overlaps a reference row, with its best match."""
+def find_overlaps(train: list[dict], reference: list[dict], n: int = 13, threshold: float = 0.5,
+                  row_texts: Callable[[dict], RowTexts] | None = None) -> list[Overlap]:
+    """Every training row that overlaps a reference row, with its best match; ``row_texts`` (the
+    objective's) names each training row's prompts, which also match on their own."""
     index = Index(reference, n)
     found = []
     for i, row in enumerate(train):
-        hit = index.match(row, threshold)
+        hit = index.match(row, threshold, prompt_units(row_texts(row)) if row_texts else [])
         if hit is not None:
             hit.train = i
             found.append(hit)
@@ -132,14 +135,14 @@ def _snippet(row: dict, width: int = 70) -> str:
 
 
 def check_contamination(train: Any, references: Iterable[tuple[str, Any]], n: int = 13, threshold: float = 0.5,
-                        examples: int = 3) -> tuple[Finding, set[int]]:
+                        examples: int = 3, row_texts: Callable[[dict], RowTexts] | None = None) -> tuple[Finding, set[int]]:
     """Check ``train`` (``Rows``) against each ``(label, Rows)``; returns the finding and the indices of
     overlapping training rows."""
     finding = Finding("contamination")
     flagged: set[int] = set()
     counts = []
     for label, rows in references:
-        hits = find_overlaps(train.rows, rows.rows, n, threshold)
+        hits = find_overlaps(train.rows, rows.rows, n, threshold, row_texts)
         if not hits:
             counts.append(f"0 with {label}")
             continue

@@ -57,7 +57,7 @@ class GuardMonitor(L.Callback):
 
     # -- the eval curve ------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = getattr(pl_module, "last_metrics", {}).get("loss")
+        loss = pl_module.last_metrics.get("loss")
         if loss is not None:
             self._train_losses.append(float(loss))
 

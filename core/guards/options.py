@@ -16,8 +16,8 @@ class TemplateGuard(Section):
 
 
 class LintGuard(Section):
-    enabled: bool = Field(True, description="Check the rows: empty completions, duplicates, truncation, "
-                          "chosen identical to rejected.")
+    enabled: bool = Field(True, description="Check the rows: empty answers, duplicates, truncation, "
+                          "answers that should differ and do not (a pair's two sides).")
 
 
 class ContaminationGuard(Section):

@@ -21,6 +21,7 @@ from lft.guards.contamination import check_contamination
 from lft.guards.findings import TITLES, Finding, add_to_summary, enforce
 from lft.guards.lint import lint_rows
 from lft.guards.template import check_template
+from lft.objective import Objective
 
 GENERAL_MIX = task.ASSETS / "general-mix.jsonl"
 #: The prompts the base model answers for ``guards.forgetting.mix_data=self`` (apart from the
@@ -32,9 +33,9 @@ ORDER = ("template", "lint", "contamination")
 
 
 class RunGuards:
-    def __init__(self, config: Any, selection: Any, console: Any, check_only: bool = False, online: bool = False):
+    def __init__(self, config: Any, selection: Any, console: Any, objective: Objective, check_only: bool = False):
         self.config = config
-        self.online = online  # the objective learns from its own samples (no overfitting curve to watch)
+        self.objective = objective  # it says how to read a row (row_texts) and whether it learns online
         #: The evaluation interval the guards chose, when the user set none (the config is left as it is).
         self.eval_every: int | None = None
         self.selection = selection
@@ -54,7 +55,8 @@ class RunGuards:
         self._rows = train
         if opts.on("template"):
             self.findings.append(check_template(tokenizer, train, self.selection.hook, self.config,
-                                                self.selection.objective, opts.template.rows, self.generation_config))
+                                                self.selection.objective, opts.template.rows, self.generation_config,
+                                                self.objective.row_texts))
         if opts.on("contamination"):
             train = self.contamination(train, eval_rows)
         train = self.mix(train, tokenizer)
@@ -66,7 +68,7 @@ class RunGuards:
     def formatted(self, stats: Any) -> None:
         """Called once the training rows are formatted, with their ``FormatStats``."""
         if self.opts.on("lint") and self._rows is not None:
-            self.findings.append(lint_rows(self._rows, stats.truncated, stats.longest,
+            self.findings.append(lint_rows(self._rows, self.objective.row_texts, stats.truncated, stats.longest,
                                            self.config.data.max_length))
         self.findings.sort(key=lambda f: ORDER.index(f.guard) if f.guard in ORDER else len(ORDER))
         if not self.check_only:
@@ -80,7 +82,8 @@ class RunGuards:
         opts = self.opts.contamination
         references = [("the eval data", eval_rows)] if eval_rows is not None and len(eval_rows) else []
         references += [(path, read_rows(path)) for path in opts.against]
-        finding, flagged = check_contamination(train, references, opts.ngram, opts.overlap)
+        finding, flagged = check_contamination(train, references, opts.ngram, opts.overlap,
+                                               row_texts=self.objective.row_texts)
         if flagged and opts.drop:
             train = train.subset([i for i in range(len(train)) if i not in flagged])
             finding.raise_to("info", f"dropped the {len(flagged)} overlapping training rows (guards.contamination.drop)")
@@ -157,7 +160,7 @@ class RunGuards:
         tc = self.config.trainer
         if not self.opts.on("overfit") or not eval_rows or tc.eval_every or "eval_every" in tc.model_fields_set:
             return
-        if self.online:
+        if self.objective.online:
             return  # a policy-gradient loss says nothing about memorising; each evaluation is a rollout
         steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * math.ceil(len(train) / (tc.batch_size * tc.grad_accum))
         self.eval_every = max(1, steps // self.opts.overfit.eval_points)

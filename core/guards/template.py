@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from lft.data import chat
 from lft.errors import DataError
 from lft.guards.findings import Finding
 from lft.losses.logprobs import IGNORE_INDEX
+from lft.objective import RowTexts
 
 PROBE = [
     {"role": "user", "content": "Hello there."},
@@ -25,19 +26,13 @@ PROBE = [
 ]
 
 
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
 def is_conversational(row: dict) -> bool:
-    return "messages" in row or any(isinstance(row.get(k), list) for k in ("prompt", "completion", "chosen", "rejected"))
-
-
-def inference_prompts(row: dict) -> list[Any]:
-    """The prompts a row's trained answers follow: every conversation prefix that ends before an
-    assistant turn, or the row's ``prompt``."""
-    messages = row.get("messages")
-    if isinstance(messages, list):
-        return [messages[:i] for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant" and i]
-    if "prompt" in row:
-        return [row["prompt"]]
-    return []
+    """A row with a list of messages in any column."""
+    return any(_is_messages(v) for v in row.values())
 
 
 def pairs(feature: dict) -> list[tuple[str, list[int], list[int] | None]]:
@@ -68,8 +63,12 @@ def format_sample(rows: Any, hook: Any, tokenizer: Any, config: Any, limit: int)
 
 
 def _messages(row: dict) -> list[dict] | None:
+    """The row's whole conversation: its one column of messages (None when it has none or several)."""
+    found = [v for v in row.values() if _is_messages(v)]
+    if len(found) != 1:
+        return None
     try:
-        return chat.check_messages(row["messages"]) if "messages" in row else None
+        return chat.check_messages(found[0])
     except DataError:
         return None
 
@@ -99,8 +98,9 @@ def prefix_problem(tokenizer: Any, messages: list[dict]) -> str | None:
 
 def template_choices(tokenizer: Any, config: Any, objective: str) -> str:
     """The message that offers a template to a tokenizer without one."""
-    section = getattr(config, objective, None)
-    key = f"{objective}.chat_template" if section is not None and "chat_template" in type(section).model_fields else None
+    field = type(config).model_fields.get(objective)
+    section = field.annotation if field is not None else None
+    key = f"{objective}.chat_template" if section is not None and "chat_template" in section.model_fields else None
     specials = set(tokenizer.all_special_tokens or [])
     chatml_ok = {"<|im_start|>", "<|im_end|>"} <= specials
     options = [f"chatml{' (this tokenizer has <|im_start|> and <|im_end|>)' if chatml_ok else ''}",
@@ -123,8 +123,9 @@ def _stop_ids(generation_config: Any) -> set[int] | None:
 
 
 def check_template(tokenizer: Any, rows: Any, hook: Any, config: Any, objective: str, limit: int = 64,
-                   generation_config: Any = None) -> Finding:
-    """Lint the chat template and the label masks on the first ``limit`` rows of ``rows``."""
+                   generation_config: Any = None, row_texts: Callable[[dict], RowTexts] | None = None) -> Finding:
+    """Lint the chat template and the label masks on the first ``limit`` rows of ``rows``;
+    ``row_texts`` (the objective's) names the prompts each row's answers follow."""
     finding = Finding("template")
     sample, errors = format_sample(rows, hook, tokenizer, config, limit)  # applies the objective's template option
     conversational = sum(is_conversational(r) for r in rows.rows[:limit])
@@ -144,7 +145,7 @@ def check_template(tokenizer: Any, rows: Any, hook: Any, config: Any, objective:
         finding.detail = "no row could be formatted"
         return finding
     _check_end_of_turn(finding, tokenizer, hook, config, sample, _stop_ids(generation_config))
-    _check_prompts(finding, tokenizer, sample)
+    _check_prompts(finding, tokenizer, sample, row_texts)
     finding.detail = finding.detail or f"{len(sample)} rows checked" + (", chat template" if chat.has_chat_template(tokenizer) else "")
     return finding
 
@@ -184,11 +185,12 @@ def _check_end_of_turn(finding: Finding, tokenizer: Any, hook: Any, config: Any,
     finding.data.update(eot_checked=checked, eot_missing=len(missing))
 
 
-def _check_prompts(finding: Finding, tokenizer: Any, sample: list[tuple]) -> None:
+def _check_prompts(finding: Finding, tokenizer: Any, sample: list[tuple],
+                   row_texts: Callable[[dict], RowTexts] | None) -> None:
     """The inference prompt must be, token for token, the prefix the answer was trained after."""
     mismatches, headers, checked = [], [], 0
     for row, where, feature in sample:
-        candidates = inference_prompts(row)
+        candidates = row_texts(row).prompts if row_texts else []
         for _, ids, labels in pairs(feature):
             if not candidates or labels is None:
                 continue

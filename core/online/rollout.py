@@ -212,7 +212,7 @@ def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
         if settings.hidden:
             exp["hidden"] = stats["hidden"]
     if settings.reference:
-        reference = getattr(module, "reference", None)
+        reference = module.reference
         if reference is None:
             raise LftError("the objective asks for reference log-probs but the run has no reference policy "
                            "(set needs_reference = True on the objective)")

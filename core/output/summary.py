@@ -15,13 +15,14 @@ def write_summary(output: Path, summary: dict) -> Path:
     return target
 
 
-def reward_task_warning(summary: dict, history: list[dict]) -> str | None:
+def reward_task_warning(summary: dict, history: list[dict], reward: str | None) -> str | None:
     """The sign of reward hacking: the training reward rose while the held-out task metric fell.
 
-    Compares the mean ``reward`` of the first and last quarter of the logged steps with the task
-    accuracy before and after training; None when either is missing or nothing is amiss.
+    Compares the mean of the step metric ``reward`` (the objective's ``reward_metric``) over the
+    first and last quarter of the logged steps with the task accuracy before and after training;
+    None when either is missing or nothing is amiss.
     """
-    rewards = [h["reward"] for h in history if "reward" in h]
+    rewards = [h[reward] for h in history if reward and reward in h]
     before = (summary.get("before") or {}).get("task_accuracy")
     after = (summary.get("after") or {}).get("task_accuracy")
     if len(rewards) < 2 or before is None or after is None:

@@ -69,11 +69,13 @@ def lft_quantization_config(config: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def lft_wrap_model(model: Any, config: Any) -> Any:
+def lft_wrap_model(model: Any, config: Any, objective: Objective) -> Any:
     """Wrap the loaded model for training: add adapters, freeze weights, prepare k-bit layers.
 
     :param model: the ``PreTrainedModel`` returned by ``lft_load_model``.
     :param config: the validated ``RunConfig``.
+    :param objective: the run's ``lft.objective.Objective``, which a wrapper may adapt to (``lora``
+        keeps its frozen base in float32 for an online objective that samples in float32).
     :return: the model to train (it may be the same object, or a ``peft.PeftModel``), or None.
 
     Exactly one model wrapper is selected per run (``lora`` when none is asked for).

@@ -133,7 +133,7 @@ class RunMonitor(L.Callback):
                                                  completed=trainer.global_step, info="")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._pending.append(dict(getattr(pl_module, "last_metrics", {})))
+        self._pending.append(dict(pl_module.last_metrics))
         self._tokens += _count_tokens(batch)
         step = trainer.global_step
         if step == self._last_step or not self._pending:

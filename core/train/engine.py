@@ -192,7 +192,7 @@ class Run:
         self.objective = as_objective(self.hook.lft_objective(config=config), selection.objective)
         self.summary.update(progress_metrics=list(self.objective.progress_metrics),
                             summary_metrics=["loss", *self.objective.summary_metrics])
-        self.guards = RunGuards(config, selection, self.console, online=self.objective.online)
+        self.guards = RunGuards(config, selection, self.console, self.objective)
 
     # -- steps -----------------------------------------------------------------------------------
     def check_output(self) -> Path | None:
@@ -384,7 +384,7 @@ class Run:
         model, tokenizer = self.load()
         train, evals, data_info = self.read_data(tokenizer)
         self.summary["data"] = data_info
-        wrapped = self.hook.lft_wrap_model(model=model, config=cfg)
+        wrapped = self.hook.lft_wrap_model(model=model, config=cfg, objective=objective)
         if wrapped is None:
             raise PluginError(f"the model wrapper {self.selection.wrapper!r} returned no model")
         trainable, total = trainable_parameters(wrapped)
@@ -428,7 +428,7 @@ class Run:
         history = monitor.history
         from lft.output.summary import reward_task_warning
 
-        hacking = reward_task_warning(self.summary, history)
+        hacking = reward_task_warning(self.summary, history, objective.reward_metric)
         if hacking:
             self.summary.setdefault("warnings", []).append(hacking)
         self.summary.update(

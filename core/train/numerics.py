@@ -108,7 +108,7 @@ class NonFiniteGuard(L.Callback):
                 param.grad = None
         self.skipped.append(step)
         self._consecutive += 1
-        metrics = getattr(pl_module, "last_metrics", None)
+        metrics = pl_module.last_metrics
         if isinstance(metrics, dict):
             metrics["nonfinite_skipped"] = 1.0
         if trainer.global_rank == 0:
