@@ -4,8 +4,10 @@ or published under its own entry point. And every public name of ``lft`` is docu
 
 import importlib
 import math
+import re
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -102,40 +104,14 @@ def test_overriding_the_formatting_of_one_example(tmp_path, lft_tiny_model, lft_
     assert published.SystemDPO.seen and set(published.SystemDPO.seen) == {"Answer with a number."}
 
 
-CPO = textwrap.dedent('''
-    import torch.nn.functional as F
-    from pydantic import Field
-
-    from lft.losses.preference import PairLoss, chosen_nll
-    from lft.plugins.preference import Preference, PreferenceOptions
-
-
-    class CPOOptions(PreferenceOptions):
-        beta: float = Field(0.1, gt=0, description="Scale of the log-prob margin.")
-        nll_weight: float = Field(1.0, ge=0, description="Weight of the chosen answers' NLL.")
+def doc_cpo() -> str:
+    """The CPO plugin exactly as docs/writing-a-plugin.md shows it ("A shorter route")."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "writing-a-plugin.md").read_text(encoding="utf-8")
+    section = page[page.index("## A shorter route"):]
+    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
 
 
-    class CPOLoss:
-        """CPO: a reference-free DPO-like pair loss plus the chosen answers' NLL."""
-
-        needs_reference = False
-
-        def __init__(self, options):
-            self.beta, self.weight = options.beta, options.nll_weight
-
-        def __call__(self, logps):
-            pairs = -F.logsigmoid(self.beta * (logps.chosen - logps.rejected)).mean()
-            nll = chosen_nll(logps)
-            return PairLoss(pairs + self.weight * nll, logps.chosen.detach(), logps.rejected.detach(),
-                            {"nll": nll.detach()}, terms={"pairs": pairs, "chosen_tokens": self.weight * nll})
-
-
-    class CPO(Preference):
-        name = "cpo"
-        options = CPOOptions
-
-        def loss(self, options):
-            return CPOLoss(options)
+CPO = doc_cpo() + textwrap.dedent('''
 
 
     class BadOptions(Preference):
@@ -173,6 +149,17 @@ def test_a_reference_free_subclass_with_its_own_options_trains_from_the_cli(tmp_
         assert section == {"bad_pairs": "skip", "use_chat_template": True, "chat_template": None, "beta": 0.1,
                            "nll_weight": 1.0}
         module = importlib.import_module("lft_cpo")
+        # by hand: -log sigmoid(0.1 * (-1 - -2)) = log(1 + e^-0.1) = 0.644397, NLL of 1 nat over 2 tokens = 0.5
+        import torch
+
+        from lft.losses.preference import PairLogps
+
+        loss = module.CPO().loss(module.CPOOptions())
+        assert not getattr(loss, "needs_reference", False)  # reference-free: the run keeps no reference
+        out = loss(PairLogps(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([2.0]), torch.tensor([2.0])))
+        assert out.terms["pairs"].item() == pytest.approx(0.644397, abs=1e-6)
+        assert out.terms["chosen_tokens"].item() == pytest.approx(0.5)
+        assert out.loss.item() == pytest.approx(1.144397, abs=1e-6)
 
         class NotPreference(BaseModel):
             beta: float = 0.1
