@@ -15,7 +15,7 @@ from lft.errors import LftError
 
 KINDS = ("objective", "wrapper", "reward", "callback")
 
-PYPROJECT = '''\
+PYPROJECT = """\
 [build-system]
 requires = ["setuptools>=70.1"]
 build-backend = "setuptools.build_meta"
@@ -23,7 +23,7 @@ build-backend = "setuptools.build_meta"
 [project]
 name = "lft-{dash}"
 version = "0.1.0"
-description = "{title}: a {kind} plugin for lft"
+description = "{title}: {a_kind} plugin for lft"
 readme = "README.md"
 requires-python = ">=3.10"
 dependencies = ["lft"]
@@ -37,12 +37,12 @@ test = ["pytest>=8"]
 
 [tool.setuptools]
 packages = ["lft_{name}"]
-'''
+"""
 
-README = '''\
+README = """\
 # lft-{dash}
 
-{title}: a {kind} plugin for [lft](https://pypi.org/project/lft/).
+{title}: {a_kind} plugin for [lft](https://pypi.org/project/lft/).
 
 ```bash
 pip install -e .            # now `lft plugins` lists "{name}"
@@ -52,7 +52,7 @@ pip install -e ".[test]" && python -m pytest -q
 
 Edit `lft_{name}/__init__.py`; every hook there is commented. The hook reference is lft's
 docs/plugin-hooks.md.
-'''
+"""
 
 OBJECTIVE = '''\
 """{title}: an lft objective.
@@ -72,6 +72,7 @@ import lft
 from lft.data import chat, task
 from lft.config import Section
 from lft.model.forward import token_logprobs
+from lft.objective import Objective
 
 
 class {cls}Options(Section):
@@ -80,10 +81,16 @@ class {cls}Options(Section):
     default_weight: float = Field(1.0, gt=0, description="Weight of rows without a `weight` column.")
 
 
-class {cls}Objective:
-    """Called every step with the LftModule and a batch; returns (loss, metrics)."""
+class {cls}Objective(Objective):
+    """Called every step with the LftModule and a batch; returns (loss, metrics). The contract
+    (what else an objective may say: a reference, held-out measurements, ...) is lft.objective."""
 
     needs_reference = False  # set True if the loss compares against a frozen reference policy
+
+    def units(self, batch: dict) -> dict:
+        # What the loss is a mean over, so that gradient accumulation and DDP weigh every unit the
+        # same: here, the rows' weights (a weighted mean).
+        return {{"weight": batch["weight"].sum()}}
 
     def __call__(self, module: Any, batch: dict) -> tuple[torch.Tensor, dict]:
         logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -126,7 +133,7 @@ class {cls}:
 
     @lft.hookimpl
     def lft_objective(self, config: Any) -> Any:
-        # Called once per run; returns the callable objective.
+        # Called once per run; returns the objective.
         return {cls}Objective()
 '''
 
@@ -347,8 +354,14 @@ def create(name: str, kind: str, directory: Path) -> Path:
     target = Path(directory) / f"lft-{name.replace('_', '-')}"
     if target.exists():
         raise LftError(f"{target} already exists; choose another name or --dir")
-    fields = {"name": name, "dash": name.replace("_", "-"), "cls": class_name(name), "kind": kind,
-              "title": name.replace("_", " ").capitalize()}
+    fields = {
+        "name": name,
+        "dash": name.replace("_", "-"),
+        "cls": class_name(name),
+        "kind": kind,
+        "a_kind": f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}",
+        "title": name.replace("_", " ").capitalize(),
+    }
     fields["usage"] = USAGE[kind].format(**fields)
     files = {
         "pyproject.toml": PYPROJECT.format(**fields),
@@ -367,10 +380,12 @@ def create(name: str, kind: str, directory: Path) -> Path:
 
 def add_command(cli: object) -> None:
     parser = cli.add_parser(  # type: ignore[attr-defined]
-        "new-plugin", help="create a plugin package to edit",
+        "new-plugin",
+        help="create a plugin package to edit",
         description="Write a plugin package lft-NAME: pyproject.toml with the entry point, a module with "
-                    "commented hooks for the chosen kind, a test and a README. It installs and its test "
-                    "passes as generated.")
+        "commented hooks for the chosen kind, a test and a README. It installs and its test "
+        "passes as generated.",
+    )
     parser.add_argument("name", help="plugin name, e.g. kto (used as `lft run --plugin NAME`)")
     parser.add_argument("--kind", choices=KINDS, default="objective", help="what the plugin is (default objective)")
     parser.add_argument("--dir", default=".", help="where to create the package folder (default: here)")
@@ -383,6 +398,9 @@ def _run_command(args: object) -> int:
 
     target = create(args.name, args.kind, Path(args.dir))  # type: ignore[attr-defined]
     Console(highlight=False).print(
-        f"created [bold]{target}[/]\n  cd {target} && " + escape("pip install -e '.[test]'") + " && python -m pytest -q\n"
-        f"  lft plugins   # lists {target.name.removeprefix('lft-').replace('-', '_')}")
+        f"created [bold]{target}[/]\n  cd {target} && "
+        + escape("pip install -e '.[test]'")
+        + " && python -m pytest -q\n"
+        f"  lft plugins   # lists {target.name.removeprefix('lft-').replace('-', '_')}"
+    )
     return 0
