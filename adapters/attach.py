@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from lft.errors import ModelError
 
@@ -31,8 +31,10 @@ def read_adapter(path: str | Path) -> dict:
 
 def describe(config: Any) -> str:
     arch = (getattr(config, "architectures", None) or [getattr(config, "model_type", "?")])[0]
-    return (f"{arch}, hidden {getattr(config, 'hidden_size', '?')}, {getattr(config, 'num_hidden_layers', '?')} "
-            f"layers, vocab {getattr(config, 'vocab_size', '?')}")
+    return (
+        f"{arch}, hidden {getattr(config, 'hidden_size', '?')}, {getattr(config, 'num_hidden_layers', '?')} "
+        f"layers, vocab {getattr(config, 'vocab_size', '?')}"
+    )
 
 
 def _recorded_config(recorded: str | None) -> Any:
@@ -63,7 +65,7 @@ def _adapter_shapes(folder: Path) -> dict[str, tuple[int, int]]:
                     shape = handle.get_slice(key).get_shape()
                     entry = shapes.setdefault(layer, [None, None])
                     entry[index] = shape[1] if index == 0 else shape[0]
-    return {k: (v[0], v[1]) for k, v in shapes.items() if None not in v}
+    return {k: (a, b) for k, (a, b) in shapes.items() if a is not None and b is not None}
 
 
 def check_base(model: Any, path: str | Path, model_label: str) -> None:
@@ -76,25 +78,35 @@ def check_base(model: Any, path: str | Path, model_label: str) -> None:
     current = base.config
     trained_on = _recorded_config(recorded)
     if trained_on is not None:
-        differ = [k for k in SIGNATURE if None not in (getattr(trained_on, k, None), getattr(current, k, None))
-                  and getattr(trained_on, k) != getattr(current, k)]
+        differ = [
+            k
+            for k in SIGNATURE
+            if None not in (getattr(trained_on, k, None), getattr(current, k, None))
+            and getattr(trained_on, k) != getattr(current, k)
+        ]
         if differ:
-            raise ModelError(f"adapter {path} was trained on {recorded} ({describe(trained_on)}) but the model is "
-                             f"{model_label} ({describe(current)}); give --model {recorded}")
+            raise ModelError(
+                f"adapter {path} was trained on {recorded} ({describe(trained_on)}) but the model is "
+                f"{model_label} ({describe(current)}); give --model {recorded}"
+            )
     for layer, (fan_in, fan_out) in _adapter_shapes(folder).items():
         try:
             module = base.get_submodule(layer)
         except AttributeError:
-            raise ModelError(f"adapter {path} (trained on {recorded}) adapts layer {layer}, which the model "
-                             f"{model_label} ({describe(current)}) does not have") from None
+            raise ModelError(
+                f"adapter {path} (trained on {recorded}) adapts layer {layer}, which the model "
+                f"{model_label} ({describe(current)}) does not have"
+            ) from None
         module = getattr(module, "base_layer", module)
         shape = (getattr(module, "in_features", fan_in), getattr(module, "out_features", fan_out))
         if shape != (fan_in, fan_out):
-            raise ModelError(f"adapter {path} (trained on {recorded}) expects layer {layer} to map {fan_in} -> "
-                             f"{fan_out} features, but in the model {model_label} it maps {shape[0]} -> {shape[1]}")
+            raise ModelError(
+                f"adapter {path} (trained on {recorded}) expects layer {layer} to map {fan_in} -> "
+                f"{fan_out} features, but in the model {model_label} it maps {shape[0]} -> {shape[1]}"
+            )
 
 
-def attach(model: Any, adapters: dict[str, str | Path], model_label: str) -> Any:
+def attach(model: Any, adapters: Mapping[str, str | Path], model_label: str) -> Any:
     """Put every named adapter on ``model`` (checked first); returns a ``peft.PeftModel`` in eval mode."""
     from peft import PeftModel
 

@@ -50,10 +50,12 @@ class TokenCritic(torch.nn.Module):
         self.body = body
         self.head = head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False).last_hidden_state
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        hidden = self.body(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
@@ -80,7 +82,9 @@ def reward_model_critic(config: Any, policy: Any) -> TokenCritic:
 
     path = getattr(getattr(config, "reward_model", None), "path", None)
     if not path:
-        raise ConfigError("ppo.critic=reward_model needs reward_model.path (a model saved by `lft run --plugin reward`)")
+        raise ConfigError(
+            "ppo.critic=reward_model needs reward_model.path (a model saved by `lft run --plugin reward`)"
+        )
     adapters = callable(getattr(policy, "disable_adapter", None))
     critic = critic_from_classifier(load_classifier(path), config.lora if adapters else None)
     return critic.to(next(policy.parameters()).device)

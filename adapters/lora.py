@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
 # Attention projection names across common architectures (Llama/Mistral/Qwen, GPT-2, Falcon, Phi, GPT-NeoX).
-ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value", "Wqkv", "qkv_proj",
-                   "out_proj", "dense")
+ATTENTION_NAMES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "c_attn",
+    "query_key_value",
+    "Wqkv",
+    "qkv_proj",
+    "out_proj",
+    "dense",
+)
 
 
 def _linear_types() -> tuple[type, ...]:
@@ -56,21 +66,35 @@ def resolve_targets(model: Any, targets: str | Sequence[str]) -> str | list[str]
     missing = [t for t in names if t not in present and not any(n.endswith(t) for n, _ in model.named_modules())]
     if missing:
         sample = sorted({n for n in present if n and not n.isdigit()})[:12]
-        raise ValueError(f"lora.target_modules {missing} match no layer of this model; layer names include "
-                         f"{', '.join(sample)}")
+        raise ValueError(
+            f"lora.target_modules {missing} match no layer of this model; layer names include {', '.join(sample)}"
+        )
     return names
 
 
-def apply_lora(model: Any, r: int, alpha: float, dropout: float, targets: str | Sequence[str],
-               bias: str = "none", use_rslora: bool = False, modules_to_save: Sequence[str] | None = None,
-               task_type: str | None = "CAUSAL_LM") -> Any:
+def apply_lora(
+    model: Any,
+    r: int,
+    alpha: float,
+    dropout: float,
+    targets: str | Sequence[str],
+    bias: Literal["none", "all", "lora_only"] = "none",
+    use_rslora: bool = False,
+    modules_to_save: Sequence[str] | None = None,
+    task_type: str | None = "CAUSAL_LM",
+) -> Any:
     """Freeze ``model`` and add trainable LoRA adapters to ``targets``; returns a ``PeftModel``.
     ``task_type=None`` suits a bare transformer body (no LM head), such as a critic's."""
     from peft import LoraConfig, get_peft_model
 
     lora_config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_targets(model, targets),
-        bias=bias, use_rslora=use_rslora, modules_to_save=list(modules_to_save) if modules_to_save else None,
+        r=r,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates it int; a float works (scale alpha / r)
+        lora_dropout=dropout,
+        target_modules=resolve_targets(model, targets),
+        bias=bias,
+        use_rslora=use_rslora,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
         task_type=task_type,
     )
     return get_peft_model(model, lora_config)

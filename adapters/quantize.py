@@ -21,8 +21,12 @@ def bnb_config(bits: int, quant_type: str = "nf4", double_quant: bool = True, co
         return BitsAndBytesConfig(load_in_8bit=True)
     if bits != 4:
         raise ValueError(f"bitsandbytes quantizes to 4 or 8 bits, not {bits}")
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=_DTYPES[compute_dtype])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[compute_dtype],
+    )
 
 
 def quantized_layer_types(bits: int) -> tuple[type, ...]:
@@ -75,5 +79,8 @@ def prepare_for_training(model: Any) -> Any:
 
 def memory_bytes(model: Any) -> int:
     """Bytes held by the model's parameters and buffers (4-bit weights count as stored)."""
-    return int(model.get_memory_footprint()) if hasattr(model, "get_memory_footprint") else sum(
-        t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return (
+        int(model.get_memory_footprint())
+        if hasattr(model, "get_memory_footprint")
+        else sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    )

@@ -14,7 +14,9 @@ def _lora_layers(model: Any) -> list | None:
     when any adapter cannot (a variant such as DoRA, an adapter bias, a low-precision base)."""
     layers = []
     for module in model.modules():
-        if not (hasattr(module, "get_delta_weight") and hasattr(module, "lora_A") and hasattr(module, "get_base_layer")):
+        if not (
+            hasattr(module, "get_delta_weight") and hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+        ):
             continue
         active = [a for a in module.active_adapters if a in module.lora_A]
         if getattr(module, "disable_adapters", False):
@@ -38,7 +40,7 @@ def sampling_weights(model: Any) -> Iterator[bool]:
     touched (the folded weights are new tensors), so nothing drifts. Yields whether it folded."""
     disable = getattr(model, "disable_adapter", None)
     layers = _lora_layers(model) if callable(disable) else None
-    if not layers:
+    if not layers or disable is None:  # layers are only looked for when disable_adapter is callable
         yield False
         return
     originals = []

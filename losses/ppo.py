@@ -60,9 +60,7 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: KLEstim
     raise ValueError(f"unknown KL estimator {estimator!r}; expected k1 or k3")
 
 
-def kl_penalized_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float
-) -> torch.Tensor:
+def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-token rewards as in InstructGPT: ``-beta * kl`` on every token, plus the sequence's
     score on its last real token.
 
@@ -107,8 +105,12 @@ def gae(
 
 
 def clipped_policy_loss(
-    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    clip_eps: float = 0.2, clip_eps_high: float | None = None,
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token PPO surrogate ``max(-A r, -A clip(r, 1 - eps, 1 + eps_high))``, ``r = exp(logp - old)``.
 

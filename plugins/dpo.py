@@ -19,18 +19,37 @@ from lft.plugins.preference import Preference, PreferenceOptions, precompute_cal
 
 
 class DPOOptions(PreferenceOptions):
-    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (tau for ipo). "
-                        "Lower lets the policy move further.")
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="Strength of the pull towards the reference (tau for ipo). Lower lets the policy move further.",
+    )
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
-        "sigmoid", description="sigmoid (DPO), ipo (Azar et al.), hinge (SLiC-style), robust (Chowdhury et al.).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed rate of flipped labels: conservative "
-                                   "DPO with loss=sigmoid, the unbiased estimator with loss=robust.")
-    nll_weight: float = Field(0.0, ge=0, description="Add this times the chosen completions' per-token NLL "
-                              "(RPO, Pang et al. 2024): keeps chosen answers likely while the margin grows.")
-    precompute_reference: bool = Field(False, description="Compute the reference log-probs of every pair once "
-                                       "before training (and free the frozen copy under full fine-tuning).")
-    reference_cache: bool = Field(True, description="Keep precomputed reference log-probs on disk, keyed on the "
-                                  "model, tokenizer, chat template, data and precision.")
+        "sigmoid", description="sigmoid (DPO), ipo (Azar et al.), hinge (SLiC-style), robust (Chowdhury et al.)."
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Assumed rate of flipped labels: conservative "
+        "DPO with loss=sigmoid, the unbiased estimator with loss=robust.",
+    )
+    nll_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Add this times the chosen completions' per-token NLL "
+        "(RPO, Pang et al. 2024): keeps chosen answers likely while the margin grows.",
+    )
+    precompute_reference: bool = Field(
+        False,
+        description="Compute the reference log-probs of every pair once "
+        "before training (and free the frozen copy under full fine-tuning).",
+    )
+    reference_cache: bool = Field(
+        True,
+        description="Keep precomputed reference log-probs on disk, keyed on the "
+        "model, tokenizer, chat template, data and precision.",
+    )
 
     @model_validator(mode="after")
     def _smoothing_needs_a_variant(self) -> "DPOOptions":

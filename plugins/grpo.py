@@ -20,15 +20,21 @@ class GRPOOptions(OnlineOptions):
     num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
     beta: float = Field(0.0, ge=0, description="Weight of the k3 KL penalty to the reference; 0 needs no reference.")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the probability ratio.")
-    clip_eps_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO clip-higher); empty means clip_eps.")
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="Upper clip range (DAPO clip-higher); empty means clip_eps."
+    )
     loss: Literal["grpo", "dr_grpo", "dapo"] = Field(
-        "grpo", description="Token normalisation: per-sequence mean (grpo), constant (dr_grpo) or per-token (dapo).")
+        "grpo", description="Token normalisation: per-sequence mean (grpo), constant (dr_grpo) or per-token (dapo)."
+    )
     scale_advantages: Literal["group", "batch", "none"] = Field(
-        "group", description="Divide advantages by the reward std of the group, of the batch, or not at all.")
+        "group", description="Divide advantages by the reward std of the group, of the batch, or not at all."
+    )
 
 
 class GRPOObjective(RolloutObjective):
     """The GRPO update on a batch of grouped experience."""
+
+    opts: GRPOOptions
 
     def __init__(self, opts: GRPOOptions, config: Any):
         super().__init__("grpo", opts, config, num_generations=opts.num_generations, needs_reference=opts.beta > 0)
@@ -47,9 +53,18 @@ class GRPOObjective(RolloutObjective):
     def loss(self, module: Any, exp: dict, rows: Any) -> tuple[Any, dict]:
         opts = self.opts
         stats = self.policy_stats(module, exp, rows)
-        return grpo_loss(stats["logps"], stats["old_logps"], exp["advantages"][rows], exp["completion_mask"][rows],
-                         opts.loss, opts.clip_eps, opts.clip_eps_high, opts.beta,
-                         exp["ref_logps"][rows] if opts.beta > 0 else None, opts.max_new_tokens)
+        return grpo_loss(
+            stats["logps"],
+            stats["old_logps"],
+            exp["advantages"][rows],
+            exp["completion_mask"][rows],
+            opts.loss,
+            opts.clip_eps,
+            opts.clip_eps_high,
+            opts.beta,
+            exp["ref_logps"][rows] if opts.beta > 0 else None,
+            opts.max_new_tokens,
+        )
 
     def step_metrics(self, exp: dict, update_s: float, step: int) -> dict:
         metrics = super().step_metrics(exp, update_s, step)
@@ -66,6 +81,14 @@ class GRPO(OnlineMethod):
     objective_class = GRPOObjective
     # On the embedded task from the instruct model: 8 prompts x 8 samples at T=0.7 for 50 steps took
     # held-out accuracy from 0.12 to 0.49 (docs/methods/grpo.md); at T=1 too few samples are right.
-    default_settings = {"trainer.max_steps": 50, "trainer.batch_size": 8, "trainer.lr": 5e-4,
-                        "trainer.warmup_steps": 0, "trainer.schedule": "constant", "data.max_eval_rows": 32,
-                        "{name}.max_new_tokens": 32, "{name}.num_generations": 8, "{name}.temperature": 0.7}
+    default_settings = {
+        "trainer.max_steps": 50,
+        "trainer.batch_size": 8,
+        "trainer.lr": 5e-4,
+        "trainer.warmup_steps": 0,
+        "trainer.schedule": "constant",
+        "data.max_eval_rows": 32,
+        "{name}.max_new_tokens": 32,
+        "{name}.num_generations": 8,
+        "{name}.temperature": 0.7,
+    }

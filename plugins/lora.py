@@ -21,10 +21,12 @@ class LoRAOptions(Section):
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA).")
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="Storage dtype of the frozen base's linear layers. auto: bfloat16 when the run trains "
+        "auto",
+        description="Storage dtype of the frozen base's linear layers. auto: bfloat16 when the run trains "
         "with bf16-mixed precision (its matmuls run in bf16 already, so the maths is unchanged and the base takes "
         "half the memory), except for online methods on a CPU without bf16 arithmetic, which sample in float32; "
-        "else float32.")
+        "else float32.",
+    )
 
 
 class LoRA:
@@ -32,7 +34,7 @@ class LoRA:
 
     name = "lora"
     kind = "wrapper"
-    options = LoRAOptions
+    options: type[LoRAOptions] = LoRAOptions
 
     @lft.hookimpl
     def lft_add_config(self, register: Any) -> None:
@@ -49,8 +51,9 @@ class LoRA:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         try:
-            wrapped = apply_lora(model, opts.r, opts.alpha, opts.dropout, opts.target_modules, opts.bias,
-                                 opts.use_rslora)
+            wrapped = apply_lora(
+                model, opts.r, opts.alpha, opts.dropout, opts.target_modules, opts.bias, opts.use_rslora
+            )
         except ValueError as exc:
             raise lft.ConfigError(str(exc)) from None
         wrapped.train()
@@ -63,8 +66,11 @@ class LoRA:
             from lft.train.engine import resolve_precision
 
             precision = resolve_precision(config.trainer.precision, config.trainer.accelerator)
-            choice = "bfloat16" if precision.startswith("bf16") and not self.samples_in_float32(config, objective) \
+            choice = (
+                "bfloat16"
+                if precision.startswith("bf16") and not self.samples_in_float32(config, objective)
                 else "float32"
+            )
         if choice == "bfloat16":
             import torch
 

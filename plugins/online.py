@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from pydantic import Field
@@ -36,11 +36,19 @@ class OnlineOptions(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollout.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest token set with this mass.")
     epochs: int = Field(1, gt=0, description="Passes over each rollout batch.")
-    minibatches: int = Field(1, gt=0, description="Optimizer steps per pass; the rollout batch is split this many ways.")
+    minibatches: int = Field(
+        1, gt=0, description="Optimizer steps per pass; the rollout batch is split this many ways."
+    )
     generation_batch_size: int = Field(0, ge=0, description="Sequences generated at once; 0 means the whole batch.")
-    kl_estimator: Literal["k1", "k3"] = Field("k3", description="KL estimator per token: k1 (log-ratio) or k3 (never negative).")
-    kl_warning: float | None = Field(10.0, gt=0, description="Warn when the mean KL to the reference per completion passes this.")
-    samples_to_log: int = Field(2, ge=0, description="Completions per step appended to samples.jsonl in the output folder.")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k3", description="KL estimator per token: k1 (log-ratio) or k3 (never negative)."
+    )
+    kl_warning: float | None = Field(
+        10.0, gt=0, description="Warn when the mean KL to the reference per completion passes this."
+    )
+    samples_to_log: int = Field(
+        2, ge=0, description="Completions per step appended to samples.jsonl in the output folder."
+    )
     use_chat_template: bool = Field(True, description="Format string prompts as a user turn with the chat template.")
 
 
@@ -63,12 +71,19 @@ class RolloutObjective(OnlineObjective):
     summary_metrics = ("reward",)
     reward_metric = "reward"
 
-    def row_texts(self, row: dict) -> RowTexts:
+    def row_texts(self, row: Mapping[str, Any]) -> RowTexts:
         """Only the prompt: the policy writes its own answers (other columns are for the rewards)."""
         return RowTexts(prompts=[row["prompt"]] if "prompt" in row else [])
 
-    def __init__(self, name: str, opts: OnlineOptions, config: Any, num_generations: int = 1,
-                 needs_reference: bool = False, value_states: bool = False):
+    def __init__(
+        self,
+        name: str,
+        opts: OnlineOptions,
+        config: Any,
+        num_generations: int = 1,
+        needs_reference: bool = False,
+        value_states: bool = False,
+    ):
         self.name = name
         self.opts = opts
         self.config = config
@@ -76,11 +91,21 @@ class RolloutObjective(OnlineObjective):
         self.updates_per_batch = opts.epochs * opts.minibatches
         # With one update per batch, the update's forward pass gives the rollout policy's log-probs.
         self.rollout = RolloutSettings(
-            max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
-            num_generations=num_generations, reference=needs_reference, hidden=value_states,
-            generation_batch_size=opts.generation_batch_size, policy_logps=self.updates_per_batch > 1 or value_states)
-        self.eval_rollout = RolloutSettings(max_new_tokens=opts.max_new_tokens, temperature=0.0,
-                                            generation_batch_size=opts.generation_batch_size, policy_logps=False)
+            max_new_tokens=opts.max_new_tokens,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            num_generations=num_generations,
+            reference=needs_reference,
+            hidden=value_states,
+            generation_batch_size=opts.generation_batch_size,
+            policy_logps=self.updates_per_batch > 1 or value_states,
+        )
+        self.eval_rollout = RolloutSettings(
+            max_new_tokens=opts.max_new_tokens,
+            temperature=0.0,
+            generation_batch_size=opts.generation_batch_size,
+            policy_logps=False,
+        )
         self.warnings: list[str] = []
         self._warned: set[str] = set()
         self.notes: dict[str, Any] = {}
@@ -90,12 +115,16 @@ class RolloutObjective(OnlineObjective):
     # -- set-up --------------------------------------------------------------------------------
     def setup(self, module: Any) -> None:
         if not reward_plugins(module.hook):
-            raise lft.PluginError("no reward function is selected: add one, e.g. --plugin exact_answer (checks an "
-                                  "'answer' column), --plugin reward_model reward_model.path=DIR, or your own reward plugin")
+            raise lft.PluginError(
+                "no reward function is selected: add one, e.g. --plugin exact_answer (checks an "
+                "'answer' column), --plugin reward_model reward_model.path=DIR, or your own reward plugin"
+            )
         every = self.config.trainer.checkpoint_every
         if every and every % self.updates_per_batch:
-            self.note_warning(f"trainer.checkpoint_every={every} is not a multiple of the {self.updates_per_batch} "
-                              f"optimizer steps per rollout batch; checkpoints are saved only at common multiples")
+            self.note_warning(
+                f"trainer.checkpoint_every={every} is not a multiple of the {self.updates_per_batch} "
+                f"optimizer steps per rollout batch; checkpoints are saved only at common multiples"
+            )
 
     def note_warning(self, text: str, kind: str | None = None) -> None:
         """Add a warning to the run summary and print it, once per ``kind``."""
@@ -106,7 +135,7 @@ class RolloutObjective(OnlineObjective):
             log.warning("warning: %s", text)
 
     # -- evaluation: a greedy rollout on held-out prompts --------------------------------------------
-    def __call__(self, module: Any, batch: dict) -> tuple[torch.Tensor, dict]:
+    def __call__(self, module: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict]:
         exp = experience(module, batch, self.eval_rollout)
         metrics = {"reward": exp["rewards"].mean()}
         metrics.update({f"reward_{k}": v.mean() for k, v in exp["reward_scores"].items()})
@@ -119,10 +148,19 @@ class RolloutObjective(OnlineObjective):
         rollout policy's (``old_logps``). When the rollout did not score the tokens (one update
         per batch), they are this pass's own, detached, and the entropy comes from this pass too."""
         fresh = "logps" not in exp
-        stats = completion_stats(module.model, exp["input_ids"][rows], exp["attention_mask"][rows], exp["labels"][rows],
-                                 exp["prompt_length"], self.config.trainer.logits_chunk, self.rollout.temperature,
-                                 entropy=fresh, hidden=hidden, position_ids=exp["position_ids"][rows],
-                                 groups=exp["prompt_index"][rows] if "prompt_index" in exp else None)
+        stats = completion_stats(
+            module.model,
+            exp["input_ids"][rows],
+            exp["attention_mask"][rows],
+            exp["labels"][rows],
+            exp["prompt_length"],
+            self.config.trainer.logits_chunk,
+            self.rollout.temperature,
+            entropy=fresh,
+            hidden=hidden,
+            position_ids=exp["position_ids"][rows],
+            groups=exp["prompt_index"][rows] if "prompt_index" in exp else None,
+        )
         logps = stats["logps"]
         out = {"logps": logps, "old_logps": logps.detach() if fresh else exp["logps"][rows]}
         if fresh:  # kept for the step's metrics
@@ -170,8 +208,9 @@ class RolloutObjective(OnlineObjective):
             collected.append({k: float(v) for k, v in metrics.items()})
         collected[-1]["grad_norm"] = gradient_norm(module.parameters())  # before clipping
         if self.config.trainer.max_grad_norm:
-            module.clip_gradients(optimizer, gradient_clip_val=self.config.trainer.max_grad_norm,
-                                  gradient_clip_algorithm="norm")
+            module.clip_gradients(
+                optimizer, gradient_clip_val=self.config.trainer.max_grad_norm, gradient_clip_algorithm="norm"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler = module.lr_schedulers()
@@ -179,7 +218,7 @@ class RolloutObjective(OnlineObjective):
             scheduler.step()
         return total, collected
 
-    def training_step(self, module: Any, exp: dict) -> tuple[torch.Tensor, dict]:
+    def training_step(self, module: Any, exp: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         started = time.perf_counter()
         exp.update(self.prepare(module, exp))
         n = exp["completion_ids"].shape[0]
@@ -190,9 +229,9 @@ class RolloutObjective(OnlineObjective):
             for start in range(0, n, size):
                 if self.finished(module):
                     break
-                loss, metrics = self.update(module, exp, order[start: start + size])
+                loss, update_metrics = self.update(module, exp, order[start : start + size])
                 losses.append(loss)
-                collected.extend(metrics)
+                collected.extend(update_metrics)
         update_s = time.perf_counter() - started
         metrics = self.step_metrics(exp, update_s, module.global_step)
         for key in {k for c in collected for k in c}:
@@ -208,11 +247,17 @@ class RolloutObjective(OnlineObjective):
         rewards = exp["rewards"].float()
         timing = exp["timings"]
         rollout_s = timing["generation_s"] + timing["scoring_s"] + timing["reward_s"]
-        metrics = {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else 0.0,
-                   "completion_length": lengths.mean(),
-                   "completion_length_max": lengths.max(), "stopped": exp["stopped"].float().mean(),
-                   "reward_length_corr": pearson(rewards, lengths), "rollout_s": rollout_s, "update_s": update_s,
-                   "generation_tokens_per_s": timing["generated_tokens"] / max(timing["generation_s"], 1e-9)}
+        metrics = {
+            "reward": rewards.mean(),
+            "reward_std": rewards.std() if rewards.numel() > 1 else 0.0,
+            "completion_length": lengths.mean(),
+            "completion_length_max": lengths.max(),
+            "stopped": exp["stopped"].float().mean(),
+            "reward_length_corr": pearson(rewards, lengths),
+            "rollout_s": rollout_s,
+            "update_s": update_s,
+            "generation_tokens_per_s": timing["generated_tokens"] / max(timing["generation_s"], 1e-9),
+        }
         entropy, logps = exp.get("entropy", exp.get("update_entropy")), exp.get("logps", exp.get("update_logps"))
         if entropy is not None:
             metrics["entropy"] = masked_mean(entropy, mask)
@@ -223,16 +268,22 @@ class RolloutObjective(OnlineObjective):
             kl = (kl_estimate(logps, exp["ref_logps"], self.opts.kl_estimator) * mask).sum(-1).mean()
             metrics["kl"] = kl
             if self.opts.kl_warning and float(kl) > self.opts.kl_warning:
-                self.note_warning(f"the KL to the reference ({float(kl):.3g} per completion) passed "
-                                  f"{self.name}.kl_warning={self.opts.kl_warning:g} at step {step}; the policy is "
-                                  f"drifting far from where it started", kind="kl")
+                self.note_warning(
+                    f"the KL to the reference ({float(kl):.3g} per completion) passed "
+                    f"{self.name}.kl_warning={self.opts.kl_warning:g} at step {step}; the policy is "
+                    f"drifting far from where it started",
+                    kind="kl",
+                )
         totals = self._totals
         totals["rollout_s"] += rollout_s
         totals["update_s"] += update_s
         totals["generation_s"] += timing["generation_s"]
         totals["generated_tokens"] += timing["generated_tokens"]
-        self.notes = {"rollout_time_s": round(totals["rollout_s"], 2), "update_time_s": round(totals["update_s"], 2),
-                      "rollout_tokens_per_s": round(totals["generated_tokens"] / max(totals["generation_s"], 1e-9), 1)}
+        self.notes = {
+            "rollout_time_s": round(totals["rollout_s"], 2),
+            "update_time_s": round(totals["update_s"], 2),
+            "rollout_tokens_per_s": round(totals["generated_tokens"] / max(totals["generation_s"], 1e-9), 1),
+        }
         return metrics
 
     def log_samples(self, module: Any, exp: dict) -> None:
@@ -241,8 +292,12 @@ class RolloutObjective(OnlineObjective):
             return
         lines = []
         for i in range(count):
-            row = {"step": int(module.global_step), "prompt": exp["prompts"][i], "completion": exp["completions"][i],
-                   "reward": float(exp["rewards"][i])}
+            row = {
+                "step": int(module.global_step),
+                "prompt": exp["prompts"][i],
+                "completion": exp["completions"][i],
+                "reward": float(exp["rewards"][i]),
+            }
             row.update({name: float(s[i]) for name, s in exp["reward_scores"].items()})
             lines.append(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         self.samples_path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,8 +308,10 @@ class RolloutObjective(OnlineObjective):
 class OnlineMethod:
     """Base of the online objective plugins: prompt data, collation and the embedded defaults."""
 
+    #: The plugin's name, set by each method (ppo, grpo).
+    name: str
     kind = "objective"
-    options = OnlineOptions
+    options: type[OnlineOptions] = OnlineOptions
     #: Settings for the embedded task's prompts that make `lft run --plugin NAME` a few minutes on a CPU.
     default_settings: dict = {}
 
@@ -268,8 +325,10 @@ class OnlineMethod:
 
     def format_row(self, example: dict, tokenizer: Any, config: Any) -> dict:
         if "prompt" not in example:
-            raise lft.DataError(f"{self.name} needs a 'prompt' column (a string or a list of messages); "
-                                f"found {', '.join(example) or 'no columns'}")
+            raise lft.DataError(
+                f"{self.name} needs a 'prompt' column (a string or a list of messages); "
+                f"found {', '.join(example) or 'no columns'}"
+            )
         taken = sorted(set(example) & set(RESERVED))
         if taken:
             raise lft.DataError(f"column name(s) {', '.join(taken)} are reserved in online data; rename them")

@@ -14,8 +14,11 @@ from lft.plugins.preference import Preference, PreferenceOptions
 
 
 class ORPOOptions(PreferenceOptions):
-    odds_ratio_weight: float = Field(0.1, ge=0, description="lambda in the paper: weight of the odds-ratio term "
-                                     "next to the NLL of the chosen completion.")
+    odds_ratio_weight: float = Field(
+        0.1,
+        ge=0,
+        description="lambda in the paper: weight of the odds-ratio term next to the NLL of the chosen completion.",
+    )
 
 
 class ORPO(Preference):

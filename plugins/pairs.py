@@ -5,7 +5,7 @@ rows, then rejected rows) whose summed completion log-probs the losses read.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,10 @@ def _split_prompt(example: dict) -> tuple[Any, Any, Any]:
         missing.insert(0, "prompt")
     if missing:
         found = ", ".join(example) or "no columns"
-        raise lft.DataError(f"expected 'prompt', 'chosen' and 'rejected' columns; missing "
-                            f"{' and '.join(repr(m) for m in missing)} (found {found})")
+        raise lft.DataError(
+            f"expected 'prompt', 'chosen' and 'rejected' columns; missing "
+            f"{' and '.join(repr(m) for m in missing)} (found {found})"
+        )
     if "prompt" in example:
         return example["prompt"], example["chosen"], example["rejected"]
     chosen, rejected = example["chosen"], example["rejected"]
@@ -36,8 +38,9 @@ def _split_prompt(example: dict) -> tuple[Any, Any, Any]:
     while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
         shared += 1
     if shared == 0:
-        raise lft.DataError("conversational 'chosen' and 'rejected' without a 'prompt' must start with the "
-                            "same prompt messages")
+        raise lft.DataError(
+            "conversational 'chosen' and 'rejected' without a 'prompt' must start with the same prompt messages"
+        )
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
@@ -55,8 +58,10 @@ def format_pair(example: dict, tokenizer: Any, options: Any, max_length: int, se
     if options.chat_template and tokenizer.chat_template != options.chat_template:
         tokenizer.chat_template = options.chat_template
     prompt, chosen, rejected = _split_prompt(example)
-    problem = next((f"the {side} completion is empty" for side, c in zip(SIDES, (chosen, rejected)) if _is_empty(c)),
-                   "chosen and rejected are identical" if chosen == rejected else None)
+    problem = next(
+        (f"the {side} completion is empty" for side, c in zip(SIDES, (chosen, rejected)) if _is_empty(c)),
+        "chosen and rejected are identical" if chosen == rejected else None,
+    )
     if problem:
         if options.bad_pairs == "skip":
             return {"skip": problem}
@@ -72,7 +77,7 @@ def format_pair(example: dict, tokenizer: Any, options: Any, max_length: int, se
     return feature
 
 
-def concatenated(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def concatenated(batch: Mapping[str, Any], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask, labels)`` of the chosen rows followed by the rejected rows,
     right-padded to one width, so both go through the model in one forward pass."""
     width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
@@ -84,7 +89,7 @@ def concatenated(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, 
     return both("input_ids", pad_id), both("attention_mask", 0), both("labels", IGNORE_INDEX)
 
 
-def pair_logps(model: Any, batch: dict, pad_id: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model: Any, batch: Mapping[str, Any], pad_id: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and completion token counts, each (2B,): chosen rows first."""
     ids, mask, labels = concatenated(batch, pad_id)
     logps, scored = token_logprobs(model, ids, mask, labels, chunk)
@@ -109,9 +114,11 @@ def measure_pairs(model: Any, tokenizer: Any, features: Any, settings: Any) -> d
     return {"preference_accuracy": sum(wins) / n, "logps_margin": sum(margins) / n, "pairs": len(wins)}
 
 
-def pair_texts(row: dict) -> RowTexts:
+def pair_texts(row: Mapping[str, Any]) -> RowTexts:
     """A preference row's prompt, its two answers, and that they must differ."""
     if not all(side in row for side in SIDES):
         return RowTexts()
     prompts = [row["prompt"]] if "prompt" in row else []
-    return RowTexts(prompts=prompts, answers=[row["chosen"], row["rejected"]], contrasts=[(row["chosen"], row["rejected"])])
+    return RowTexts(
+        prompts=prompts, answers=[row["chosen"], row["rejected"]], contrasts=[(row["chosen"], row["rejected"])]
+    )

@@ -14,7 +14,7 @@ forward pass gives log-probs and values) or a separate model initialised from th
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from pydantic import Field
@@ -36,10 +36,14 @@ from lft.plugins.online import OnlineMethod, OnlineOptions, RolloutObjective
 
 class PPOOptions(OnlineOptions):
     epochs: int = Field(2, gt=0, description="Passes over each rollout batch.")
-    minibatches: int = Field(2, gt=0, description="Optimizer steps per pass; the rollout batch is split this many ways.")
+    minibatches: int = Field(
+        2, gt=0, description="Optimizer steps per pass; the rollout batch is split this many ways."
+    )
     num_generations: int = Field(1, ge=1, description="Completions sampled per prompt.")
     beta: float = Field(0.05, ge=0, description="KL penalty coefficient per token (the starting value when adaptive).")
-    kl_target: float | None = Field(None, gt=0, description="Target KL per completion; set it to adapt beta (Ziegler et al.).")
+    kl_target: float | None = Field(
+        None, gt=0, description="Target KL per completion; set it to adapt beta (Ziegler et al.)."
+    )
     kl_horizon: int = Field(10000, gt=0, description="Samples over which the adaptive beta moves by at most 20%.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount of GAE.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda: 1 is Monte-Carlo returns, 0 one-step TD.")
@@ -48,17 +52,27 @@ class PPOOptions(OnlineOptions):
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 per rollout batch.")
     critic: Literal["policy", "reward_model"] = Field(
-        "policy", description="A value head on the policy's body, or a separate critic initialised from "
-                              "the reward model in reward_model.path.")
+        "policy",
+        description="A value head on the policy's body, or a separate critic initialised from "
+        "the reward model in reward_model.path.",
+    )
 
 
 class PPOObjective(RolloutObjective):
     """The PPO update, with the critic as ``module.value_head`` or ``module.critic``."""
 
+    opts: PPOOptions
+
     def __init__(self, opts: PPOOptions, config: Any):
         shared = opts.critic == "policy"
-        super().__init__("ppo", opts, config, num_generations=opts.num_generations,
-                         needs_reference=opts.beta > 0, value_states=shared)
+        super().__init__(
+            "ppo",
+            opts,
+            config,
+            num_generations=opts.num_generations,
+            needs_reference=opts.beta > 0,
+            value_states=shared,
+        )
         self.kl_control = AdaptiveKLController(opts.beta, opts.kl_target, opts.kl_horizon)
         self.rollout.policy_logps = True  # the KL penalty is part of the reward, computed before any update
 
@@ -82,8 +96,11 @@ class PPOObjective(RolloutObjective):
         with torch.no_grad():
             rows = torch.arange(mask.shape[0], device=mask.device)
             old_values = self.values(module, exp, rows, exp.pop("hidden", None)).float() * mask
-            kl = (kl_estimate(exp["logps"], exp["ref_logps"], opts.kl_estimator) * mask if "ref_logps" in exp
-                  else torch.zeros_like(old_values))
+            kl = (
+                kl_estimate(exp["logps"], exp["ref_logps"], opts.kl_estimator) * mask
+                if "ref_logps" in exp
+                else torch.zeros_like(old_values)
+            )
             beta = self.kl_control.beta
             rewards = kl_penalized_rewards(exp["rewards"], kl, mask, beta)
             advantages, returns = gae(rewards, old_values, mask, opts.gamma, opts.lam)
@@ -91,21 +108,31 @@ class PPOObjective(RolloutObjective):
                 advantages = whiten(advantages, mask)
             sequence_kl = float(kl.sum(-1).mean())
             self.kl_control.update(sequence_kl, mask.shape[0])
-        return {"old_values": old_values, "advantages": advantages, "returns": returns,
-                "ppo_stats": {"kl_coef": beta, "value_mean": float(masked_mean(old_values, mask)),
-                              "explained_variance": float(explained_variance(old_values, returns, mask))}}
+        return {
+            "old_values": old_values,
+            "advantages": advantages,
+            "returns": returns,
+            "ppo_stats": {
+                "kl_coef": beta,
+                "value_mean": float(masked_mean(old_values, mask)),
+                "explained_variance": float(explained_variance(old_values, returns, mask)),
+            },
+        }
 
     def loss(self, module: Any, exp: dict, rows: Any) -> tuple[torch.Tensor, dict]:
         opts, mask = self.opts, exp["completion_mask"][rows]
         shared = opts.critic == "policy"
         stats = self.policy_stats(module, exp, rows, hidden=shared)
         values = self.values(module, exp, rows, stats.get("hidden")).float()
-        policy_loss, metrics = ppo_policy_loss(stats["logps"], stats["old_logps"], exp["advantages"][rows], mask,
-                                               opts.clip_eps)
-        value_loss, value_clipped = clipped_value_loss(values, exp["old_values"][rows], exp["returns"][rows], mask,
-                                                       opts.value_clip)
-        metrics.update(policy_loss=policy_loss.detach(), value_loss=value_loss.detach(),
-                       value_clip_fraction=value_clipped)
+        policy_loss, metrics = ppo_policy_loss(
+            stats["logps"], stats["old_logps"], exp["advantages"][rows], mask, opts.clip_eps
+        )
+        value_loss, value_clipped = clipped_value_loss(
+            values, exp["old_values"][rows], exp["returns"][rows], mask, opts.value_clip
+        )
+        metrics.update(
+            policy_loss=policy_loss.detach(), value_loss=value_loss.detach(), value_clip_fraction=value_clipped
+        )
         return policy_loss + opts.vf_coef * value_loss, metrics
 
     def step_metrics(self, exp: dict, update_s: float, step: int) -> dict:
@@ -114,7 +141,7 @@ class PPOObjective(RolloutObjective):
     def state_dict(self) -> dict:
         return {"kl_control": self.kl_control.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.kl_control.load_state_dict(state.get("kl_control", {}))
 
 
@@ -124,6 +151,12 @@ class PPO(OnlineMethod):
     name = "ppo"
     options = PPOOptions
     objective_class = PPOObjective
-    default_settings = {"trainer.max_steps": 48, "trainer.batch_size": 8, "trainer.lr": 2e-4,
-                        "trainer.warmup_steps": 0, "trainer.schedule": "constant", "data.max_eval_rows": 32,
-                        "{name}.max_new_tokens": 32}
+    default_settings = {
+        "trainer.max_steps": 48,
+        "trainer.batch_size": 8,
+        "trainer.lr": 2e-4,
+        "trainer.warmup_steps": 0,
+        "trainer.schedule": "constant",
+        "data.max_eval_rows": 32,
+        "{name}.max_new_tokens": 32,
+    }

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from pydantic import Field
@@ -35,14 +35,20 @@ START_TOLERANCE = 0.02
 
 class PreferenceOptions(Section):
     bad_pairs: Literal["skip", "error"] = Field(
-        "skip", description="A pair with an empty completion, or with chosen identical to rejected: skip it "
-        "(counted, and the first few named) or stop with an error.")
-    use_chat_template: bool = Field(True, description="Format string prompts and completions as a user and an "
-                                    "assistant turn through the tokenizer's chat template.")
+        "skip",
+        description="A pair with an empty completion, or with chosen identical to rejected: skip it "
+        "(counted, and the first few named) or stop with an error.",
+    )
+    use_chat_template: bool = Field(
+        True,
+        description="Format string prompts and completions as a user and an "
+        "assistant turn through the tokenizer's chat template.",
+    )
     chat_template: str | None = Field(None, description="A Jinja chat template to use instead of the tokenizer's.")
 
 
 # -- the objective ---------------------------------------------------------------------------------
+
 
 class DisplacementWatch:
     """Likelihood displacement (Razin et al. 2024, https://arxiv.org/abs/2410.08847): the reward
@@ -61,7 +67,7 @@ class DisplacementWatch:
         when ``relative``; ``margin``: the mean reward margin."""
         if len(self.first) < self.window:
             self.first.append((chosen, margin))
-        self.recent = (self.recent + [(chosen, margin)])[-self.window:]
+        self.recent = (self.recent + [(chosen, margin)])[-self.window :]
         if len(self.recent) < self.window:
             return None
         mean = lambda rows, i: sum(r[i] for r in rows) / len(rows)  # noqa: E731
@@ -69,10 +75,12 @@ class DisplacementWatch:
         grown = mean(self.recent, 1) - mean(self.first, 1)
         if fall > self.tolerance and grown > 0:
             baseline = "under the reference" if relative else "at the start of training"
-            return (f"likelihood displacement at step {step}: the chosen completions are {fall:.2f} nats per token "
-                    f"less likely than {baseline} while the reward margin grew by {grown:.2f}; the model lowers "
-                    "rejected answers faster than it keeps chosen ones (consider a lower trainer.lr, or an NLL "
-                    "term on the chosen answers: dpo.nll_weight=1, simpo.nll_weight=1, or orpo)")
+            return (
+                f"likelihood displacement at step {step}: the chosen completions are {fall:.2f} nats per token "
+                f"less likely than {baseline} while the reward margin grew by {grown:.2f}; the model lowers "
+                "rejected answers faster than it keeps chosen ones (consider a lower trainer.lr, or an NLL "
+                "term on the chosen answers: dpo.nll_weight=1, simpo.nll_weight=1, or orpo)"
+            )
         return None
 
 
@@ -97,15 +105,15 @@ class PreferenceObjective(Objective):
             self.warnings.append(message)
             log.warning("warning: %s", message)
 
-    def units(self, batch: dict) -> dict:
+    def units(self, batch: Mapping[str, Any]) -> dict:
         return {"pairs": batch["chosen_input_ids"].shape[0], "chosen_tokens": trained_tokens(batch["chosen_labels"])}
 
-    def reference_logps(self, model: Any, batch: dict, pad_id: int) -> dict[str, torch.Tensor]:
+    def reference_logps(self, model: Any, batch: Mapping[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
         sums, _ = pair_logps(model, batch, pad_id, self.chunk)
         size = batch["chosen_input_ids"].shape[0]
         return {"ref_chosen_logps": sums[:size], "ref_rejected_logps": sums[size:]}
 
-    def logps(self, module: Any, batch: dict) -> PairLogps:
+    def logps(self, module: Any, batch: Mapping[str, Any]) -> PairLogps:
         pad_id = module.tokenizer.pad_token_id
         ref = None  # first: its transient memory is gone before the policy's graph is built
         if self.needs_reference and all(key in batch for key in REFERENCE_KEYS):
@@ -121,7 +129,7 @@ class PreferenceObjective(Objective):
             pairs.ref_rejected = ref["ref_rejected_logps"].to(sums.device, sums.dtype)
         return pairs
 
-    def __call__(self, module: Any, batch: dict) -> tuple[torch.Tensor, dict]:
+    def __call__(self, module: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict]:
         pairs = self.logps(module, batch)
         out = self.loss(pairs)
         metrics = self.metrics(pairs, out)
@@ -133,12 +141,15 @@ class PreferenceObjective(Objective):
     def metrics(pairs: PairLogps, out: PairLoss) -> dict[str, torch.Tensor]:
         chosen, rejected = out.chosen_rewards, out.rejected_rewards
         metrics = {
-            "rewards_chosen": chosen.mean(), "rewards_rejected": rejected.mean(),
+            "rewards_chosen": chosen.mean(),
+            "rewards_rejected": rejected.mean(),
             # a tie (the policy is the reference at the start) counts half, not as a wrong answer
-            "margin": (chosen - rejected).mean(), "accuracy": pair_accuracy(chosen, rejected),
+            "margin": (chosen - rejected).mean(),
+            "accuracy": pair_accuracy(chosen, rejected),
             # the model's own preference: the chosen completion is the more likely one
             "preference_accuracy": (pairs.chosen > pairs.rejected).float().mean(),
-            "logps_chosen": pairs.chosen.detach().mean(), "logps_rejected": pairs.rejected.detach().mean(),
+            "logps_chosen": pairs.chosen.detach().mean(),
+            "logps_rejected": pairs.rejected.detach().mean(),
         }
         if pairs.ref_chosen is not None and pairs.ref_rejected is not None:
             metrics.update(ref_logps_chosen=pairs.ref_chosen.mean(), ref_logps_rejected=pairs.ref_rejected.mean())
@@ -148,7 +159,7 @@ class PreferenceObjective(Objective):
     def measure(self, model: Any, tokenizer: Any, features: Any, settings: Any) -> dict:
         return measure_pairs(model, tokenizer, features, settings)
 
-    def row_texts(self, row: dict) -> RowTexts:
+    def row_texts(self, row: Mapping[str, Any]) -> RowTexts:
         return pair_texts(row)
 
     def observe(self, module: Any, pairs: PairLogps, out: PairLoss) -> None:
@@ -159,9 +170,11 @@ class PreferenceObjective(Objective):
             gap = float(torch.cat(pairs.logratios(per_token=True)).detach().abs().mean())
             self.notes["reference_start_gap"] = round(gap, 6)
             if gap > START_TOLERANCE:
-                self.warn(f"the policy and the reference differ before training (mean |log-prob difference| "
-                          f"{gap:.3f} nats per token on the first batch): the reference should be the model "
-                          "training starts from; look for a stale reference cache or an adapter trained earlier")
+                self.warn(
+                    f"the policy and the reference differ before training (mean |log-prob difference| "
+                    f"{gap:.3f} nats per token on the first batch): the reference should be the model "
+                    "training starts from; look for a stale reference cache or an adapter trained earlier"
+                )
         chosen = pairs.logratios(per_token=True)[0] if relative else pairs.chosen_mean()
         margin = (out.chosen_rewards - out.rejected_rewards).mean()
         message = self.watch.update(module.global_step, float(chosen.detach().mean()), float(margin), relative)
@@ -190,22 +203,37 @@ def precompute_pairs(trainer: Any, module: Any, use_cache: bool = True) -> None:
     objective, reference, datamodule = module.objective, module.reference, trainer.datamodule
     pad_id = module.tokenizer.pad_token_id
     cache = refmod.ReferenceCache() if use_cache else None
-    parts = (reference.fingerprint(), refmod.tokenizer_fingerprint(module.tokenizer), str(trainer.precision),
-             "summed completion log-probs")
+    parts = (
+        reference.fingerprint(),
+        refmod.tokenizer_fingerprint(module.tokenizer),
+        str(trainer.precision),
+        "summed completion log-probs",
+    )
     for split, features in (("train", datamodule.train_features), ("eval", datamodule.eval_features)):
         if not features:
             continue
         key = refmod.cache_key(*parts, refmod.data_fingerprint(features, TOKEN_KEYS))
         status = refmod.precompute(
-            reference, features, lambda model, batch: objective.reference_logps(model, batch, pad_id),
-            datamodule.collate, REFERENCE_KEYS, module.config.trainer.batch_size, key=key, cache=cache,
-            device=module.device, context=trainer.precision_plugin.forward_context)
-        objective.notes[f"reference_{split}"] = f"{len(features)} pairs {'read from' if status == 'cache' else 'computed'}" + (
-            f" cache {key}" if cache is not None else "")
+            reference,
+            features,
+            lambda model, batch: objective.reference_logps(model, batch, pad_id),
+            datamodule.collate,
+            REFERENCE_KEYS,
+            module.config.trainer.batch_size,
+            key=key,
+            cache=cache,
+            device=module.device,
+            context=trainer.precision_plugin.forward_context,
+        )
+        objective.notes[f"reference_{split}"] = (
+            f"{len(features)} pairs {'read from' if status == 'cache' else 'computed'}"
+            + (f" cache {key}" if cache is not None else "")
+        )
     reference.release()
 
 
 # -- the plugin base ----------------------------------------------------------------------------
+
 
 class Preference:
     """Base of the pairwise preference objectives. A subclass sets ``name`` and ``options`` and
@@ -220,9 +248,11 @@ class Preference:
     @lft.hookimpl
     def lft_add_config(self, register: Any) -> None:
         if not issubclass(self.options, PreferenceOptions):
-            raise lft.PluginError(f"{type(self).__name__}.options must subclass "
-                                  "lft.plugins.preference.PreferenceOptions (the shared data options: bad_pairs, "
-                                  "use_chat_template, chat_template)")
+            raise lft.PluginError(
+                f"{type(self).__name__}.options must subclass "
+                "lft.plugins.preference.PreferenceOptions (the shared data options: bad_pairs, "
+                "use_chat_template, chat_template)"
+            )
         register(self.name, self.options)
 
     @lft.hookimpl

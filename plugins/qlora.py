@@ -18,8 +18,12 @@ from lft.plugins.lora import LoRA, LoRAOptions
 
 class QLoRAOptions(LoRAOptions):
     bits: Literal[4, 8] = Field(4, description="Quantize the frozen base to 4-bit (NF4/FP4) or 8-bit (LLM.int8).")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 suits normally distributed weights.")
-    double_quant: bool = Field(True, description="Also quantize the per-block scales (saves about 0.4 bits per weight).")
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type; NF4 suits normally distributed weights."
+    )
+    double_quant: bool = Field(
+        True, description="Also quantize the per-block scales (saves about 0.4 bits per weight)."
+    )
     compute_dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
         "auto", description="Dtype of the 4-bit matmuls. auto: bfloat16 where the run trains in bf16, else float32."
     )
@@ -63,8 +67,10 @@ class QLoRA(LoRA):
             model_config = getattr(model, "config", None)
             source = getattr(model_config, "_name_or_path", "") or config.model.path or "the model"
             kind = getattr(model_config, "model_type", type(model).__name__)
-            raise lft.ModelError(f"{source}: model type {kind!r} cannot be quantized to {bits}-bit: bitsandbytes "
-                                 f"found no linear layer to replace; train it with --plugin lora instead")
+            raise lft.ModelError(
+                f"{source}: model type {kind!r} cannot be quantized to {bits}-bit: bitsandbytes "
+                f"found no linear layer to replace; train it with --plugin lora instead"
+            )
 
     def wrap(self, model: Any, config: Any, objective: Any = None) -> Any:
         return super().wrap(quantize.prepare_for_training(model), config, objective)

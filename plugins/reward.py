@@ -9,7 +9,7 @@ tokenizer, which ``lft.adapters.scorer.load`` (and any transformers user) can re
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from pydantic import Field
 
@@ -22,10 +22,15 @@ from lft.plugins.preference import Preference, PreferenceOptions, pair_accuracy
 
 
 class RewardOptions(PreferenceOptions):
-    center_coefficient: float = Field(0.0, ge=0, description="Weight of the penalty mean((r_c + r_r)^2) that keeps "
-                                      "rewards centred on zero (0 disables it; 0.01 is common).")
-    margin_column: str | None = Field("margin", description="Column giving the reward gap a pair must reach, used "
-                                      "when a row has it; empty to ignore.")
+    center_coefficient: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the penalty mean((r_c + r_r)^2) that keeps "
+        "rewards centred on zero (0 disables it; 0.01 is common).",
+    )
+    margin_column: str | None = Field(
+        "margin", description="Column giving the reward gap a pair must reach, used when a row has it; empty to ignore."
+    )
 
 
 class RewardObjective(Objective):
@@ -38,16 +43,18 @@ class RewardObjective(Objective):
     def __init__(self, loss: BradleyTerryLoss):
         self.loss = loss
 
-    def units(self, batch: dict) -> dict:
+    def units(self, batch: Mapping[str, Any]) -> dict:
         return {"pairs": batch["chosen_input_ids"].shape[0]}
 
     def setup(self, module: Any) -> None:
         if value_head.is_quantized(module.model):
-            raise lft.ModelError("a reward model is saved as a full-precision sequence classifier, which a quantized "
-                                 "base cannot be merged into; train it with --plugin lora or --plugin full")
+            raise lft.ModelError(
+                "a reward model is saved as a full-precision sequence classifier, which a quantized "
+                "base cannot be merged into; train it with --plugin lora or --plugin full"
+            )
         value_head.attach(module.model)
 
-    def __call__(self, module: Any, batch: dict) -> tuple[Any, dict]:
+    def __call__(self, module: Any, batch: Mapping[str, Any]) -> tuple[Any, dict]:
         pad_id = module.tokenizer.pad_token_id
         ids, mask, _ = concatenated(batch, pad_id)
         rewards = value_head.rewards(module.model, ids, mask, pad_id)
@@ -55,13 +62,17 @@ class RewardObjective(Objective):
         chosen, rejected = rewards[:size], rewards[size:]
         loss = self.loss(chosen, rejected, batch.get("margin"))
         chosen, rejected = chosen.detach(), rejected.detach()
-        return loss, {"rewards_chosen": chosen.mean(), "rewards_rejected": rejected.mean(),
-                      "margin": (chosen - rejected).mean(), "accuracy": pair_accuracy(chosen, rejected)}
+        return loss, {
+            "rewards_chosen": chosen.mean(),
+            "rewards_rejected": rejected.mean(),
+            "margin": (chosen - rejected).mean(),
+            "accuracy": pair_accuracy(chosen, rejected),
+        }
 
     def measure(self, model: Any, tokenizer: Any, features: Any, settings: Any) -> dict:
         return measure_pairs(model, tokenizer, features, settings)
 
-    def row_texts(self, row: dict) -> RowTexts:
+    def row_texts(self, row: Mapping[str, Any]) -> RowTexts:
         return pair_texts(row)
 
 

@@ -53,16 +53,23 @@ class ExactAnswer(RewardPlugin):
         answers = batch.get(opts.column)
         if answers is None:
             columns = ", ".join(k for k, v in batch.items() if isinstance(v, list)) or "none"
-            raise lft.DataError(f"exact_answer needs a {opts.column!r} column in the data (set exact_answer.column "
-                                f"to use another); the rows have {columns}")
-        return {"name": self.name, "scores": [self.score(c, a) for c, a in zip(completions, answers)],
-                "weight": opts.weight}
+            raise lft.DataError(
+                f"exact_answer needs a {opts.column!r} column in the data (set exact_answer.column "
+                f"to use another); the rows have {columns}"
+            )
+        return {
+            "name": self.name,
+            "scores": [self.score(c, a) for c, a in zip(completions, answers)],
+            "weight": opts.weight,
+        }
 
 
 class FormatOptions(Section):
-    pattern: str = Field(r"= -?\d+\. The answer is -?\d+\.$",
-                         description="Regular expression a well-formed completion matches (re.search, "
-                                     "after stripping whitespace). The default fits the embedded task.")
+    pattern: str = Field(
+        r"= -?\d+\. The answer is -?\d+\.$",
+        description="Regular expression a well-formed completion matches (re.search, "
+        "after stripping whitespace). The default fits the embedded task.",
+    )
     weight: float = Field(0.5, description="Weight of this reward when several are active.")
 
     @field_validator("pattern")
@@ -113,9 +120,9 @@ class RewardModel(RewardPlugin):
 
     def scorer(self, path: str, device: Any) -> Any:
         if self._loaded is None or self._loaded[0] != path:
-            from lft.adapters import scorer
+            from lft.adapters import scorer as scorers
 
-            self._loaded = (path, scorer.load(path))
+            self._loaded = (path, scorers.load(path))
         scorer = self._loaded[1]
         if device is not None:
             scorer.model.to(device)
@@ -125,8 +132,9 @@ class RewardModel(RewardPlugin):
     def lft_reward(self, prompts: list, completions: list, batch: dict, config: Any) -> Any:
         opts = config.section(self.name)
         if not opts.path:
-            raise lft.ConfigError("scorer.path is not set; give the folder of a model trained with "
-                                  "`lft run --plugin reward`")
+            raise lft.ConfigError(
+                "reward_model.path is not set; give the folder of a model trained with `lft run --plugin reward`"
+            )
         ids = batch.get("completion_ids")
-        scorer = self.scorer(opts.path, ids.device if hasattr(ids, "device") else None)
+        scorer = self.scorer(opts.path, getattr(ids, "device", None))
         return {"name": self.name, "scores": scorer.score(prompts, completions, opts.batch_size), "weight": opts.weight}

@@ -8,7 +8,7 @@ turns are trained, each up to and including its end-of-turn token.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import Field
 
@@ -25,9 +25,14 @@ class SFTOptions(Section):
     train_on: Literal["assistant", "last_assistant", "all"] = Field(
         "assistant", description="Which tokens of a conversation are trained."
     )
-    chat_template: str | None = Field(None, description="A chat template to use instead of the tokenizer's: chatml, "
-                                      "simple (any base model), or Jinja text.")
-    use_chat_template: bool = Field(True, description="Format prompt/completion strings as a user and an assistant turn.")
+    chat_template: str | None = Field(
+        None,
+        description="A chat template to use instead of the tokenizer's: chatml, "
+        "simple (any base model), or Jinja text.",
+    )
+    use_chat_template: bool = Field(
+        True, description="Format prompt/completion strings as a user and an assistant turn."
+    )
 
 
 class SFTObjective(Objective):
@@ -35,18 +40,25 @@ class SFTObjective(Objective):
 
     summary_metrics = ("perplexity",)
 
-    def units(self, batch: dict) -> dict:
+    def units(self, batch: Mapping[str, Any]) -> dict:
         return {"tokens": trained_tokens(batch["labels"])}
 
-    def __call__(self, module: Any, batch: dict) -> tuple[Any, dict]:
-        logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                     module.config.trainer.logits_chunk)
+    def __call__(self, module: Any, batch: Mapping[str, Any]) -> tuple[Any, dict]:
+        logps, mask = token_logprobs(
+            module.model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            module.config.trainer.logits_chunk,
+        )
         return masked_nll(logps, mask), {}
 
-    def row_texts(self, row: dict) -> RowTexts:
+    def row_texts(self, row: Mapping[str, Any]) -> RowTexts:
         if isinstance(row.get("messages"), list):
             turns = row["messages"]
-            prompts = [turns[:i] for i, m in enumerate(turns) if isinstance(m, dict) and m.get("role") == "assistant" and i]
+            prompts = [
+                turns[:i] for i, m in enumerate(turns) if isinstance(m, dict) and m.get("role") == "assistant" and i
+            ]
             return RowTexts(prompts=prompts, answers=[turns])
         if "prompt" in row and "completion" in row:
             return RowTexts(prompts=[row["prompt"]], answers=[row["completion"]])
@@ -57,8 +69,9 @@ class SFTObjective(Objective):
         divided by their count, so batching does not change it), and its perplexity."""
         total, count = 0.0, 0.0
         with evaluate.eval_mode(model), evaluate.autocast(settings.precision, next(model.parameters()).device):
-            for batch in evaluate.batches(model, features, ("input_ids", "labels"), tokenizer.pad_token_id,
-                                          settings.batch_size):
+            for batch in evaluate.batches(
+                model, features, ("input_ids", "labels"), tokenizer.pad_token_id, settings.batch_size
+            ):
                 logp, n = evaluate.sequence_logprobs(model, batch, "", settings.chunk)
                 total -= float(logp.sum())
                 count += float(n.sum())
@@ -81,8 +94,13 @@ class SFT:
     #: mix, the tuned model's everyday answers degenerated (52% against the base's 8%: loops, counting,
     #: "The answer is N." to any question); a tenth of the rows from the base's own answers to general
     #: prompts keeps them (0%) at a task accuracy of 0.60 instead of 0.64 (docs/guards.md).
-    default_settings = {"trainer.max_steps": 60, "trainer.batch_size": 8, "trainer.lr": 1e-3,
-                        "guards.forgetting.mix_ratio": 0.1, "guards.forgetting.mix_data": "self"}
+    default_settings = {
+        "trainer.max_steps": 60,
+        "trainer.batch_size": 8,
+        "trainer.lr": 1e-3,
+        "guards.forgetting.mix_ratio": 0.1,
+        "guards.forgetting.mix_data": "self",
+    }
 
     @lft.hookimpl
     def lft_default_data(self) -> Any:
@@ -96,14 +114,17 @@ class SFT:
         if "messages" in example:
             ids, labels = chat.tokenize_conversation(tokenizer, example["messages"], opts.train_on)
         elif "prompt" in example and "completion" in example:
-            ids, labels = chat.tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"],
-                                                          opts.use_chat_template)
+            ids, labels = chat.tokenize_prompt_completion(
+                tokenizer, example["prompt"], example["completion"], opts.use_chat_template
+            )
         elif "text" in example:
             ids, labels = chat.tokenize_text(tokenizer, example["text"])
         else:
             online = " (rows with a prompt and no completion are for online methods: --plugin grpo or ppo)"
-            raise lft.DataError(f"expected a 'messages', 'prompt' + 'completion' or 'text' column; "
-                                f"found {', '.join(example) or 'no columns'}{online if 'prompt' in example else ''}")
+            raise lft.DataError(
+                f"expected a 'messages', 'prompt' + 'completion' or 'text' column; "
+                f"found {', '.join(example) or 'no columns'}{online if 'prompt' in example else ''}"
+            )
         ids, labels, truncated = chat.truncate(ids, labels, config.data.max_length)
         return {"input_ids": ids, "labels": labels, "truncated": truncated}
 

@@ -17,8 +17,12 @@ class SimPOOptions(PreferenceOptions):
     beta: float = Field(2.0, gt=0, description="Scale of the reward beta * mean token log-prob (paper: 2.0-2.5).")
     gamma: float = Field(1.0, ge=0, description="Target reward margin between chosen and rejected (paper: 0.3-1.6).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed rate of flipped labels.")
-    nll_weight: float = Field(0.0, ge=0, description="Add this times the chosen completions' per-token NLL (the "
-                              "SimPO authors' sft_weight): keeps chosen answers likely while the margin grows.")
+    nll_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Add this times the chosen completions' per-token NLL (the "
+        "SimPO authors' sft_weight): keeps chosen answers likely while the margin grows.",
+    )
 
 
 class SimPO(Preference):

@@ -27,7 +27,7 @@ from lft.bench.common import METHODS, PEER_METHODS, Settings, flops_per_token, m
 
 
 def summarise(result: dict, settings: Settings, peak: float, per_token: float) -> dict:
-    steps = result["steps"][settings.warmup:] or result["steps"]
+    steps = result["steps"][settings.warmup :] or result["steps"]
     times = [s["time"] for s in steps]
     tokens = sum(s["tokens"] for s in steps)
     losses = [s["loss"] for s in result["steps"] if s.get("loss") is not None]
@@ -63,19 +63,28 @@ def ratios(lft: dict, peer: dict) -> dict:
         a, b = lft.get(key), peer.get(key)
         return a / b if a and b else None
 
-    return {"tokens_per_s": ratio("tokens_per_s"), "steps_per_s": ratio("steps_per_s"),
-            "peak_rss": ratio("peak_rss_mb")}
+    return {
+        "tokens_per_s": ratio("tokens_per_s"),
+        "steps_per_s": ratio("steps_per_s"),
+        "peak_rss": ratio("peak_rss_mb"),
+    }
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Machine: {report['machine']}; precision {report['precision']}; batch {report['batch_size']}; "
-             f"LoRA r={report['lora_r']} on {', '.join(report['targets'])}; {report['steps']} steps "
-             f"({report['warmup']} warm-up); matmul peak {report['peak_tflops']:.2f} TFLOP/s"
-             + (f"; lft with {', '.join(f'{k}={v}' for k, v in report['lft_overrides'].items())}"
-                if report.get("lft_overrides") else "") + ".",
-             "",
-             "| method | tool | s/step | tokens/s | peak RSS (MB) | MFU | final loss | lft/peer tokens/s | lft/peer steps/s | lft/peer memory |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {report['machine']}; precision {report['precision']}; batch {report['batch_size']}; "
+        f"LoRA r={report['lora_r']} on {', '.join(report['targets'])}; {report['steps']} steps "
+        f"({report['warmup']} warm-up); matmul peak {report['peak_tflops']:.2f} TFLOP/s"
+        + (
+            f"; lft with {', '.join(f'{k}={v}' for k, v in report['lft_overrides'].items())}"
+            if report.get("lft_overrides")
+            else ""
+        )
+        + ".",
+        "",
+        "| method | tool | s/step | tokens/s | peak RSS (MB) | MFU | final loss | lft/peer tokens/s | lft/peer steps/s | lft/peer memory |",  # noqa: E501
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for method, entry in report["methods"].items():
         for side in entry["sides"]:
             r = entry.get("ratios", {}) if side["tool"] == "lft" else {}
@@ -84,7 +93,8 @@ def markdown(report: dict) -> str:
                 f"| {method} | {side['tool']} | {side['median_step_s']:.2f} | {side['tokens_per_s']:.0f} | "
                 f"{side['peak_rss_mb']:.0f} | {fmt(side['mfu'], '{:.1%}')} | {fmt(side['final_loss'], '{:.4f}')} | "
                 f"{fmt(r.get('tokens_per_s'), '{:.2f}x')} | {fmt(r.get('steps_per_s'), '{:.2f}x')} | "
-                f"{fmt(r.get('peak_rss'), '{:.2f}x')} |")
+                f"{fmt(r.get('peak_rss'), '{:.2f}x')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -124,9 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2, converted)")
     parser.add_argument("--sweep-turns", default="", help="SFT only: e.g. 1,2,4 problems per example")
     parser.add_argument("--out", default="bench-results", help="folder for JSON, Markdown and PNG")
-    parser.add_argument("--lft-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="an extra lft config key (repeatable), e.g. lora.frozen_dtype=float32 to measure an "
-                        "optimisation switched off")
+    parser.add_argument(
+        "--lft-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra lft config key (repeatable), e.g. lora.frozen_dtype=float32 to measure an "
+        "optimisation switched off",
+    )
     args = parser.parse_args(argv)
 
     from lft.model import loading
@@ -140,9 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     dtype = "bf16" if args.precision.startswith("bf16") else "fp32"
     print(f"measuring the {dtype} matmul peak ...", flush=True)
     peak = matmul_peak(dtype)
-    report: dict = {"machine": f"{platform.processor() or platform.machine()}, {_cores()} cores", "precision": args.precision,
-                    "batch_size": args.batch_size, "lora_r": args.lora_r, "steps": args.steps, "warmup": args.warmup,
-                    "targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "peak_tflops": peak / 1e12, "methods": {}}
+    report: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {_cores()} cores",
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "lora_r": args.lora_r,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "peak_tflops": peak / 1e12,
+        "methods": {},
+    }
 
     overrides = {}
     for item in args.lft_set:
@@ -153,9 +176,20 @@ def main(argv: list[str] | None = None) -> int:
     report["lft_overrides"] = overrides
 
     def settings_for(method: str, data: Path) -> Settings:
-        return Settings(method=method, model=str(model), data=str(data), steps=args.steps, warmup=args.warmup,
-                        batch_size=args.batch_size, max_length=args.max_length, precision=args.precision,
-                        lora_r=args.lora_r, lora_alpha=2 * args.lora_r, work=str(work), lft_overrides=overrides)
+        return Settings(
+            method=method,
+            model=str(model),
+            data=str(data),
+            steps=args.steps,
+            warmup=args.warmup,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            precision=args.precision,
+            lora_r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            work=str(work),
+            lft_overrides=overrides,
+        )
 
     for method in methods:
         settings = settings_for(method, write_data(method, work))

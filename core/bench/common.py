@@ -59,15 +59,19 @@ def write_data(method: str, folder: Path, turns: int = 1, rows: int = 2000) -> P
     if form == "sft":
         for i in range(0, len(source) - turns + 1, turns):
             prompt: list[dict] = []
-            for row in source[i: i + turns - 1]:
+            for row in source[i : i + turns - 1]:
                 prompt += row["messages"]
             last = source[i + turns - 1]["messages"]
             out.append({"prompt": prompt + last[:1], "completion": last[1:]})
     elif form == "pref":
         for row in source:
-            out.append({"prompt": [{"role": "user", "content": row["prompt"]}],
-                        "chosen": [{"role": "assistant", "content": row["chosen"]}],
-                        "rejected": [{"role": "assistant", "content": row["rejected"]}]})
+            out.append(
+                {
+                    "prompt": [{"role": "user", "content": row["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                    "rejected": [{"role": "assistant", "content": row["rejected"]}],
+                }
+            )
     else:
         for row in source:
             out.append({"prompt": [{"role": "user", "content": row["prompt"]}], "answer": row["answer"]})

@@ -24,23 +24,42 @@ def peak_rss_mb() -> float:
 
 # -- lft ------------------------------------------------------------------------------------------
 
+
 def lft_config(s: Settings) -> dict:
     config: dict[str, Any] = {
-        "model.path": s.model, "data.train": s.data, "data.eval_split": 0, "data.max_length": s.max_length,
-        "plugins": [s.method, "lora"], "output": str(Path(s.work) / f"lft-{s.method}"), "overwrite": True,
-        "trainer.max_steps": s.steps, "trainer.batch_size": s.batch_size, "trainer.lr": s.lr,
-        "trainer.schedule": "constant", "trainer.warmup_steps": 0, "trainer.precision": s.precision,
-        "trainer.seed": s.seed, "trainer.checkpoint_every": 0, "eval.task": "none", "eval.before": False,
-        "lora.r": s.lora_r, "lora.alpha": s.lora_alpha, "lora.target_modules": s.targets,
+        "model.path": s.model,
+        "data.train": s.data,
+        "data.eval_split": 0,
+        "data.max_length": s.max_length,
+        "plugins": [s.method, "lora"],
+        "output": str(Path(s.work) / f"lft-{s.method}"),
+        "overwrite": True,
+        "trainer.max_steps": s.steps,
+        "trainer.batch_size": s.batch_size,
+        "trainer.lr": s.lr,
+        "trainer.schedule": "constant",
+        "trainer.warmup_steps": 0,
+        "trainer.precision": s.precision,
+        "trainer.seed": s.seed,
+        "trainer.checkpoint_every": 0,
+        "eval.task": "none",
+        "eval.before": False,
+        "lora.r": s.lora_r,
+        "lora.alpha": s.lora_alpha,
+        "lora.target_modules": s.targets,
         # The after-training guards sample and score the model, which the peer does not do.
-        "guards.repetition.enabled": False, "guards.forgetting.enabled": False,
+        "guards.repetition.enabled": False,
+        "guards.forgetting.enabled": False,
     }
     method_keys = {
         "dpo": {"dpo.beta": s.beta},
         "simpo": {"simpo.beta": 2.0, "simpo.gamma": 1.0},
         "orpo": {},
-        "grpo": {"grpo.num_generations": s.num_generations, "grpo.max_new_tokens": s.max_new_tokens,
-                 "grpo.temperature": 1.0},
+        "grpo": {
+            "grpo.num_generations": s.num_generations,
+            "grpo.max_new_tokens": s.max_new_tokens,
+            "grpo.temperature": 1.0,
+        },
         "ppo": {"ppo.max_new_tokens": s.max_new_tokens},
     }
     config.update(method_keys.get(s.method, {}))
@@ -63,12 +82,24 @@ def run_lft(s: Settings) -> dict:
 
 # -- the peer -------------------------------------------------------------------------------------
 
+
 def _trl_common(s: Settings) -> dict:
     return dict(
-        output_dir=str(Path(s.work) / f"peer-{s.method}"), per_device_train_batch_size=s.batch_size,
-        gradient_accumulation_steps=1, learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0,
-        max_steps=s.steps, logging_steps=1, save_strategy="no", report_to=[], seed=s.seed, use_cpu=True,
-        bf16=s.precision.startswith("bf16"), dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(Path(s.work) / f"peer-{s.method}"),
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=s.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_steps=s.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=s.seed,
+        use_cpu=True,
+        bf16=s.precision.startswith("bf16"),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
 
 
@@ -83,8 +114,9 @@ class _Counter:
         batch = self.collator(features)
         if isinstance(batch, dict):  # GRPO's batches are raw rows, tokenized later: compare steps/s there
             # the sequences the model reads (a separate prompt mask repeats tokens already counted)
-            self.pending += int(sum(v.sum() for k, v in batch.items()
-                                    if k.endswith("attention_mask") and not k.startswith("prompt")))
+            self.pending += int(
+                sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") and not k.startswith("prompt"))
+            )
         return batch
 
 
@@ -96,8 +128,9 @@ def run_trl(s: Settings) -> dict:
     data = datasets.load_dataset("json", data_files=s.data, split="train")
     tokenizer = AutoTokenizer.from_pretrained(s.model)
     model = AutoModelForCausalLM.from_pretrained(s.model)
-    lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules=s.targets,
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules=s.targets, task_type="CAUSAL_LM"
+    )
     common = _trl_common(s)
     if s.method == "sft":
         from trl import SFTConfig, SFTTrainer
@@ -113,10 +146,12 @@ def run_trl(s: Settings) -> dict:
         if s.method == "orpo":
             from trl.experimental.orpo import ORPOConfig as Config
             from trl.experimental.orpo import ORPOTrainer as Trainer
+
             extra: dict = {}
         else:
             from trl.experimental.cpo import CPOConfig as Config
             from trl.experimental.cpo import CPOTrainer as Trainer
+
             # lft's SimPO defaults (beta 2.0, gamma 1.0, no NLL term)
             extra = {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": 2.0, "simpo_gamma": 1.0}
         args = Config(**common, max_length=s.max_length, **extra)
@@ -130,10 +165,22 @@ def run_trl(s: Settings) -> dict:
             texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
             return [task.score(t, a) for t, a in zip(texts, answer)]
 
-        args = GRPOConfig(**common, num_generations=s.num_generations, max_completion_length=s.max_new_tokens,
-                          steps_per_generation=1, beta=0.0, temperature=1.0)
-        trainer = GRPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                              reward_funcs=exact_answer, peft_config=lora)
+        args = GRPOConfig(
+            **common,
+            num_generations=s.num_generations,
+            max_completion_length=s.max_new_tokens,
+            steps_per_generation=1,
+            beta=0.0,
+            temperature=1.0,
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            reward_funcs=exact_answer,
+            peft_config=lora,
+        )
     else:
         raise SystemExit(f"the peer has no {s.method}")
 

@@ -29,18 +29,29 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(cli: Any) -> None:
-    check = cli.add_parser("check", help="preflight: template lint, data lint, contamination",
-                           description="Run the guards that look at the data, exactly as `lft run` does before "
-                           "training, and report what they find. Exit status 1 when a guard reports an error "
-                           "(or, with --strict, a warning).")
+    check = cli.add_parser(
+        "check",
+        help="preflight: template lint, data lint, contamination",
+        description="Run the guards that look at the data, exactly as `lft run` does before "
+        "training, and report what they find. Exit status 1 when a guard reports an error "
+        "(or, with --strict, a warning).",
+    )
     _data_flags(check)
-    check.add_argument("--against", action="append", default=[], metavar="FILE",
-                       help="also check the training data for overlap with FILE (repeatable), e.g. a benchmark")
+    check.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also check the training data for overlap with FILE (repeatable), e.g. a benchmark",
+    )
     check.add_argument("--strict", action="store_true", help="warnings fail the check too")
     check.set_defaults(handler=cmd_check)
-    inspect = cli.add_parser("inspect", help="show how examples are tokenised and which tokens are trained",
-                             description="Format rows with the selected objective, exactly as training does, and "
-                             "show every token: trained (in the label mask) or masked, special tokens visible.")
+    inspect = cli.add_parser(
+        "inspect",
+        help="show how examples are tokenised and which tokens are trained",
+        description="Format rows with the selected objective, exactly as training does, and "
+        "show every token: trained (in the label mask) or masked, special tokens visible.",
+    )
     _data_flags(inspect)
     inspect.add_argument("-n", type=int, default=3, metavar="N", help="examples to show (default 3)")
     inspect.set_defaults(handler=cmd_inspect)
@@ -77,6 +88,7 @@ def load_tokenizer(run: Any) -> Any:
 
 # -- lft check ------------------------------------------------------------------------------------
 
+
 def cmd_check(args: argparse.Namespace) -> int:
     from lft.errors import LftError
     from lft.guards.findings import TITLES, Finding
@@ -93,7 +105,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         _, _, info = run.read_data(tokenizer)
     except LftError as exc:  # the guards that ran before the failure still report
-        run.guards.findings.append(Finding("format", "error", detail="the data cannot be formatted", problems=[str(exc)]))
+        run.guards.findings.append(
+            Finding("format", "error", detail="the data cannot be formatted", problems=[str(exc)])
+        )
     findings = run.guards.findings
     failing = ("error", "warning") if guards.strict else ("error",)
     ok = not any(f.status in failing for f in findings)
@@ -118,12 +132,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # -- lft inspect ----------------------------------------------------------------------------------
 
+
 def token_view(tokenizer: Any, ids: list[int], labels: list[int] | None) -> list[dict]:
     """One entry per token: id, text, whether it is trained, whether it is special."""
     special = set(tokenizer.all_special_ids or [])
-    return [{"id": int(t), "text": tokenizer.decode([t], skip_special_tokens=False),
-             "trained": labels is not None and labels[i] != IGNORE_INDEX, "special": int(t) in special}
-            for i, t in enumerate(ids)]
+    return [
+        {
+            "id": int(t),
+            "text": tokenizer.decode([t], skip_special_tokens=False),
+            "trained": labels is not None and labels[i] != IGNORE_INDEX,
+            "special": int(t) in special,
+        }
+        for i, t in enumerate(ids)
+    ]
 
 
 def render(tokens: list[dict], colour: bool) -> Text:
@@ -157,8 +178,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     config, run, tokenizer = prepare(args, Console(stderr=True, highlight=False) if args.json else out)
     rows = read_rows(config.data.train, config.data.split)
     max_length = config.data.max_length
-    shown, records, errors = [], [], []
-    for index, (row, where) in enumerate(zip(rows.rows, rows.where)):
+    shown: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for row, where in zip(rows.rows, rows.where):
         try:
             feature = run.hook.lft_format_example(example=row, tokenizer=tokenizer, config=config)
         except (DataError, KeyError, TypeError, ValueError) as exc:
@@ -172,23 +195,42 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         trained = sum(sum(t != IGNORE_INDEX for t in labels) for _, _, labels in parts if labels is not None)
         total = sum(len(ids) for _, ids, _ in parts)
         truncated = bool(feature.get("truncated")) or length > max_length
-        records.append({"where": where, "length": length, "trained": trained, "masked": total - trained,
-                        "truncated": truncated})
+        records.append(
+            {"where": where, "length": length, "trained": trained, "masked": total - trained, "truncated": truncated}
+        )
         if len(shown) < args.n:
-            shown.append({"where": where, "truncated": truncated,
-                          "parts": {name or "input_ids": token_view(tokenizer, ids, labels) for name, ids, labels in parts}})
+            shown.append(
+                {
+                    "where": where,
+                    "truncated": truncated,
+                    "parts": {name or "input_ids": token_view(tokenizer, ids, labels) for name, ids, labels in parts},
+                }
+            )
     longest = max(records, key=lambda r: r["length"], default=None)
-    stats = {"rows": len(rows), "examples": len(records), "trained_tokens": sum(r["trained"] for r in records),
-             "masked_tokens": sum(r["masked"] for r in records), "truncated": sum(r["truncated"] for r in records),
-             "max_length": max_length, "longest": longest and {"where": longest["where"], "length": longest["length"]},
-             "errors": len(errors), "first_error": errors[0] if errors else None, "data": config.data.train}
+    stats = {
+        "rows": len(rows),
+        "examples": len(records),
+        "trained_tokens": sum(r["trained"] for r in records),
+        "masked_tokens": sum(r["masked"] for r in records),
+        "truncated": sum(r["truncated"] for r in records),
+        "max_length": max_length,
+        "longest": longest and {"where": longest["where"], "length": longest["length"]},
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "data": config.data.train,
+    }
     if args.json:
         print(json.dumps({"examples": shown, "stats": stats}, indent=2))
         return 0
     colour = out.color_system is not None
-    legend = (Text.assemble(("trained", "black on green"), "  ", ("masked", "grey50"), "  ", ("<special>", "bold magenta"))
-              if colour else Text("⟦trained⟧ masked"))
-    out.print(Text.assemble("lft inspect ", (config.data.train, "bold"), f"  objective {run.selection.objective}  ", legend))
+    legend = (
+        Text.assemble(("trained", "black on green"), "  ", ("masked", "grey50"), "  ", ("<special>", "bold magenta"))
+        if colour
+        else Text("⟦trained⟧ masked")
+    )
+    out.print(
+        Text.assemble("lft inspect ", (config.data.train, "bold"), f"  objective {run.selection.objective}  ", legend)
+    )
     for example in shown:
         out.rule(f"{example['where']}" + ("  (truncated at data.max_length)" if example["truncated"] else ""))
         for name, tokens in example["parts"].items():

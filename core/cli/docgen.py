@@ -88,7 +88,7 @@ def render() -> str:
     lines.append("")
     for name in cfgmod.CORE_SECTIONS:
         lines += _section(name, cfgmod.RunConfigBase.model_fields[name].annotation, "")
-    owners = {}
+    owners: dict[str, str] = {}
     manager.core.lft_add_config(register=lambda section, model: owners.__setitem__(section, "core"))
     for info in manager.infos.values():
         options = getattr(info.obj, "options", None)
@@ -127,15 +127,15 @@ test fails when it is out of date.
 def _markdown(doc: str) -> str:
     """A hookspec docstring in Markdown: ``code`` in single backticks, ``:param x:`` and
     ``:return:`` as a list."""
-    out = []
+    out: list[str] = []
     for line in doc.splitlines():
         line = line.replace("``", "`")
         stripped = line.lstrip()
         if stripped.startswith(":param "):
-            name, _, rest = stripped[len(":param "):].partition(":")
+            name, _, rest = stripped[len(":param ") :].partition(":")
             line = f"- `{name.strip()}`: {rest.strip()}"
         elif stripped.startswith(":return:"):
-            line = f"- returns: {stripped[len(':return:'):].strip()}"
+            line = f"- returns: {stripped[len(':return:') :].strip()}"
         elif line.startswith("    ") and out and out[-1].startswith(("- ", "  ")):
             line = "  " + stripped  # the continuation of a list item
         out.append(line)
@@ -154,7 +154,7 @@ def render_hooks() -> str:
         if not (name.startswith("lft_") and callable(fn)):
             continue
         params = ", ".join(inspect.signature(fn).parameters)
-        kind = "*firstresult.*" if getattr(fn, "lft_spec").get("firstresult") else "*collect.*"
+        kind = "*firstresult.*" if fn.lft_spec.get("firstresult") else "*collect.*"
         lines += [f"### `{name}({params})`", "", kind + " " + _markdown(inspect.getdoc(fn) or ""), ""]
     return "\n".join(lines).rstrip() + "\n"
 

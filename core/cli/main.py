@@ -49,12 +49,24 @@ def _error(message: str) -> int:
 
 def _add_config_sources(parser: argparse.ArgumentParser, with_flags: bool = True) -> None:
     parser.add_argument("--config", "-c", metavar="FILE", help="YAML config file")
-    parser.add_argument("--plugin", "-p", action="append", default=[], metavar="NAME",
-                        help="select a plugin (repeatable): an objective, a model wrapper, extensions")
+    parser.add_argument(
+        "--plugin",
+        "-p",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="select a plugin (repeatable): an objective, a model wrapper, extensions",
+    )
     if with_flags:
-        parser.add_argument("--model", "-m", metavar="PATH_OR_ID",
-                            help="HF folder, hub id or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-        parser.add_argument("--data", "-d", metavar="FILE", help="training data (.jsonl, .json, .parquet, .csv, hub id)")
+        parser.add_argument(
+            "--model",
+            "-m",
+            metavar="PATH_OR_ID",
+            help="HF folder, hub id or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+        )
+        parser.add_argument(
+            "--data", "-d", metavar="FILE", help="training data (.jsonl, .json, .parquet, .csv, hub id)"
+        )
         parser.add_argument("--eval-data", metavar="FILE", help="held-out data")
         parser.add_argument("--output", "-o", metavar="DIR", help="output folder (default runs/lft)")
         parser.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps to train")
@@ -62,8 +74,12 @@ def _add_config_sources(parser: argparse.ArgumentParser, with_flags: bool = True
         parser.add_argument("--lr", type=float, metavar="LR", help="peak learning rate")
         parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="set any config key, e.g. lora.r=32 trainer.lr=1e-4 data.max_length=512")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="set any config key, e.g. lora.r=32 trainer.lr=1e-4 data.max_length=512",
+    )
 
 
 def _resolve(args: argparse.Namespace) -> Any:
@@ -92,6 +108,7 @@ def _resolve(args: argparse.Namespace) -> Any:
 
 # -- commands -------------------------------------------------------------------------------------
 
+
 def cmd_run(args: argparse.Namespace) -> int:
     from lft.train.engine import Run, quiet_libraries
 
@@ -106,8 +123,23 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     manager = args.manager
     infos = sorted(manager.infos.values(), key=lambda i: (i.kind == "core", i.name))
     if args.json:
-        print(json.dumps([{"name": i.name, "kind": i.kind, "package": i.package, "version": i.version,
-                           "hooks": i.hooks, "source": i.source, "error": i.error} for i in infos], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": i.name,
+                        "kind": i.kind,
+                        "package": i.package,
+                        "version": i.version,
+                        "hooks": i.hooks,
+                        "source": i.source,
+                        "error": i.error,
+                    }
+                    for i in infos
+                ],
+                indent=2,
+            )
+        )
         return 0
     table = Table(title="lft plugins", header_style="bold")
     for column in ("name", "kind", "package", "version", "hooks"):
@@ -155,45 +187,62 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 
 # -- parser ---------------------------------------------------------------------------------------
 
+
 def build_parser(manager: Any) -> argparse.ArgumentParser:
     from lft import __version__
 
     parser = argparse.ArgumentParser(
         prog="lft",
         description="Fine-tune language models: SFT, LoRA, QLoRA, reward models, DPO, ORPO, SimPO, PPO, GRPO. "
-                    "Every method is a plugin; `lft plugins` lists what is installed.",
+        "Every method is a plugin; `lft plugins` lists what is installed.",
         epilog="Run `lft COMMAND --help` for a command's options. Docs: docs/index.md",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"lft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="train a model", description="Train a model with the selected plugins. "
-                         "Flags are shortcuts for config keys; KEY=VALUE sets any key.",
-                         epilog=EXAMPLES_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = sub.add_parser(
+        "run",
+        help="train a model",
+        description="Train a model with the selected plugins. "
+        "Flags are shortcuts for config keys; KEY=VALUE sets any key.",
+        epilog=EXAMPLES_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_config_sources(run)
     run.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     run.add_argument("--strict", action="store_true", help="stop before training when a preflight guard warns")
     run.set_defaults(handler=cmd_run)
 
-    plugins = sub.add_parser("plugins", help="list installed plugins",
-                             description="List every installed plugin: name, kind, package, version and hooks.")
+    plugins = sub.add_parser(
+        "plugins",
+        help="list installed plugins",
+        description="List every installed plugin: name, kind, package, version and hooks.",
+    )
     plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plugins.set_defaults(handler=cmd_plugins)
 
-    config = sub.add_parser("config", help="show, validate or describe configs",
-                            description="Work with run configurations.")
+    config = sub.add_parser(
+        "config", help="show, validate or describe configs", description="Work with run configurations."
+    )
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    show = config_sub.add_parser("show", help="print the resolved config as YAML",
-                                 description="Resolve a config from a file, flags and KEY=VALUE overrides and print it.")
+    show = config_sub.add_parser(
+        "show",
+        help="print the resolved config as YAML",
+        description="Resolve a config from a file, flags and KEY=VALUE overrides and print it.",
+    )
     _add_config_sources(show)
     show.set_defaults(handler=cmd_config_show)
-    validate = config_sub.add_parser("validate", help="check a config file",
-                                     description="Validate a YAML config file and list every problem.")
+    validate = config_sub.add_parser(
+        "validate", help="check a config file", description="Validate a YAML config file and list every problem."
+    )
     validate.add_argument("file", metavar="FILE")
     validate.set_defaults(handler=cmd_config_validate)
-    schema = config_sub.add_parser("schema", help="print the JSON schema",
-                                   description="Print the JSON schema of the config, with every plugin's section.")
+    schema = config_sub.add_parser(
+        "schema",
+        help="print the JSON schema",
+        description="Print the JSON schema of the config, with every plugin's section.",
+    )
     schema.set_defaults(handler=cmd_config_schema)
 
     try:

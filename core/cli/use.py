@@ -21,66 +21,108 @@ GENERATE_EXAMPLES = """examples:
 
 
 def add_commands(cli: Any) -> None:
-    generate = cli.add_parser("generate", help="complete prompts with a model and its adapters",
-                              description="Complete prompts through the model's chat template. With several "
-                              "named adapters, each one answers (or those chosen with --use).",
-                              epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate = cli.add_parser(
+        "generate",
+        help="complete prompts with a model and its adapters",
+        description="Complete prompts through the model's chat template. With several "
+        "named adapters, each one answers (or those chosen with --use).",
+        epilog=GENERATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _model_args(generate)
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
-    source.add_argument("--prompts", metavar="FILE", help="prompts, one a line (or .jsonl rows with 'prompt' "
-                        "or 'messages'); writes JSONL")
+    source.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="prompts, one a line (or .jsonl rows with 'prompt' or 'messages'); writes JSONL",
+    )
     generate.add_argument("--out", metavar="OUT.jsonl", help="write JSONL here instead of to stdout")
-    generate.add_argument("--use", action="append", metavar="NAME", help="adapters that answer (repeatable; "
-                          "'base' is the bare base model); default: every adapter")
+    generate.add_argument(
+        "--use",
+        action="append",
+        metavar="NAME",
+        help="adapters that answer (repeatable; 'base' is the bare base model); default: every adapter",
+    )
     _sampling_args(generate)
     generate.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts per generate call")
     generate.set_defaults(handler=cmd_generate)
 
-    chat = cli.add_parser("chat", help="chat with a model in the terminal",
-                          description="Interactive chat through the model's chat template; the reply streams as "
-                          "it is generated. Type /adapter NAME to switch adapters, /reset to forget the "
-                          "conversation, /exit (or Ctrl-D) to quit.")
+    chat = cli.add_parser(
+        "chat",
+        help="chat with a model in the terminal",
+        description="Interactive chat through the model's chat template; the reply streams as "
+        "it is generated. Type /adapter NAME to switch adapters, /reset to forget the "
+        "conversation, /exit (or Ctrl-D) to quit.",
+    )
     _model_args(chat)
     chat.add_argument("--use", metavar="NAME", help="the adapter to start with (default: the first)")
     _sampling_args(chat)
     chat.set_defaults(handler=cmd_chat)
 
-    evaluate = cli.add_parser("eval", help="measure a model and its adapters on held-out data",
-                              description="Measure each held-out file with the installed objective that reads "
-                              "it (the adapter's own first): a token NLL and perplexity for SFT rows, which "
-                              "completion of a pair the model prefers for preference rows; and the embedded "
-                              "task's accuracy on prompt/answer rows. The same code as `lft run`'s summary. With "
-                              "no --data, the embedded task's held-out files.")
+    evaluate = cli.add_parser(
+        "eval",
+        help="measure a model and its adapters on held-out data",
+        description="Measure each held-out file with the installed objective that reads "
+        "it (the adapter's own first): a token NLL and perplexity for SFT rows, which "
+        "completion of a pair the model prefers for preference rows; and the embedded "
+        "task's accuracy on prompt/answer rows. The same code as `lft run`'s summary. With "
+        "no --data, the embedded task's held-out files.",
+    )
     _model_args(evaluate)
-    evaluate.add_argument("--data", "-d", action="append", metavar="FILE", help="held-out data (repeatable, one "
-                          "file per objective that reads it, plus prompt/answer rows for the task)")
+    evaluate.add_argument(
+        "--data",
+        "-d",
+        action="append",
+        metavar="FILE",
+        help="held-out data (repeatable, one file per objective that reads it, plus prompt/answer rows for the task)",
+    )
     evaluate.add_argument("--base", action="store_true", help="also measure the base model without adapters")
-    evaluate.add_argument("--task", choices=["auto", "arith", "none"], help="the embedded task metric "
-                          "(default auto: when the data is the embedded task's)")
-    evaluate.add_argument("--max-rows", type=int, metavar="N", help="rows used per file (default data.max_eval_rows "
-                          "of the adapter's run, as `lft run` uses)")
+    evaluate.add_argument(
+        "--task",
+        choices=["auto", "arith", "none"],
+        help="the embedded task metric (default auto: when the data is the embedded task's)",
+    )
+    evaluate.add_argument(
+        "--max-rows",
+        type=int,
+        metavar="N",
+        help="rows used per file (default data.max_eval_rows of the adapter's run, as `lft run` uses)",
+    )
     evaluate.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
     evaluate.set_defaults(handler=cmd_eval)
 
-    merge = cli.add_parser("merge", help="merge an adapter into its base model",
-                           description="Fold an adapter into its base weights (W + BA) and save a plain "
-                           "transformers folder with the tokenizer and chat template. A QLoRA adapter is "
-                           "merged into a full-precision copy of its base.")
+    merge = cli.add_parser(
+        "merge",
+        help="merge an adapter into its base model",
+        description="Fold an adapter into its base weights (W + BA) and save a plain "
+        "transformers folder with the tokenizer and chat template. A QLoRA adapter is "
+        "merged into a full-precision copy of its base.",
+    )
     merge.add_argument("adapter", metavar="ADAPTER_DIR")
     merge.add_argument("--out", "-o", required=True, metavar="OUT")
-    merge.add_argument("--model", "-m", metavar="PATH_OR_ID", help="the base (default: the one the adapter "
-                       "was trained on)")
+    merge.add_argument(
+        "--model", "-m", metavar="PATH_OR_ID", help="the base (default: the one the adapter was trained on)"
+    )
     merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="save the weights in this dtype")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     merge.set_defaults(handler=cmd_merge)
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", metavar="PATH_OR_ID", help="the base model (default: the adapter's base, "
-                        "else the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", "-a", action="append", metavar="[NAME=]DIR",
-                        help="an adapter folder, optionally named (repeatable: many adapters on one base)")
+    parser.add_argument(
+        "--model",
+        "-m",
+        metavar="PATH_OR_ID",
+        help="the base model (default: the adapter's base, else the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--adapter",
+        "-a",
+        action="append",
+        metavar="[NAME=]DIR",
+        help="an adapter folder, optionally named (repeatable: many adapters on one base)",
+    )
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -111,11 +153,16 @@ def _load(args: argparse.Namespace) -> Any:
 def _sampling(args: argparse.Namespace) -> dict:
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("expected --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "system": args.system}
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "system": args.system,
+    }
 
 
 # -- generate --------------------------------------------------------------------------------------
+
 
 def read_prompts(spec: str) -> list[dict]:
     """Rows with a ``prompt`` (string or messages): from a data file's ``prompt`` or ``messages``
@@ -151,9 +198,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     names = args.use or loaded.names or ["base"]
     results = []
     for name in names:
-        completions = loaded.generate([r["prompt"] for r in rows], adapter=name, seed=args.seed,
-                                      batch_size=args.batch_size, **sampling)
-        results += [{**r, "adapter": name if loaded.names else None, "completion": c} for r, c in zip(rows, completions)]
+        completions = loaded.generate(
+            [r["prompt"] for r in rows], adapter=name, seed=args.seed, batch_size=args.batch_size, **sampling
+        )
+        results += [
+            {**r, "adapter": name if loaded.names else None, "completion": c} for r, c in zip(rows, completions)
+        ]
     if args.prompt and not args.out:
         for result in results:
             if len(names) > 1:
@@ -177,6 +227,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 # -- chat ------------------------------------------------------------------------------------------
 
+
 def cmd_chat(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
@@ -188,9 +239,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     err = _err()
-    err.print(f"[bold]lft chat[/] · {loaded.label} · adapter {adapter}"
-              + (f" (loaded: {', '.join(loaded.names)})" if len(loaded.names) > 1 else "")
-              + " · /adapter NAME, /reset, /exit")
+    err.print(
+        f"[bold]lft chat[/] · {loaded.label} · adapter {adapter}"
+        + (f" (loaded: {', '.join(loaded.names)})" if len(loaded.names) > 1 else "")
+        + " · /adapter NAME, /reset, /exit"
+    )
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     messages = list(history)
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -223,6 +276,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 # -- eval ------------------------------------------------------------------------------------------
 
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -247,13 +301,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for form, info in prepared["files"].items():
         console.print(f"[dim]{form}: {info['file']} ({info['rows']} rows)[/]")
     if args.json:
-        write_json(Path(args.json), {"model": loaded.label, "adapters": loaded.adapters,
-                                     "quantization": loaded.quantization, "data": prepared["files"],
-                                     "results": results})
+        write_json(
+            Path(args.json),
+            {
+                "model": loaded.label,
+                "adapters": loaded.adapters,
+                "quantization": loaded.quantization,
+                "data": prepared["files"],
+                "results": results,
+            },
+        )
     return 0
 
 
 # -- merge -----------------------------------------------------------------------------------------
+
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from lft.use.loaded import merge
@@ -261,7 +323,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     err = _err()
     info = merge(args.adapter, args.out, model=args.model, dtype=args.dtype, overwrite=args.overwrite)
     if info["trained_on"]:
-        err.print(f"the adapter was trained on a {info['trained_on']} base; merged into a full-precision copy "
-                  f"of {info['base']}")
+        err.print(
+            f"the adapter was trained on a {info['trained_on']} base; merged into a full-precision copy "
+            f"of {info['base']}"
+        )
     err.print(f"merged {args.adapter} into {info['base']} -> {info['output']} ({info['dtype']})")
     return 0

@@ -112,8 +112,10 @@ def tokenize_conversation(
     ``train_on`` is ``assistant`` (every assistant turn), ``last_assistant`` or ``all``.
     """
     if not has_chat_template(tokenizer):
-        raise DataError("the tokenizer has no chat template, so conversational rows cannot be formatted; "
-                        "set sft.chat_template to chatml, simple or a Jinja template, or use plain 'text' rows")
+        raise DataError(
+            "the tokenizer has no chat template, so conversational rows cannot be formatted; "
+            "set sft.chat_template to chatml, simple or a Jinja template, or use plain 'text' rows"
+        )
     messages = check_messages(messages)
     if train_on == "all":
         ids = tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]
@@ -142,7 +144,8 @@ def tokenize_prompt_completion(
     if isinstance(prompt, list) or isinstance(completion, list):
         prompt_msgs = check_messages(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         completion_msgs = (
-            check_messages(completion) if isinstance(completion, list)
+            check_messages(completion)
+            if isinstance(completion, list)
             else [{"role": "assistant", "content": completion}]
         )
         return tokenize_conversation(tokenizer, prompt_msgs + completion_msgs, train_on="last_assistant")

@@ -15,6 +15,7 @@ from lft.errors import DataError
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 #: The key under which a training batch carries the unit counts of its optimizer step (taken off
 
+
 @dataclass
 class Rows:
     """Rows of one data source, with a label for each row to use in error messages."""
@@ -35,7 +36,7 @@ def _check_surrogates(row: dict, where: str) -> None:
     try:
         json.dumps(row, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as exc:
-        bad = exc.object[exc.start:exc.end].encode("unicode_escape").decode()
+        bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
         raise DataError(f"{where}: contains an unpaired surrogate escape ({bad}), which is not text") from None
 
 
@@ -46,8 +47,10 @@ def _read_jsonl(path: Path) -> Rows:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
-                                f"{exc.start + 1}); re-encode the file as UTF-8") from None
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                    f"{exc.start + 1}); re-encode the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -73,7 +76,7 @@ def _read_json(path: Path) -> Rows:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+        raise DataError(f'{path}: expected a JSON list of objects (or {{"data": [...]}})')
     for i, row in enumerate(data):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {i + 1}: expected an object, got {type(row).__name__}")
@@ -98,8 +101,9 @@ def _read_with_datasets(spec: str, kind: str | None, split: str) -> Rows:
             chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
         for cause in chain:
             if isinstance(cause, UnicodeDecodeError):
-                raise DataError(f"{spec}: not UTF-8 text (invalid byte at offset {cause.start}); "
-                                "re-encode it as UTF-8") from None
+                raise DataError(
+                    f"{spec}: not UTF-8 text (invalid byte at offset {cause.start}); re-encode it as UTF-8"
+                ) from None
             if type(cause).__name__ == "EmptyDataError":
                 raise DataError(f"{spec}: no rows; the dataset is empty") from None
         root = next((c for c in chain if not type(c).__module__.startswith("datasets")), exc)
@@ -138,10 +142,10 @@ def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
     n = len(rows)
     n_eval = max(1, int(round(n * fraction)))
     if n - n_eval < 1:
-        raise DataError(f"{rows.source}: {n} row(s) are too few to hold some out for evaluation; "
-                        "give data.eval or set data.eval_split=0")
+        raise DataError(
+            f"{rows.source}: {n} row(s) are too few to hold some out for evaluation; "
+            "give data.eval or set data.eval_split=0"
+        )
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return rows.subset(sorted(order[n_eval:])), rows.subset(sorted(order[:n_eval]))
-
-

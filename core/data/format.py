@@ -41,7 +41,11 @@ def _length(feature: dict) -> int:
 
 
 def _trained(feature: dict) -> int:
-    return sum(sum(1 for t in v if t != IGNORE_INDEX) for k, v in feature.items() if k.endswith("labels") and isinstance(v, list))
+    return sum(
+        sum(1 for t in v if t != IGNORE_INDEX)
+        for k, v in feature.items()
+        if k.endswith("labels") and isinstance(v, list)
+    )
 
 
 def format_rows(rows: Rows, hook: Any, tokenizer: Any, config: Any) -> tuple[list[dict], FormatStats]:
@@ -86,8 +90,10 @@ def format_rows(rows: Rows, hook: Any, tokenizer: Any, config: Any) -> tuple[lis
     stats.examples = len(features)
     if not features:
         reason = f"; first: {stats.notes[0]}" if stats.notes else ""
-        raise DataError(f"{rows.source}: no usable examples ({stats.truncated} truncated and {stats.dropped} dropped "
-                        f"at data.max_length={config.data.max_length}, {stats.skipped} skipped{reason})")
+        raise DataError(
+            f"{rows.source}: no usable examples ({stats.truncated} truncated and {stats.dropped} dropped "
+            f"at data.max_length={config.data.max_length}, {stats.skipped} skipped{reason})"
+        )
     return Examples(features, kept), stats
 
 

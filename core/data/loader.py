@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Iterator, Sized, cast
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -35,10 +35,23 @@ class ResumableLoader(DataLoader):
     #: With ``lengths``, the shuffled order is cut into groups of this many batches, each group is
     #: sorted by length and batched, and the batches are shuffled: similar lengths share a batch.
     GROUP_BATCHES = 50
+    #: Always an int here: the constructor takes one (a DataLoader's may be None).
+    batch_size: int
 
-    def __init__(self, dataset: list, batch_size: int, collate_fn: Any, seed: int, shuffle: bool = True,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1, lengths: list[int] | None = None,
-                 accumulate: int = 1, objective: Any = None):
+    def __init__(
+        self,
+        dataset: list,
+        batch_size: int,
+        collate_fn: Any,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        lengths: list[int] | None = None,
+        accumulate: int = 1,
+        objective: Any = None,
+    ):
         self._seed = seed
         self._accumulate = max(1, int(accumulate))
         self._objective = objective
@@ -52,34 +65,41 @@ class ResumableLoader(DataLoader):
         self._resume_at = 0
         self._served: deque[tuple[int, list[int]]] = deque(maxlen=64)  # (serial, dataset indices)
         self._serial = 0
-        super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn, shuffle=False, drop_last=drop_last)
+        super().__init__(
+            dataset,  # type: ignore[arg-type]  # torch types it Dataset; a list is a map-style dataset
+            batch_size=batch_size,
+            collate_fn=collate_fn,
+            shuffle=False,
+            drop_last=drop_last,
+        )
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.dataset)))
+        order = list(range(len(cast(Sized, self.dataset))))  # the list given to __init__
         if self._shuffle:
             random.Random(self._seed * 1000003 + epoch).shuffle(order)
         if self._world > 1:  # every rank sees its own equal share of the same permutation
-            order = order[: len(order) - len(order) % self._world][self._rank:: self._world]
+            order = order[: len(order) - len(order) % self._world][self._rank :: self._world]
         return order
 
     def _batches(self, epoch: int) -> list[list[int]]:
         order = self._order(epoch)
         size = self.batch_size
-        if self._lengths is None:
-            batches = [order[i: i + size] for i in range(0, len(order), size)]
+        lengths = self._lengths
+        if lengths is None:
+            batches = [order[i : i + size] for i in range(0, len(order), size)]
         else:
             group = size * self.GROUP_BATCHES
             batches = []
             for g in range(0, len(order), group):
-                ranked = sorted(order[g: g + group], key=lambda i: -self._lengths[i])
-                batches += [ranked[i: i + size] for i in range(0, len(ranked), size)]
+                ranked = sorted(order[g : g + group], key=lambda i: -lengths[i])
+                batches += [ranked[i : i + size] for i in range(0, len(ranked), size)]
         if self.drop_last and batches and len(batches[-1]) < size:
             batches.pop()
         if self._lengths is not None and self._shuffle:
             random.Random(self._seed * 1000003 + epoch + 7919).shuffle(batches)
         return batches
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator, not torch's own iterator class
         batches = self._batches(self._epoch)
         start, self._resume_at = self._resume_at, 0
         self._consumed = start
@@ -114,7 +134,7 @@ class ResumableLoader(DataLoader):
         return {i: b for i, b in collated.items() if i >= index}
 
     def __len__(self) -> int:
-        n = len(self.dataset) // self._world
+        n = len(cast(Sized, self.dataset)) // self._world
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def rows_of(self, serial: int) -> list[str] | None:
@@ -137,8 +157,9 @@ class ResumableLoader(DataLoader):
 class LftDataModule(L.LightningDataModule):
     """Holds formatted examples; batches them through ``lft_collate``."""
 
-    def __init__(self, train: list[dict], eval: list[dict] | None, hook: Any, tokenizer: Any, config: Any,
-                 objective: Any = None):
+    def __init__(
+        self, train: list[dict], eval: list[dict] | None, hook: Any, tokenizer: Any, config: Any, objective: Any = None
+    ):
         super().__init__()
         self.objective = objective  # counts the units of each optimizer step (``lft.objective``)
         self.train_features = train
@@ -159,21 +180,36 @@ class LftDataModule(L.LightningDataModule):
             cfg = self.config.trainer
             trainer = getattr(self, "trainer", None)
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-            lengths = ([sum(len(v) for k, v in f.items() if k.endswith("input_ids")) for f in self.train_features]
-                       if self.config.data.group_by_length else None)
+            lengths = (
+                [sum(len(v) for k, v in f.items() if k.endswith("input_ids")) for f in self.train_features]
+                if self.config.data.group_by_length
+                else None
+            )
             # Objectives that step the optimizer themselves (online methods) count their own units.
             counted = self.objective is not None and not self.objective.steps_optimizer
-            self._train_loader = ResumableLoader(self.train_features, cfg.batch_size, self.collate, cfg.seed,
-                                                 rank=rank, world_size=world, lengths=lengths,
-                                                 accumulate=cfg.grad_accum,
-                                                 objective=self.objective if counted else None)
+            self._train_loader = ResumableLoader(
+                self.train_features,
+                cfg.batch_size,
+                self.collate,
+                cfg.seed,
+                rank=rank,
+                world_size=world,
+                lengths=lengths,
+                accumulate=cfg.grad_accum,
+                objective=self.objective if counted else None,
+            )
         return self._train_loader
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.eval_features, batch_size=self.config.trainer.batch_size, collate_fn=self.collate)
+        return DataLoader(
+            self.eval_features,  # type: ignore[arg-type]  # torch types it Dataset; a list is a map-style dataset
+            batch_size=self.config.trainer.batch_size,
+            collate_fn=self.collate,
+        )
 
     def eval_loader(self, batch_size: int | None = None) -> DataLoader:
-        return DataLoader(self.eval_features, batch_size=batch_size or self.config.trainer.batch_size,
-                          collate_fn=self.collate)
-
-
+        return DataLoader(
+            self.eval_features,  # type: ignore[arg-type]  # torch types it Dataset; a list is a map-style dataset
+            batch_size=batch_size or self.config.trainer.batch_size,
+            collate_fn=self.collate,
+        )

@@ -85,12 +85,13 @@ def generate() -> dict[str, dict[str, list[dict]]]:
     split_problems = {"eval": problems[:EVAL_PROBLEMS], "train": problems[EVAL_PROBLEMS:]}
     out: dict[str, dict[str, list[dict]]] = {form: {} for form in FORMS}
     for split in SPLITS:
-        rows = {form: [] for form in FORMS}
+        rows: dict[str, list[dict]] = {form: [] for form in FORMS}
         for op, a, b in split_problems[split]:
             question = QUESTIONS[op].format(n=rng.choice(NAMES), it=rng.choice(ITEMS), a=a, b=b)
             answer = worked_answer(op, a, b)
-            rows["sft"].append({"messages": [{"role": "user", "content": question},
-                                             {"role": "assistant", "content": answer}]})
+            rows["sft"].append(
+                {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+            )
             rows["pref"].append({"prompt": question, "chosen": answer, "rejected": _wrong(rng, op, a, b)})
             rows["prompts"].append({"prompt": question, "answer": str(solve(op, a, b))})
         for form in FORMS:
@@ -110,7 +111,7 @@ def files(form: str) -> dict[str, str]:
 
 
 def is_embedded(data_path: str | None) -> bool:
-    return bool(data_path) and Path(data_path).resolve().parent == ASSETS.resolve()
+    return bool(data_path and Path(data_path).resolve().parent == ASSETS.resolve())
 
 
 def is_task_rows(rows: list[dict]) -> bool:

@@ -21,7 +21,7 @@ import re
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from lft.guards.findings import Finding
 from lft.objective import RowTexts
@@ -40,8 +40,11 @@ def _texts(value: Any, skip_roles: tuple[str, ...]) -> list[str]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, list):
-        return [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)
-                and m.get("role") not in skip_roles]
+        return [
+            m["content"]
+            for m in value
+            if isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") not in skip_roles
+        ]
     return []
 
 
@@ -56,7 +59,7 @@ def prompt_units(texts: RowTexts) -> list[str]:
 
 
 def ngrams(tokens: list[str], n: int) -> set[int]:
-    return {hash(tuple(tokens[i: i + n])) for i in range(len(tokens) - n + 1)}
+    return {hash(tuple(tokens[i : i + n])) for i in range(len(tokens) - n + 1)}
 
 
 @dataclass
@@ -89,7 +92,7 @@ class Index:
             for gram in grams:
                 self.postings[gram].append(index)
 
-    def match(self, row: dict, threshold: float, prompts: list[str] = ()) -> Overlap | None:
+    def match(self, row: dict, threshold: float, prompts: Sequence[str] = ()) -> Overlap | None:
         """The best overlap of ``row`` (its whole text, or one of its ``prompts`` exactly)."""
         parts = units(row)
         full = " ".join(w for p in parts for w in words(p))
@@ -115,8 +118,13 @@ class Index:
         return best
 
 
-def find_overlaps(train: list[dict], reference: list[dict], n: int = 13, threshold: float = 0.5,
-                  row_texts: Callable[[dict], RowTexts] | None = None) -> list[Overlap]:
+def find_overlaps(
+    train: list[dict],
+    reference: list[dict],
+    n: int = 13,
+    threshold: float = 0.5,
+    row_texts: Callable[[dict], RowTexts] | None = None,
+) -> list[Overlap]:
     """Every training row that overlaps a reference row, with its best match; ``row_texts`` (the
     objective's) names each training row's prompts, which also match on their own."""
     index = Index(reference, n)
@@ -134,8 +142,14 @@ def _snippet(row: dict, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def check_contamination(train: Any, references: Iterable[tuple[str, Any]], n: int = 13, threshold: float = 0.5,
-                        examples: int = 3, row_texts: Callable[[dict], RowTexts] | None = None) -> tuple[Finding, set[int]]:
+def check_contamination(
+    train: Any,
+    references: Iterable[tuple[str, Any]],
+    n: int = 13,
+    threshold: float = 0.5,
+    examples: int = 3,
+    row_texts: Callable[[dict], RowTexts] | None = None,
+) -> tuple[Finding, set[int]]:
     """Check ``train`` (``Rows``) against each ``(label, Rows)``; returns the finding and the indices of
     overlapping training rows."""
     finding = Finding("contamination")
@@ -149,12 +163,17 @@ def check_contamination(train: Any, references: Iterable[tuple[str, Any]], n: in
         flagged |= {h.train for h in hits}
         exact = sum(h.kind == "exact" for h in hits)
         counts.append(f"{len(hits)} with {label}")
-        finding.raise_to("warning", f"{len(hits)} of {len(train)} training rows overlap {label} ({exact} exact, "
-                         f"{len(hits) - exact} by {n}-grams), e.g. {train.where[hits[0].train]} ~ "
-                         f"{rows.where[hits[0].other]}; set guards.contamination.drop=true to drop them")
+        finding.raise_to(
+            "warning",
+            f"{len(hits)} of {len(train)} training rows overlap {label} ({exact} exact, "
+            f"{len(hits) - exact} by {n}-grams), e.g. {train.where[hits[0].train]} ~ "
+            f"{rows.where[hits[0].other]}; set guards.contamination.drop=true to drop them",
+        )
         for hit in hits[:examples]:
-            finding.examples.append(f"{train.where[hit.train]} ~ {rows.where[hit.other]} ({hit.kind}"
-                                    f"{'' if hit.kind == 'exact' else f' {hit.score:.2f}'}): {_snippet(train.rows[hit.train])!r}")
+            finding.examples.append(
+                f"{train.where[hit.train]} ~ {rows.where[hit.other]} ({hit.kind}"
+                f"{'' if hit.kind == 'exact' else f' {hit.score:.2f}'}): {_snippet(train.rows[hit.train])!r}"
+            )
         finding.data[label] = {"rows": len(hits), "exact": exact}
     finding.detail = f"{n}-gram and exact: " + ", ".join(counts) if counts else "nothing to compare with"
     finding.data["flagged"] = len(flagged)

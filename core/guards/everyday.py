@@ -63,8 +63,10 @@ def read_prompts(path: str | Path | None, limit: int) -> list[Any]:
     for row, where in zip(rows.rows[:limit], rows.where[:limit]):
         prompt = row.get("prompt")
         if not isinstance(prompt, (str, list)) or not prompt:
-            raise DataError(f"{where}: guards.forgetting.prompts rows need a 'prompt' (a string or a list of "
-                            f"messages); found {', '.join(row) or 'no columns'}")
+            raise DataError(
+                f"{where}: guards.forgetting.prompts rows need a 'prompt' (a string or a list of "
+                f"messages); found {', '.join(row) or 'no columns'}"
+            )
         prompts.append(prompt)
     return prompts
 
@@ -82,15 +84,18 @@ def first_exchange(feature: dict, stop: set[int]) -> tuple[list[int], list[int]]
     end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE_INDEX or ids[i] in stop), None)
     if end is None or ids[end] not in stop:
         return None
-    return list(ids[:start]), list(ids[start: end + 1])
+    return list(ids[:start]), list(ids[start : end + 1])
 
 
 def next_turn(tokenizer: Any, question: str) -> list[int] | None:
     """The tokens that follow an assistant's end-of-turn token to ask ``question`` as a new user
     turn and open the assistant's answer, as the chat template writes them."""
     marker_a, marker_b = "lft-first-question", "lft-first-answer"
-    messages = [{"role": "user", "content": marker_a}, {"role": "assistant", "content": marker_b},
-                {"role": "user", "content": question}]
+    messages = [
+        {"role": "user", "content": marker_a},
+        {"role": "assistant", "content": marker_b},
+        {"role": "user", "content": question},
+    ]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception:  # a template that cannot write a second turn
@@ -101,7 +106,7 @@ def next_turn(tokenizer: Any, question: str) -> list[int] | None:
     if after < 0 or not ends:
         return None
     position, stop = min(ends)
-    return list(tokenizer(text[position + len(stop):], add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text[position + len(stop) :], add_special_tokens=False)["input_ids"])
 
 
 def conversations(tokenizer: Any, features: list[dict], questions: list[Any], count: int) -> list[list[int]]:
@@ -137,7 +142,7 @@ def words(text: str) -> list[str]:
 
 def trigrams(text: str) -> set[tuple[str, ...]]:
     w = words(text)
-    return {tuple(w[i: i + 3]) for i in range(len(w) - 2)}
+    return {tuple(w[i : i + 3]) for i in range(len(w) - 2)}
 
 
 def task_signature(task_answers: list[str], everyday_answers: list[str]) -> list[list[str]]:
@@ -188,12 +193,15 @@ def signals(answer: dict, signature: list[list[str]], base: dict | None = None) 
     return found
 
 
-def answer(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, seed: int,
-           temperature: float = 0.0) -> list[dict]:
+def answer(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, seed: int, temperature: float = 0.0
+) -> list[dict]:
     """Answers to ``prompts``: greedy by default (what ``lft generate`` and ``lft chat`` give)."""
     samples = measure.sample(model, tokenizer, prompts, max_new_tokens, temperature, seed, batch_size=48)
-    return [{"ids": ids, "stopped": stopped, "text": tokenizer.decode(ids, skip_special_tokens=True).strip()}
-            for ids, stopped in samples]
+    return [
+        {"ids": ids, "stopped": stopped, "text": tokenizer.decode(ids, skip_special_tokens=True).strip()}
+        for ids, stopped in samples
+    ]
 
 
 def compare(base: dict, after: dict, signature: list[list[str]]) -> dict:
@@ -202,14 +210,26 @@ def compare(base: dict, after: dict, signature: list[list[str]]) -> dict:
     rows = []
     for kind in ("everyday", "conversation"):
         for i, (b, a) in enumerate(zip(base.get(kind, []), after.get(kind, []))):
-            rows.append({"kind": kind, "prompt": base["questions"][kind][i], "base": b["text"], "tuned": a["text"],
-                         "base_signals": signals(b, signature), "tuned_signals": signals(a, signature, b)})
+            rows.append(
+                {
+                    "kind": kind,
+                    "prompt": base["questions"][kind][i],
+                    "base": b["text"],
+                    "tuned": a["text"],
+                    "base_signals": signals(b, signature),
+                    "tuned_signals": signals(a, signature, b),
+                }
+            )
     n = max(1, len(rows))
     rate = lambda key: sum(bool(r[key]) for r in rows) / n  # noqa: E731
     worse = [r for r in rows if r["tuned_signals"] and not r["base_signals"]]
     worse.sort(key=lambda r: -len(r["tuned_signals"]))
-    return {"answers": len(rows), "base_rate": rate("base_signals"), "tuned_rate": rate("tuned_signals"),
-            "by_signal": dict(Counter(s for r in rows for s in r["tuned_signals"])),
-            "base_by_signal": dict(Counter(s for r in rows for s in r["base_signals"])),
-            "worst": worse[:5], "rows": rows}
-
+    return {
+        "answers": len(rows),
+        "base_rate": rate("base_signals"),
+        "tuned_rate": rate("tuned_signals"),
+        "by_signal": dict(Counter(s for r in rows for s in r["tuned_signals"])),
+        "base_by_signal": dict(Counter(s for r in rows for s in r["base_signals"])),
+        "worst": worse[:5],
+        "rows": rows,
+    }

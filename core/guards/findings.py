@@ -10,8 +10,15 @@ from lft.errors import LftError
 
 #: Statuses, from quiet to loud.
 STATUSES = ("skipped", "ok", "info", "warning", "error")
-TITLES = {"template": "chat template", "lint": "data lint", "contamination": "contamination",
-          "overfit": "overfitting", "repetition": "repetition", "forgetting": "forgetting", "rank": "LoRA rank"}
+TITLES = {
+    "template": "chat template",
+    "lint": "data lint",
+    "contamination": "contamination",
+    "overfit": "overfitting",
+    "repetition": "repetition",
+    "forgetting": "forgetting",
+    "rank": "LoRA rank",
+}
 
 
 @dataclass
@@ -56,8 +63,7 @@ def add_to_summary(summary: dict, findings: Iterable[Finding]) -> None:
 def enforce(findings: Iterable[Finding], strict: bool) -> None:
     """Raise one ``LftError`` naming every error (and, when ``strict``, every warning)."""
     stopping = ("error", "warning") if strict else ("error",)
-    problems = [f"{TITLES.get(f.guard, f.guard)}: {p}" for f in findings if f.status in stopping
-                for p in f.problems]
+    problems = [f"{TITLES.get(f.guard, f.guard)}: {p}" for f in findings if f.status in stopping for p in f.problems]
     if problems:
         hint = "" if not strict else " (guards.strict is on: fix these, or turn the guard off in the guards section)"
         raise LftError(" | ".join(problems) + hint)

@@ -20,8 +20,11 @@ def _answers(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, list):
-        return [m.get("content") for m in value if isinstance(m, dict) and m.get("role", "assistant") == "assistant"
-                and isinstance(m.get("content"), str)]
+        return [
+            m["content"]
+            for m in value
+            if isinstance(m, dict) and m.get("role", "assistant") == "assistant" and isinstance(m.get("content"), str)
+        ]
     return []
 
 
@@ -38,8 +41,14 @@ def _flatten(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def lint_rows(rows: Any, row_texts: Callable[[dict], RowTexts], truncated: int | None = None,
-              longest: int | None = None, max_length: int | None = None, examples: int = 3) -> Finding:
+def lint_rows(
+    rows: Any,
+    row_texts: Callable[[dict], RowTexts],
+    truncated: int | None = None,
+    longest: int | None = None,
+    max_length: int | None = None,
+    examples: int = 3,
+) -> Finding:
     """Lint the rows of one data source, read by ``row_texts`` (the objective's); ``truncated``
     and ``longest`` come from formatting them."""
     finding = Finding("lint")
@@ -57,21 +66,39 @@ def lint_rows(rows: Any, row_texts: Callable[[dict], RowTexts], truncated: int |
         else:
             seen[key] = where
     n = len(rows)
-    for found, what in ((empty, "rows have an empty or whitespace-only completion, which teaches the model to "
-                                "answer with nothing"),
-                        (duplicates, "rows are exact duplicates of earlier rows, which weighs them double and leaks "
-                                     "them into a held-out split"),
-                        (same, "rows have two answers that should differ and are identical (a preference pair's "
-                               "two sides), which carries no preference")):
+    for found, what in (
+        (empty, "rows have an empty or whitespace-only completion, which teaches the model to answer with nothing"),
+        (
+            duplicates,
+            "rows are exact duplicates of earlier rows, which weighs them double and leaks them into a held-out split",
+        ),
+        (
+            same,
+            "rows have two answers that should differ and are identical (a preference pair's "
+            "two sides), which carries no preference",
+        ),
+    ):
         if found:
             finding.raise_to("warning", f"{len(found)} of {n} {what}; e.g. {found[0]}")
             finding.examples += found[:examples]
     if truncated:
-        finding.raise_to("warning", f"{truncated} of {n} rows are longer than data.max_length={max_length} tokens "
-                         f"(longest {longest}) and will be cut, often before the end-of-turn token; raise "
-                         "data.max_length or set data.truncation=drop")
-    finding.data.update(rows=n, empty=len(empty), duplicates=len(duplicates), identical_answers=len(same),
-                        truncated=truncated or 0, longest=longest)
-    finding.detail = (f"{n} rows" + (f", longest {longest} tokens" if longest else "")
-                      + ("" if finding.fired else ", no empty, duplicate or identical-answer rows"))
+        finding.raise_to(
+            "warning",
+            f"{truncated} of {n} rows are longer than data.max_length={max_length} tokens "
+            f"(longest {longest}) and will be cut, often before the end-of-turn token; raise "
+            "data.max_length or set data.truncation=drop",
+        )
+    finding.data.update(
+        rows=n,
+        empty=len(empty),
+        duplicates=len(duplicates),
+        identical_answers=len(same),
+        truncated=truncated or 0,
+        longest=longest,
+    )
+    finding.detail = (
+        f"{n} rows"
+        + (f", longest {longest} tokens" if longest else "")
+        + ("" if finding.fired else ", no empty, duplicate or identical-answer rows")
+    )
     return finding

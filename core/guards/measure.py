@@ -43,8 +43,15 @@ def _forked_rng(model: Any, seed: int):
         yield
 
 
-def sample(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-           seed: int, batch_size: int = 16) -> list[tuple[list[int], bool]]:
+def sample(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 16,
+) -> list[tuple[list[int], bool]]:
     """Sample one completion per prompt (token ids, left-padded batches; greedy at temperature 0).
     Returns each completion's ids, cut after the first end-of-turn token, and whether it stopped there."""
     stop = chat.end_of_turn_ids(tokenizer)
@@ -53,18 +60,26 @@ def sample(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens:
     out: list[tuple[list[int], bool]] = []
     with _forked_rng(model, seed), evaluate.inference_mode(model, tokenizer):
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start: start + batch_size]
+            chunk = prompts[start : start + batch_size]
             width = max(len(p) for p in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for i, p in enumerate(chunk):
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
-            how = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0
-                   else dict(do_sample=False, temperature=None, top_k=None, top_p=None))  # greedy
-            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **how,
-                                       max_new_tokens=max_new_tokens, eos_token_id=sorted(stop) or None,
-                                       pad_token_id=pad)
+                ids[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
+            how = (
+                dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+                if temperature > 0
+                else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+            )  # greedy
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                **how,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=sorted(stop) or None,
+                pad_token_id=pad,
+            )
             for row in generated[:, width:].tolist():
                 end = next((i for i, t in enumerate(row) if t in stop), None)
                 out.append((row[: end + 1], True) if end is not None else (row, False))
@@ -74,7 +89,7 @@ def sample(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens:
 def repetition_rate(ids: list[int], n: int = 3) -> float:
     """The fraction of a completion's token n-grams that repeat an earlier one: 0 for text that never
     repeats itself, close to 1 for a loop. ``[1, 2, 3, 1, 2, 3]`` has 4 trigrams, one repeated: 0.25."""
-    grams = [tuple(ids[i: i + n]) for i in range(len(ids) - n + 1)]
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -82,12 +97,17 @@ def generation_stats(samples: list[tuple[list[int], bool]], n: int = 3) -> dict:
     """Mean repetition rate, share of completions that never stopped, mean length."""
     if not samples:
         return {"repetition": 0.0, "no_stop": 0.0, "length": 0.0, "samples": 0}
-    return {"repetition": sum(repetition_rate(s, n) for s, _ in samples) / len(samples),
-            "no_stop": sum(not stopped for _, stopped in samples) / len(samples),
-            "length": sum(len(s) for s, _ in samples) / len(samples), "samples": len(samples)}
+    return {
+        "repetition": sum(repetition_rate(s, n) for s, _ in samples) / len(samples),
+        "no_stop": sum(not stopped for _, stopped in samples) / len(samples),
+        "length": sum(len(s) for s, _ in samples) / len(samples),
+        "samples": len(samples),
+    }
 
 
-def _batched_logprobs(module: Any, sequences: list[tuple[list[int], int]], batch_size: int = 8) -> list[tuple[float, int]]:
+def _batched_logprobs(
+    module: Any, sequences: list[tuple[list[int], int]], batch_size: int = 8
+) -> list[tuple[float, int]]:
     """``(sum of log-probs, token count)`` of each sequence's tokens from position ``start`` on."""
     model, config = module.model, module.config
     pad = module.tokenizer.pad_token_id or 0
@@ -95,7 +115,7 @@ def _batched_logprobs(module: Any, sequences: list[tuple[list[int], int]], batch
     results: list[tuple[float, int]] = []
     with eval_mode(model), evaluate._autocast(module):
         for start in range(0, len(sequences), batch_size):
-            part = sequences[start: start + batch_size]
+            part = sequences[start : start + batch_size]
             width = max(len(s) for s, _ in part)
             ids = torch.full((len(part), width), pad, dtype=torch.long)
             labels = torch.full((len(part), width), IGNORE_INDEX, dtype=torch.long)
@@ -103,12 +123,12 @@ def _batched_logprobs(module: Any, sequences: list[tuple[list[int], int]], batch
             for i, (seq, begin) in enumerate(part):
                 ids[i, : len(seq)] = torch.tensor(seq)
                 mask[i, : len(seq)] = 1
-                labels[i, begin: len(seq)] = torch.tensor(seq[begin:])
+                labels[i, begin : len(seq)] = torch.tensor(seq[begin:])
             device = module.device
             logps, valid = token_logprobs(model, ids.to(device), mask.to(device), labels.to(device), chunk)
-            logps = (logps.float() * valid).sum(-1).tolist()
+            sums = (logps.float() * valid).sum(-1).tolist()
             counts = valid.sum(-1).tolist()
-            results.extend((float(lp), int(c)) for lp, c in zip(logps, counts))
+            results.extend((float(lp), int(c)) for lp, c in zip(sums, counts))
     return results
 
 

@@ -54,9 +54,18 @@ class RunGuards:
         opts = self.opts
         self._rows = train
         if opts.on("template"):
-            self.findings.append(check_template(tokenizer, train, self.selection.hook, self.config,
-                                                self.selection.objective, opts.template.rows, self.generation_config,
-                                                self.objective.row_texts))
+            self.findings.append(
+                check_template(
+                    tokenizer,
+                    train,
+                    self.selection.hook,
+                    self.config,
+                    self.selection.objective,
+                    opts.template.rows,
+                    self.generation_config,
+                    self.objective.row_texts,
+                )
+            )
         if opts.on("contamination"):
             train = self.contamination(train, eval_rows)
         train = self.mix(train, tokenizer)
@@ -68,25 +77,33 @@ class RunGuards:
     def formatted(self, stats: Any) -> None:
         """Called once the training rows are formatted, with their ``FormatStats``."""
         if self.opts.on("lint") and self._rows is not None:
-            self.findings.append(lint_rows(self._rows, self.objective.row_texts, stats.truncated, stats.longest,
-                                           self.config.data.max_length))
+            self.findings.append(
+                lint_rows(
+                    self._rows, self.objective.row_texts, stats.truncated, stats.longest, self.config.data.max_length
+                )
+            )
         self.findings.sort(key=lambda f: ORDER.index(f.guard) if f.guard in ORDER else len(ORDER))
         if not self.check_only:
             enforce(self.findings, strict=self.opts.strict)
             for finding in self.findings:  # shown now, not only in the summary after training
                 for problem in finding.problems if finding.fired else []:
-                    self.console.print(f"[yellow]guard warning:[/] {escape(TITLES.get(finding.guard, finding.guard))}: "
-                                       f"{escape(problem)}")
+                    self.console.print(
+                        f"[yellow]guard warning:[/] {escape(TITLES.get(finding.guard, finding.guard))}: "
+                        f"{escape(problem)}"
+                    )
 
     def contamination(self, train: Rows, eval_rows: Rows | None) -> Rows:
         opts = self.opts.contamination
         references = [("the eval data", eval_rows)] if eval_rows is not None and len(eval_rows) else []
         references += [(path, read_rows(path)) for path in opts.against]
-        finding, flagged = check_contamination(train, references, opts.ngram, opts.overlap,
-                                               row_texts=self.objective.row_texts)
+        finding, flagged = check_contamination(
+            train, references, opts.ngram, opts.overlap, row_texts=self.objective.row_texts
+        )
         if flagged and opts.drop:
             train = train.subset([i for i in range(len(train)) if i not in flagged])
-            finding.raise_to("info", f"dropped the {len(flagged)} overlapping training rows (guards.contamination.drop)")
+            finding.raise_to(
+                "info", f"dropped the {len(flagged)} overlapping training rows (guards.contamination.drop)"
+            )
             finding.status = "info"  # dealt with: no longer a warning
         self.findings.append(finding)
         return train
@@ -108,10 +125,15 @@ class RunGuards:
         random.Random(self.config.trainer.seed).shuffle(order)
         picked = [order[i % len(order)] for i in range(count)]
         self.mixed = count
-        self.console.print(f"[dim]guards: mixing {count} general rows from {general.source} into {len(train)} training "
-                           f"rows (guards.forgetting.mix_ratio={opts.mix_ratio})[/]")
-        return Rows(train.source, train.rows + [general.rows[i] for i in picked],
-                    train.where + [general.where[i] for i in picked])
+        self.console.print(
+            f"[dim]guards: mixing {count} general rows from {general.source} into {len(train)} training "
+            f"rows (guards.forgetting.mix_ratio={opts.mix_ratio})[/]"
+        )
+        return Rows(
+            train.source,
+            train.rows + [general.rows[i] for i in picked],
+            train.where + [general.where[i] for i in picked],
+        )
 
     def own_answers(self, tokenizer: Any) -> Rows:
         """The base model's answers to lft's general prompts, sampled at temperature 1 (two per
@@ -131,27 +153,48 @@ class RunGuards:
         opts = self.opts.forgetting
         prompts = everyday.read_prompts(GENERAL_PROMPTS, 10_000)
         model_cfg = self.config.model
-        key = hashlib.sha256(json.dumps([str(model_cfg.path), model_cfg.gguf_file, model_cfg.dtype,
-                                         tokenizer_fingerprint(tokenizer), prompts, opts.answer_tokens,
-                                         f"sampled at T=1, {SELF_SAMPLES} per prompt",
-                                         self.config.trainer.seed]).encode())
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    str(model_cfg.path),
+                    model_cfg.gguf_file,
+                    model_cfg.dtype,
+                    tokenizer_fingerprint(tokenizer),
+                    prompts,
+                    opts.answer_tokens,
+                    f"sampled at T=1, {SELF_SAMPLES} per prompt",
+                    self.config.trainer.seed,
+                ]
+            ).encode()
+        )
         path = cache_dir() / "self-mix" / f"{key.hexdigest()[:20]}.jsonl"
         if not path.is_file():
-            self.console.print(f"[dim]guards: the base model answers {len(prompts)} general prompts twice for "
-                               f"guards.forgetting.mix_data=self (once; cached)...[/]")
+            self.console.print(
+                f"[dim]guards: the base model answers {len(prompts)} general prompts twice for "
+                f"guards.forgetting.mix_data=self (once; cached)...[/]"
+            )
             asked = [p for p in prompts for _ in range(SELF_SAMPLES)]
-            ids = [list(tokenizer(chat.prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"])
-                   for p in asked]
-            answers = everyday.answer(self.model, tokenizer, ids, opts.answer_tokens, self.config.trainer.seed,
-                                      temperature=1.0)
-            rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a["text"]}]}
-                    for p, a in zip(asked, answers) if a["stopped"] and a["text"] and not everyday.signals(a, [])]
+            ids = [
+                list(tokenizer(chat.prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in asked
+            ]
+            answers = everyday.answer(
+                self.model, tokenizer, ids, opts.answer_tokens, self.config.trainer.seed, temperature=1.0
+            )
+            answered = [
+                {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a["text"]}]}
+                for p, a in zip(asked, answers)
+                if a["stopped"] and a["text"] and not everyday.signals(a, [])
+            ]
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "self-mix cache")
+            atomic_write_text(
+                path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered), "self-mix cache"
+            )
         rows = read_rows(str(path)) if path.stat().st_size else None
         if rows is None:
-            raise DataError(f"guards.forgetting.mix_data=self: none of the base model's answers to {GENERAL_PROMPTS} "
-                            "stopped without looping; give mix_data=FILE with general rows instead")
+            raise DataError(
+                f"guards.forgetting.mix_data=self: none of the base model's answers to {GENERAL_PROMPTS} "
+                "stopped without looping; give mix_data=FILE with general rows instead"
+            )
         return rows
 
     def eval_cadence(self, train: Rows, eval_rows: Rows | None) -> None:
@@ -162,10 +205,14 @@ class RunGuards:
             return
         if self.objective.online:
             return  # a policy-gradient loss says nothing about memorising; each evaluation is a rollout
-        steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * math.ceil(len(train) / (tc.batch_size * tc.grad_accum))
+        steps = (
+            tc.max_steps if tc.max_steps > 0 else tc.epochs * math.ceil(len(train) / (tc.batch_size * tc.grad_accum))
+        )
         self.eval_every = max(1, steps // self.opts.overfit.eval_points)
-        self.console.print(f"[dim]guards: eval loss every {self.eval_every} steps to watch for overfitting "
-                           "(set trainer.eval_every to choose)[/]")
+        self.console.print(
+            f"[dim]guards: eval loss every {self.eval_every} steps to watch for overfitting "
+            "(set trainer.eval_every to choose)[/]"
+        )
 
     def finish(self, summary: dict) -> None:
         add_to_summary(summary, self.findings)

@@ -75,7 +75,7 @@ def _messages(row: dict) -> list[dict] | None:
 
 def _diverge(a: str, b: str) -> str:
     i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return f"{a[max(0, i - 30): i + 30]!r} vs {b[max(0, i - 30): i + 30]!r}"
+    return f"{a[max(0, i - 30) : i + 30]!r} vs {b[max(0, i - 30) : i + 30]!r}"
 
 
 def prefix_problem(tokenizer: Any, messages: list[dict]) -> str | None:
@@ -103,14 +103,22 @@ def template_choices(tokenizer: Any, config: Any, objective: str) -> str:
     key = f"{objective}.chat_template" if section is not None and "chat_template" in section.model_fields else None
     specials = set(tokenizer.all_special_tokens or [])
     chatml_ok = {"<|im_start|>", "<|im_end|>"} <= specials
-    options = [f"chatml{' (this tokenizer has <|im_start|> and <|im_end|>)' if chatml_ok else ''}",
-               f"simple (User:/Assistant: turns, each answer ending with the eos token {tokenizer.eos_token!r})"]
+    options = [
+        f"chatml{' (this tokenizer has <|im_start|> and <|im_end|>)' if chatml_ok else ''}",
+        f"simple (User:/Assistant: turns, each answer ending with the eos token {tokenizer.eos_token!r})",
+    ]
     if not chatml_ok:
         options.reverse()
-    how = f"set {key}=NAME with NAME one of: {'; '.join(options)}; or give a Jinja template" if key else \
-        "set a chat template on the tokenizer"
-    return ("the tokenizer has no chat template (a base model?) but the data is conversational; " + how
-            + "; or use plain 'text' / 'prompt'+'completion' rows")
+    how = (
+        f"set {key}=NAME with NAME one of: {'; '.join(options)}; or give a Jinja template"
+        if key
+        else "set a chat template on the tokenizer"
+    )
+    return (
+        "the tokenizer has no chat template (a base model?) but the data is conversational; "
+        + how
+        + "; or use plain 'text' / 'prompt'+'completion' rows"
+    )
 
 
 def _stop_ids(generation_config: Any) -> set[int] | None:
@@ -122,8 +130,16 @@ def _stop_ids(generation_config: Any) -> set[int] | None:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-def check_template(tokenizer: Any, rows: Any, hook: Any, config: Any, objective: str, limit: int = 64,
-                   generation_config: Any = None, row_texts: Callable[[dict], RowTexts] | None = None) -> Finding:
+def check_template(
+    tokenizer: Any,
+    rows: Any,
+    hook: Any,
+    config: Any,
+    objective: str,
+    limit: int = 64,
+    generation_config: Any = None,
+    row_texts: Callable[[dict], RowTexts] | None = None,
+) -> Finding:
     """Lint the chat template and the label masks on the first ``limit`` rows of ``rows``;
     ``row_texts`` (the objective's) names the prompts each row's answers follow."""
     finding = Finding("template")
@@ -132,32 +148,42 @@ def check_template(tokenizer: Any, rows: Any, hook: Any, config: Any, objective:
     if conversational and not chat.has_chat_template(tokenizer):
         finding.detail = "no chat template"
         return finding.raise_to("error", template_choices(tokenizer, config, objective))
-    multi_turn = [m for m in (_messages(r) for r in rows.rows[:limit]) if m and sum(x["role"] == "assistant" for x in m) > 1]
+    multi_turn = [
+        m for m in (_messages(r) for r in rows.rows[:limit]) if m and sum(x["role"] == "assistant" for x in m) > 1
+    ]
     if chat.has_chat_template(tokenizer):
         problem = next((p for p in (prefix_problem(tokenizer, m) for m in multi_turn[:8]) if p), None)
         if problem:
-            finding.raise_to("error", f"the chat template is not prefix-preserving, so turns cannot be masked: {problem}")
+            finding.raise_to(
+                "error", f"the chat template is not prefix-preserving, so turns cannot be masked: {problem}"
+            )
         elif prefix_problem(tokenizer, PROBE):
-            finding.raise_to("info", "the chat template is not prefix-preserving on a two-exchange conversation "
-                             f"({prefix_problem(tokenizer, PROBE)}); multi-turn rows would fail to format")
+            finding.raise_to(
+                "info",
+                "the chat template is not prefix-preserving on a two-exchange conversation "
+                f"({prefix_problem(tokenizer, PROBE)}); multi-turn rows would fail to format",
+            )
     finding.data["unformatted"] = len(errors)  # the formatting itself reports bad rows, with its own message
     if not sample:
         finding.detail = "no row could be formatted"
         return finding
     _check_end_of_turn(finding, tokenizer, hook, config, sample, _stop_ids(generation_config))
     _check_prompts(finding, tokenizer, sample, row_texts)
-    finding.detail = finding.detail or f"{len(sample)} rows checked" + (", chat template" if chat.has_chat_template(tokenizer) else "")
+    finding.detail = finding.detail or f"{len(sample)} rows checked" + (
+        ", chat template" if chat.has_chat_template(tokenizer) else ""
+    )
     return finding
 
 
-def _check_end_of_turn(finding: Finding, tokenizer: Any, hook: Any, config: Any, sample: list[tuple],
-                       stop_ids: set[int] | None) -> None:
+def _check_end_of_turn(
+    finding: Finding, tokenizer: Any, hook: Any, config: Any, sample: list[tuple], stop_ids: set[int] | None
+) -> None:
     eot = chat.end_of_turn_ids(tokenizer)
     features = [{k: v for k, v in f.items() if k != "truncated"} for _, _, f in sample]
     truncated = [bool(f.get("truncated")) for _, _, f in sample]
     missing, checked, trained_eot = [], 0, set()
     for start in range(0, len(features), 8):
-        batch = hook.lft_collate(features=features[start: start + 8], tokenizer=tokenizer, config=config)
+        batch = hook.lft_collate(features=features[start : start + 8], tokenizer=tokenizer, config=config)
         for key, labels in (batch or {}).items():
             if not key.endswith("labels") or not hasattr(labels, "shape") or labels.dim() != 2:
                 continue
@@ -174,19 +200,26 @@ def _check_end_of_turn(finding: Finding, tokenizer: Any, hook: Any, config: Any,
                     missing.append(sample[start + b][1])
     if missing:
         names = ", ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in sorted(eot)) or "none known"
-        finding.raise_to("warning", f"{len(missing)} of {checked} examples have no end-of-turn token ({names}) in their "
-                         f"trained labels, so the model never learns to stop and generations run on; e.g. {missing[0]}")
+        finding.raise_to(
+            "warning",
+            f"{len(missing)} of {checked} examples have no end-of-turn token ({names}) in their "
+            f"trained labels, so the model never learns to stop and generations run on; e.g. {missing[0]}",
+        )
         finding.examples.extend(missing[:3])
     if stop_ids is not None and trained_eot and not (trained_eot & stop_ids):
         tokens = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} ({i})" for i in sorted(trained_eot))
-        finding.raise_to("warning", f"the model's generation_config stops on ids {sorted(stop_ids)} but the trained "
-                         f"end-of-turn token is {tokens}; tools that read generation_config will not stop (set its "
-                         "eos_token_id)")
+        finding.raise_to(
+            "warning",
+            f"the model's generation_config stops on ids {sorted(stop_ids)} but the trained "
+            f"end-of-turn token is {tokens}; tools that read generation_config will not stop (set its "
+            "eos_token_id)",
+        )
     finding.data.update(eot_checked=checked, eot_missing=len(missing))
 
 
-def _check_prompts(finding: Finding, tokenizer: Any, sample: list[tuple],
-                   row_texts: Callable[[dict], RowTexts] | None) -> None:
+def _check_prompts(
+    finding: Finding, tokenizer: Any, sample: list[tuple], row_texts: Callable[[dict], RowTexts] | None
+) -> None:
     """The inference prompt must be, token for token, the prefix the answer was trained after."""
     mismatches, headers, checked = [], [], 0
     for row, where, feature in sample:
@@ -213,16 +246,25 @@ def _check_prompts(finding: Finding, tokenizer: Any, sample: list[tuple],
     if mismatches:
         where, train_ids, infer_ids = mismatches[0]
         k = _common(train_ids, infer_ids)
-        show = lambda ids: repr(tokenizer.decode(ids[max(0, k - 3): k + 12], skip_special_tokens=False))
-        finding.raise_to("warning", f"{len(mismatches)} of {checked} rows: the prompt used at inference differs from "
-                         f"the prefix trained on (from token {k}: training {show(train_ids)}, inference "
-                         f"{show(infer_ids)}); e.g. {where}")
+
+        def show(ids: list[int]) -> str:
+            return repr(tokenizer.decode(ids[max(0, k - 3) : k + 12], skip_special_tokens=False))
+
+        finding.raise_to(
+            "warning",
+            f"{len(mismatches)} of {checked} rows: the prompt used at inference differs from "
+            f"the prefix trained on (from token {k}: training {show(train_ids)}, inference "
+            f"{show(infer_ids)}); e.g. {where}",
+        )
         finding.examples.extend(m[0] for m in mismatches[:3])
     if headers:
         where, header = headers[0]
-        finding.raise_to("warning", f"{len(headers)} of {checked} rows train {header!r} before the assistant's words: "
-                         "the template's generation prompt (add_generation_prompt) lacks the assistant header, so "
-                         f"the model must write it itself and answers start with it; e.g. {where}")
+        finding.raise_to(
+            "warning",
+            f"{len(headers)} of {checked} rows train {header!r} before the assistant's words: "
+            "the template's generation prompt (add_generation_prompt) lacks the assistant header, so "
+            f"the model must write it itself and answers start with it; e.g. {where}",
+        )
         finding.examples.extend(h[0] for h in headers[:3] if h[0] not in finding.examples)
     finding.data.update(prompts_checked=checked, prompt_mismatches=len(mismatches), trained_headers=len(headers))
 
@@ -231,7 +273,9 @@ def _trained_header(tokenizer: Any, row: dict, ids: list[int], labels: list[int]
     """Text trained before the first assistant message's content (a role header the template puts
     in the answer), or None."""
     messages = row.get("messages")
-    answer = next((m.get("content") for m in messages or [] if isinstance(m, dict) and m.get("role") == "assistant"), None)
+    answer = next(
+        (m.get("content") for m in messages or [] if isinstance(m, dict) and m.get("role") == "assistant"), None
+    )
     if not isinstance(answer, str) or not answer.strip():
         return None
     end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))

@@ -33,7 +33,7 @@ def unwrap(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
-def split_head(model: Any) -> tuple[Any, torch.nn.Module] | None:
+def split_head(model: Any) -> tuple[Any, torch.nn.Linear] | None:
     """``(backbone, lm_head)`` when logits are exactly ``lm_head(backbone(...).last_hidden_state)``."""
     base = unwrap(model)
     config = getattr(base, "config", None)
@@ -69,8 +69,15 @@ def parameter_count(param: torch.Tensor) -> int:
 
 
 def token_stats(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
-    temperature: float = 1.0, entropy: bool = False, hidden: bool = False, position_ids: torch.Tensor | None = None,
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int = 1024,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    hidden: bool = False,
+    position_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """``token_logprobs`` of the distribution at ``temperature``, from one forward pass, plus on
     request the entropy (no gradient) at each scored position and the final hidden states.
@@ -81,8 +88,9 @@ def token_stats(
     """
     parts = split_head(model)
     if parts is None:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    output_hidden_states=hidden)
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=hidden
+        )
         logits = out.logits / temperature
         logps, mask = logprobs_from_logits(logits, labels)
         stats = {"logps": logps, "mask": mask}
@@ -92,16 +100,18 @@ def token_stats(
             stats["hidden"] = out.hidden_states[-1]
         return stats
     backbone, head = parts
-    states = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state
+    states = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     stats = _head_stats(states, head, labels, chunk, temperature, entropy)
     if hidden:
         stats["hidden"] = states
     return stats
 
 
-def _head_stats(states: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk: int, temperature: float,
-                entropy: bool) -> dict[str, torch.Tensor]:
+def _head_stats(
+    states: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk: int, temperature: float, entropy: bool
+) -> dict[str, torch.Tensor]:
     """``logps``, ``mask`` (and ``entropy``) of the labelled next tokens, from final hidden states."""
     scaled = states / temperature if temperature != 1.0 else states
     bias = head.bias / temperature if head.bias is not None and temperature != 1.0 else head.bias
@@ -120,9 +130,17 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
 
 
 def completion_stats(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, prompt_length: int,
-    chunk: int = 1024, temperature: float = 1.0, entropy: bool = False, hidden: bool = False,
-    position_ids: torch.Tensor | None = None, groups: torch.Tensor | None = None,
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    prompt_length: int,
+    chunk: int = 1024,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    hidden: bool = False,
+    position_ids: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """``token_stats`` of the completion tokens of prompt + completion rows: ``"logps"``,
     ``"mask"`` (and ``"entropy"``) of shape (B, C) for the ``C = T - prompt_length`` completion
@@ -136,15 +154,31 @@ def completion_stats(
     """
     start = prompt_length - 1
     parts = split_head(model)
-    shared = (parts is not None and groups is not None and prompt_length > 1 and input_ids.shape[1] > prompt_length
-              and not any(getattr(m, "gradient_checkpointing", False) for m in parts[0].modules()))
-    if shared:
+    shared = (
+        parts is not None
+        and groups is not None
+        and prompt_length > 1
+        and input_ids.shape[1] > prompt_length
+        and not any(getattr(m, "gradient_checkpointing", False) for m in parts[0].modules())
+    )
+    if shared and groups is not None:
         heads, inverse = torch.unique(groups, return_inverse=True)
         shared = heads.numel() < groups.numel()
-    if not shared:
-        stats = token_stats(model, input_ids, attention_mask, labels, chunk, temperature, entropy=entropy,
-                            hidden=hidden, position_ids=position_ids)
-        out = {key: stats[key][:, start:] for key in ("logps", "mask", "entropy") if key in stats}
+    if not shared or parts is None or groups is None:  # shared implies both: the checks only narrow the types
+        stats = token_stats(
+            model,
+            input_ids,
+            attention_mask,
+            labels,
+            chunk,
+            temperature,
+            entropy=entropy,
+            hidden=hidden,
+            position_ids=position_ids,
+        )
+        out: dict[str, torch.Tensor] = {
+            key: stats[key][:, start:] for key in ("logps", "mask", "entropy") if key in stats
+        }
         if hidden:
             out["hidden"] = stats["hidden"][:, start:-1]
         return out
@@ -154,13 +188,22 @@ def completion_stats(
     rows = torch.arange(groups.numel(), device=groups.device)
     first = torch.full((heads.numel(),), groups.numel(), dtype=rows.dtype, device=rows.device)
     first = first.scatter_reduce(0, inverse, rows, reduce="amin")  # one row per prompt
-    prefix = backbone(input_ids=input_ids[first, :prompt_length], attention_mask=attention_mask[first, :prompt_length],
-                      position_ids=position_ids[first, :prompt_length], use_cache=True)
+    prefix = backbone(
+        input_ids=input_ids[first, :prompt_length],
+        attention_mask=attention_mask[first, :prompt_length],
+        position_ids=position_ids[first, :prompt_length],
+        use_cache=True,
+    )
     name = "cache" if prefix.get("cache") is not None else "past_key_values"  # transformers 5 renamed it
     cache = prefix[name]
     cache.reorder_cache(inverse)  # differentiable: each row reads its prompt's keys and values
-    rest = backbone(input_ids=input_ids[:, prompt_length:], attention_mask=attention_mask,
-                    position_ids=position_ids[:, prompt_length:], use_cache=True, **{name: cache})
+    rest = backbone(
+        input_ids=input_ids[:, prompt_length:],
+        attention_mask=attention_mask,
+        position_ids=position_ids[:, prompt_length:],
+        use_cache=True,
+        **{name: cache},
+    )
     states = torch.cat([prefix.last_hidden_state[:, -1:].index_select(0, inverse), rest.last_hidden_state], dim=1)
     out = _head_stats(states, head, labels[:, start:], chunk, temperature, entropy)
     if hidden:

@@ -71,8 +71,10 @@ def resolve(path: str | None, gguf_file: str | None = None) -> tuple[str, str | 
         ggufs = sorted(local.glob("*.gguf"))
         if len(ggufs) == 1:
             return str(local), ggufs[0].name
-        raise ModelError(f"{path} is not a model folder: it has no config.json"
-                         + (" and several .gguf files; choose one with model.gguf_file" if ggufs else ""))
+        raise ModelError(
+            f"{path} is not a model folder: it has no config.json"
+            + (" and several .gguf files; choose one with model.gguf_file" if ggufs else "")
+        )
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise ModelError(f"model path {path} does not exist")
     return path, gguf_file  # a hub id
@@ -134,9 +136,11 @@ def check_safe_weights(folder: str | Path, allow_pickle: bool = False) -> None:
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
-        raise ModelError(f"{folder} stores its weights only as pickle ({', '.join(pickles[:3])}), which lft refuses "
-                         "to load because unpickling a file can run code; convert it to safetensors, or set "
-                         "model.allow_pickle=true if you trust it")
+        raise ModelError(
+            f"{folder} stores its weights only as pickle ({', '.join(pickles[:3])}), which lft refuses "
+            "to load because unpickling a file can run code; convert it to safetensors, or set "
+            "model.allow_pickle=true if you trust it"
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -146,8 +150,9 @@ def _first_line(exc: BaseException) -> str:
 
 def _remote_code_hint(exc: BaseException) -> str:
     if "trust_remote_code" in str(exc) or "custom code" in str(exc):
-        return ("; lft runs no code shipped with a model unless you set model.trust_remote_code=true "
-                "(read that code first)")
+        return (
+            "; lft runs no code shipped with a model unless you set model.trust_remote_code=true (read that code first)"
+        )
     return ""
 
 
@@ -174,8 +179,11 @@ def load_model(config: Any, quantization_config: Any = None) -> tuple[Any, Any]:
     source = local_folder(mc.path, mc.gguf_file)
     check_safe_weights(source, mc.allow_pickle)
     tokenizer = load_tokenizer(source, mc.trust_remote_code, mc.revision)
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[mc.dtype], "trust_remote_code": mc.trust_remote_code,
-                              "use_safetensors": None if mc.allow_pickle else True}
+    kwargs: dict[str, Any] = {
+        "dtype": _DTYPES[mc.dtype],
+        "trust_remote_code": mc.trust_remote_code,
+        "use_safetensors": None if mc.allow_pickle else True,
+    }
     if mc.revision:
         kwargs["revision"] = mc.revision
     if mc.attn_implementation:
@@ -189,8 +197,11 @@ def load_model(config: Any, quantization_config: Any = None) -> tuple[Any, Any]:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:  # transformers raises many types for a folder that is not a usable model
         first = _first_line(exc)
-        hint = ("; lft loads safetensors weights only (set model.allow_pickle=true to accept pickle files)"
-                if "safetensors" in first and not mc.allow_pickle and not Path(source).is_dir() else "")
+        hint = (
+            "; lft loads safetensors weights only (set model.allow_pickle=true to accept pickle files)"
+            if "safetensors" in first and not mc.allow_pickle and not Path(source).is_dir()
+            else ""
+        )
         hint = hint or _remote_code_hint(exc)
         raise ModelError(f"{source}: could not load a causal language model ({first}){hint}") from None
     check_vocab(model, tokenizer, source)
@@ -230,5 +241,7 @@ def check_vocab(model: Any, tokenizer: Any, source: str) -> None:
     embeddings = model.get_input_embeddings()
     rows = embeddings.weight.shape[0] if embeddings is not None and hasattr(embeddings, "weight") else None
     if rows is not None and len(tokenizer) > rows:
-        raise ModelError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
-                         f"{rows} rows; the tokenizer does not belong to this model")
+        raise ModelError(
+            f"{source}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+            f"{rows} rows; the tokenizer does not belong to this model"
+        )

@@ -64,8 +64,10 @@ class ReferencePolicy:
     def model(self) -> Iterator[Any]:
         """The reference model, in eval mode with gradients off, for the duration."""
         if self.released:
-            raise LftError("the reference model was released after its log-probs were precomputed; "
-                           "this batch has no precomputed reference log-probs")
+            raise LftError(
+                "the reference model was released after its log-probs were precomputed; "
+                "this batch has no precomputed reference log-probs"
+            )
         with torch.no_grad():
             if self._frozen is not None:
                 device = next(self.policy.parameters()).device
@@ -176,8 +178,11 @@ class ReferenceCache:
 
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
-        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                                                 metadata=metadata), "reference cache")
+        atomic_write(
+            path,
+            lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata),
+            "reference cache",
+        )
         return path
 
 
@@ -207,7 +212,7 @@ def precompute(
         values: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         with reference.model() as model:
             for start in range(0, len(features), batch_size):
-                batch = collate(features[start: start + batch_size])
+                batch = collate(features[start : start + batch_size])
                 batch = {k: v.to(device) if device is not None and torch.is_tensor(v) else v for k, v in batch.items()}
                 with context():
                     out = compute(model, batch)

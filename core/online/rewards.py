@@ -40,15 +40,14 @@ def _shorten(value: Any, width: int = 60) -> str:
 
 
 def _sample(rows: dict, index: int) -> dict:
-    return {k: (v[index: index + 1] if isinstance(v, (list, tuple, torch.Tensor)) else v) for k, v in rows.items()}
+    return {k: (v[index : index + 1] if isinstance(v, (list, tuple, torch.Tensor)) else v) for k, v in rows.items()}
 
 
 def _call(impl: Any, **kwargs: Any) -> Any:
     return impl.function(*[kwargs[name] for name in impl.argnames])
 
 
-def _find_failure(hook: Any, prompts: list, completions: list, batch: dict, config: Any,
-                  exc: Exception) -> RewardError:
+def _find_failure(hook: Any, prompts: list, completions: list, batch: dict, config: Any, exc: Exception) -> RewardError:
     """Call each reward plugin alone, then on one sample at a time, to name what raised."""
     for impl in hook.lft_reward.get_hookimpls():
         try:
@@ -58,14 +57,23 @@ def _find_failure(hook: Any, prompts: list, completions: list, batch: dict, conf
             culprit, first = impl, own
         for i in range(len(completions)):
             try:
-                _call(culprit, prompts=prompts[i: i + 1], completions=completions[i: i + 1],
-                      batch=_sample(batch, i), config=config)
+                _call(
+                    culprit,
+                    prompts=prompts[i : i + 1],
+                    completions=completions[i : i + 1],
+                    batch=_sample(batch, i),
+                    config=config,
+                )
             except Exception as alone:
-                return RewardError(f"reward function {culprit.plugin_name!r} raised {type(alone).__name__}: "
-                                   f"{str(alone).splitlines()[0] if str(alone) else ''} on sample {i} "
-                                   f"(prompt {_shorten(prompts[i])}, completion {_shorten(completions[i])})")
-        return RewardError(f"reward function {culprit.plugin_name!r} raised {type(first).__name__}: {first} "
-                           f"on a batch of {len(completions)} completions (no single sample fails alone)")
+                return RewardError(
+                    f"reward function {culprit.plugin_name!r} raised {type(alone).__name__}: "
+                    f"{str(alone).splitlines()[0] if str(alone) else ''} on sample {i} "
+                    f"(prompt {_shorten(prompts[i])}, completion {_shorten(completions[i])})"
+                )
+        return RewardError(
+            f"reward function {culprit.plugin_name!r} raised {type(first).__name__}: {first} "
+            f"on a batch of {len(completions)} completions (no single sample fails alone)"
+        )
     return RewardError(f"the reward hook raised {type(exc).__name__}: {exc}")
 
 
@@ -89,8 +97,10 @@ def score(hook: Any, prompts: list, completions: list, batch: dict, config: Any)
         if result is None:
             continue
         if not isinstance(result, dict) or not {"name", "scores"} <= set(result):
-            raise PluginError(f"a reward plugin returned {type(result).__name__} {_shorten(result)}; expected "
-                              f"{{'name': ..., 'scores': [...], 'weight': ...}}")
+            raise PluginError(
+                f"a reward plugin returned {type(result).__name__} {_shorten(result)}; expected "
+                f"{{'name': ..., 'scores': [...], 'weight': ...}}"
+            )
         name = str(result["name"])
         values = result["scores"]
         values = values.detach().float().cpu().tolist() if torch.is_tensor(values) else list(values)
@@ -100,11 +110,15 @@ def score(hook: Any, prompts: list, completions: list, batch: dict, config: Any)
             try:
                 value = float(value)
             except (TypeError, ValueError):
-                raise RewardError(f"reward function {name!r} returned {_shorten(value)} (not a number) for sample {i} "
-                                  f"(prompt {_shorten(prompts[i])})") from None
+                raise RewardError(
+                    f"reward function {name!r} returned {_shorten(value)} (not a number) for sample {i} "
+                    f"(prompt {_shorten(prompts[i])})"
+                ) from None
             if not math.isfinite(value):
-                raise RewardError(f"reward function {name!r} returned {value} for sample {i} (prompt "
-                                  f"{_shorten(prompts[i])}, completion {_shorten(completions[i])})")
+                raise RewardError(
+                    f"reward function {name!r} returned {value} for sample {i} (prompt "
+                    f"{_shorten(prompts[i])}, completion {_shorten(completions[i])})"
+                )
         weight = float(result.get("weight", 1.0))
         tensor = torch.tensor(values, dtype=torch.float32)
         if name in out.scores:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -50,9 +50,29 @@ from lft.train.numerics import native_bf16_cpu
 #: Batch keys the rollout reads; every other key is a data column handed to the reward functions.
 PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask")
 #: Keys of the experience batch that a data column may not use.
-RESERVED = ("prompts", "completions", "input_ids", "attention_mask", "position_ids", "labels", "prompt_length",
-            "prompt_index", "completion_ids", "completion_mask", "logps", "entropy", "ref_logps", "hidden", "rewards",
-            "reward_scores", "reward_weights", "num_generations", "stopped", "timings", *PROMPT_KEYS)
+RESERVED = (
+    "prompts",
+    "completions",
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "labels",
+    "prompt_length",
+    "prompt_index",
+    "completion_ids",
+    "completion_mask",
+    "logps",
+    "entropy",
+    "ref_logps",
+    "hidden",
+    "rewards",
+    "reward_scores",
+    "reward_weights",
+    "num_generations",
+    "stopped",
+    "timings",
+    *PROMPT_KEYS,
+)
 
 
 @dataclass
@@ -77,7 +97,9 @@ class RolloutSettings:
 def samples_in_float32(device_type: str, autocast_dtype: Any = None) -> bool:
     """Under bf16 autocast on a CPU without bf16 arithmetic, float32 matmuls are faster (about
     twice at generation's batch sizes), so the rollout samples in float32 there."""
-    dtype = autocast_dtype or (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None)
+    dtype = autocast_dtype or (
+        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    )
     return device_type == "cpu" and dtype == torch.bfloat16 and not native_bf16_cpu()
 
 
@@ -91,8 +113,8 @@ def left_pad(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.
     for i in range(ids.shape[0]):
         n = int(lengths[i])
         if n:
-            out[i, width - n:] = ids[i][mask[i]]
-            out_mask[i, width - n:] = 1
+            out[i, width - n :] = ids[i][mask[i]]
+            out_mask[i, width - n :] = 1
     return out, out_mask
 
 
@@ -106,8 +128,14 @@ def stop_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor
     return (stops.cumsum(1) - stops) == 0
 
 
-def generate_tokens(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: RolloutSettings,
-                    stop_ids: list[int], pad_id: int) -> torch.Tensor:
+def generate_tokens(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    settings: RolloutSettings,
+    stop_ids: list[int],
+    pad_id: int,
+) -> torch.Tensor:
     """Sample ``num_generations`` completions of up to ``max_new_tokens`` (greedy at temperature
     0) for each left-padded prompt, with a KV cache. Returns (prompts x num_generations, C) token
     ids, the samples of one prompt consecutive, padded after the stop token with ``pad_id``.
@@ -115,8 +143,13 @@ def generate_tokens(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     With several samples per prompt, each prompt is encoded once and its cache copied to its
     samples, rather than encoding the same prompt ``num_generations`` times.
     """
-    kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": pad_id,
-                              "eos_token_id": stop_ids or None, "use_cache": True, "repetition_penalty": 1.0}
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "pad_token_id": pad_id,
+        "eos_token_id": stop_ids or None,
+        "use_cache": True,
+        "repetition_penalty": 1.0,
+    }
     if settings.temperature > 0:
         kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     else:
@@ -128,17 +161,22 @@ def generate_tokens(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     precision = torch.autocast(device, enabled=False) if samples_in_float32(device) else contextlib.nullcontext()
     with eval_mode(model), sampling_weights(model), precision, torch.inference_mode():
         for start in range(0, prompt_ids.shape[0], step):
-            ids, mask = prompt_ids[start: start + step], prompt_mask[start: start + step]
+            ids, mask = prompt_ids[start : start + step], prompt_mask[start : start + step]
             extra = _shared_prefix(model, ids, mask, group) if group > 1 and ids.shape[1] > 1 else {}
-            out = model.generate(input_ids=ids.repeat_interleave(group, dim=0),
-                                 attention_mask=mask.repeat_interleave(group, dim=0), **extra, **kwargs)
-            parts.append(out[:, ids.shape[1]:])
+            out = model.generate(
+                input_ids=ids.repeat_interleave(group, dim=0),
+                attention_mask=mask.repeat_interleave(group, dim=0),
+                **extra,
+                **kwargs,
+            )
+            parts.append(out[:, ids.shape[1] :])
     width = max(p.shape[1] for p in parts)
-    completion = torch.full((prompt_ids.shape[0] * group, width), pad_id, dtype=prompt_ids.dtype,
-                            device=prompt_ids.device)
+    completion = torch.full(
+        (prompt_ids.shape[0] * group, width), pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device
+    )
     row = 0
     for part in parts:
-        completion[row: row + part.shape[0], : part.shape[1]] = part
+        completion[row : row + part.shape[0], : part.shape[1]] = part
         row += part.shape[0]
     return completion
 
@@ -147,8 +185,13 @@ def _shared_prefix(model: Any, ids: torch.Tensor, mask: torch.Tensor, group: int
     """The KV cache of every prompt but its last token, computed once per prompt and repeated for
     its ``group`` samples; ``generate`` then encodes only the last prompt token per sample."""
     positions = positions_of(mask)
-    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=ids[:, :-1],
+        attention_mask=mask[:, :-1],
+        position_ids=positions[:, :-1],
+        use_cache=True,
+        logits_to_keep=1,
+    )
     name = "cache" if out.get("cache") is not None else "past_key_values"  # transformers 5 renamed it
     cache = out[name]
     cache.batch_repeat_interleave(group)
@@ -160,9 +203,9 @@ def prompt_groups(rows: int, group: int, device: Any = None) -> torch.Tensor:
     return torch.arange(rows, device=device) // max(1, group)
 
 
-def repeat_columns(batch: dict, times: int) -> dict:
+def repeat_columns(batch: Mapping[str, Any], times: int) -> dict:
     """Every data column of ``batch`` (not the prompt tensors), each entry repeated ``times``."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in batch.items():
         if key in PROMPT_KEYS:
             continue
@@ -175,13 +218,15 @@ def repeat_columns(batch: dict, times: int) -> dict:
     return out
 
 
-def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
+def experience(module: Any, batch: Mapping[str, Any], settings: RolloutSettings) -> dict:
     """Generate and score one batch of experience with ``module.model`` (see the module docstring)."""
     model, tokenizer, config = module.model, module.tokenizer, module.config
     missing = [k for k in PROMPT_KEYS if k not in batch]
     if missing:
-        raise LftError(f"the rollout needs {', '.join(PROMPT_KEYS)} in the batch (an online objective's "
-                       f"lft_format_example provides them); missing {', '.join(missing)}")
+        raise LftError(
+            f"the rollout needs {', '.join(PROMPT_KEYS)} in the batch (an online objective's "
+            f"lft_format_example provides them); missing {', '.join(missing)}"
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = sorted(chat.end_of_turn_ids(tokenizer))
     group = settings.num_generations
@@ -198,40 +243,82 @@ def experience(module: Any, batch: dict, settings: RolloutSettings) -> dict:
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
     position_ids = positions_of(attention_mask)
-    labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), completion_ids.masked_fill(~completion_mask, IGNORE_INDEX)],
-                       dim=1)
+    labels = torch.cat(
+        [torch.full_like(prompt_ids, IGNORE_INDEX), completion_ids.masked_fill(~completion_mask, IGNORE_INDEX)], dim=1
+    )
     groups = prompt_groups(input_ids.shape[0], group, input_ids.device)
     chunk = config.trainer.logits_chunk
     temperature = settings.temperature if settings.temperature > 0 else 1.0
     exp: dict[str, Any] = repeat_columns(batch, group)
     if settings.policy_logps or settings.hidden:
         with eval_mode(model):
-            stats = completion_stats(model, input_ids, attention_mask, labels, width, chunk, temperature, entropy=True,
-                                     hidden=settings.hidden, position_ids=position_ids, groups=groups)
+            stats = completion_stats(
+                model,
+                input_ids,
+                attention_mask,
+                labels,
+                width,
+                chunk,
+                temperature,
+                entropy=True,
+                hidden=settings.hidden,
+                position_ids=position_ids,
+                groups=groups,
+            )
         exp.update(logps=stats["logps"], entropy=stats["entropy"])
         if settings.hidden:
             exp["hidden"] = stats["hidden"]
     if settings.reference:
         reference = module.reference
         if reference is None:
-            raise LftError("the objective asks for reference log-probs but the run has no reference policy "
-                           "(set needs_reference = True on the objective)")
+            raise LftError(
+                "the objective asks for reference log-probs but the run has no reference policy "
+                "(set needs_reference = True on the objective)"
+            )
         with reference.model() as ref_model, eval_mode(ref_model):
-            ref = completion_stats(ref_model, input_ids, attention_mask, labels, width, chunk, temperature,
-                                   position_ids=position_ids, groups=groups)
+            ref = completion_stats(
+                ref_model,
+                input_ids,
+                attention_mask,
+                labels,
+                width,
+                chunk,
+                temperature,
+                position_ids=position_ids,
+                groups=groups,
+            )
         exp["ref_logps"] = ref["logps"]
     scored = time.perf_counter()
 
     prompts = exp.get("prompt") or tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
-    completions = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion_ids, completion_mask)]
-    exp.update(prompts=list(prompts), completions=completions, input_ids=input_ids, attention_mask=attention_mask,
-               position_ids=position_ids, labels=labels, prompt_length=width, prompt_index=groups,
-               completion_ids=completion_ids, completion_mask=completion_mask,
-               num_generations=group, stopped=(is_stop(completion_ids, stop_ids) & completion_mask).any(-1))
+    completions = [
+        tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion_ids, completion_mask)
+    ]
+    exp.update(
+        prompts=list(prompts),
+        completions=completions,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        labels=labels,
+        prompt_length=width,
+        prompt_index=groups,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        num_generations=group,
+        stopped=(is_stop(completion_ids, stop_ids) & completion_mask).any(-1),
+    )
     rewards = score(module.hook, exp["prompts"], completions, exp, config)
     device = completion_ids.device
-    exp.update(rewards=rewards.total.to(device), reward_scores={k: v.to(device) for k, v in rewards.scores.items()},
-               reward_weights=rewards.weights)
-    exp["timings"] = {"generation_s": generated - started, "scoring_s": scored - generated,
-                      "reward_s": time.perf_counter() - scored, "generated_tokens": int(completion_mask.sum())}
+    exp.update(
+        rewards=rewards.total.to(device),
+        reward_scores={k: v.to(device) for k, v in rewards.scores.items()},
+        reward_weights=rewards.weights,
+    )
+    exp["timings"] = {
+        "generation_s": generated - started,
+        "scoring_s": scored - generated,
+        "reward_s": time.perf_counter() - scored,
+        "generated_tokens": int(completion_mask.sum()),
+    }
     return exp

@@ -35,8 +35,9 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None], what: str = "file",
-                 error: type[LftError] = OutputError) -> Path:
+def atomic_write(
+    path: str | Path, write: Callable[[Path], object], what: str = "file", error: type[LftError] = OutputError
+) -> Path:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, flush it to disk, then
     rename it to ``path``. On any failure the temporary file is removed and ``path`` keeps its
     previous content; an ``OSError`` (a full disk, a read-only folder) becomes a one-line
@@ -69,4 +70,3 @@ def atomic_write_text(path: str | Path, text: str, what: str = "file") -> Path:
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically."""
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n", Path(path).name)
-

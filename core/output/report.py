@@ -44,10 +44,12 @@ def svg_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, x
     def py(y: float) -> float:
         return bottom - (y - y0) / (y1 - y0) * (bottom - top)
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
-           f'font-family="sans-serif" font-size="11">',
-           f'<text x="{left}" y="16" font-weight="bold">{html.escape(title)}</text>',
-           f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="none" stroke="#bbb"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
+        f'font-family="sans-serif" font-size="11">',
+        f'<text x="{left}" y="16" font-weight="bold">{html.escape(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="none" stroke="#bbb"/>',
+    ]
     for frac in (0.0, 0.5, 1.0):
         value = y0 + frac * (y1 - y0)
         y = py(value)
@@ -55,7 +57,9 @@ def svg_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, x
         out.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{_fmt(value)}</text>')
     for value, anchor in ((x0, "start"), (x1, "end")):
         out.append(f'<text x="{px(value):.1f}" y="{bottom + 14}" text-anchor="{anchor}">{_fmt(value)}</text>')
-    out.append(f'<text x="{(left + right) / 2:.0f}" y="{bottom + 14}" text-anchor="middle" fill="#666">{x_label}</text>')
+    out.append(
+        f'<text x="{(left + right) / 2:.0f}" y="{bottom + 14}" text-anchor="middle" fill="#666">{x_label}</text>'
+    )
     for i, (name, pts) in enumerate(series):
         colour = COLOURS[i % len(COLOURS)]
         coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
@@ -63,15 +67,21 @@ def svg_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, x
             out.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
         if len(pts) <= 30:
             out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in pts]
-        out.append(f'<text x="{right - 4}" y="{top + 14 + 13 * i}" text-anchor="end" fill="{colour}">{html.escape(name)}</text>')
+        out.append(
+            f'<text x="{right - 4}" y="{top + 14 + 13 * i}" text-anchor="end" fill="{colour}">'
+            f"{html.escape(name)}</text>"
+        )
     out.append("</svg>")
     return "\n".join(out)
 
 
-def charts(history: list[dict], eval_before: float | None = None, families: Sequence[str] = ()) -> list[tuple[str, str]]:
+def charts(
+    history: list[dict], eval_before: float | None = None, families: Sequence[str] = ()
+) -> list[tuple[str, str]]:
     """``(name, svg)`` of every chart the history supports: the losses, then one chart per name in
     ``families`` (the objective's ``progress_metrics``) with every metric whose name has a part
     that starts with it; ``eval_before`` is the eval loss at step 0."""
+
     def series(key: str) -> list[tuple[float, float]]:
         return [(h["step"], float(h[key])) for h in history if isinstance(h.get(key), (int, float)) and "step" in h]
 
@@ -95,33 +105,46 @@ def build(summary: dict, history: list[dict]) -> list[tuple]:
     blocks: list[tuple] = [("title", f"lft run report: {summary.get('output', '')}")]
     guards = summary.get("guards") or []
     fired = [g for g in guards if g["status"] in ("warning", "error")]
-    blocks.append(("p", f"{len(fired)} of {len(guards)} guards fired." if fired else
-                   f"No guard fired ({len(guards)} checked)."))
+    blocks.append(
+        ("p", f"{len(fired)} of {len(guards)} guards fired." if fired else f"No guard fired ({len(guards)} checked).")
+    )
     blocks += [("h", "Summary"), ("table", ["", "value"], summary_rows(summary))]
     before, after = summary.get("before") or {}, summary.get("after") or {}
     measured = [k for k in sorted(set(before) | set(after)) if not k.endswith("samples")]
     if measured:
-        blocks += [("h", "Every held-out measurement"), ("table", ["", "before", "after"],
-                                                          [(k, fmt(before.get(k)), fmt(after.get(k))) for k in measured])]
+        blocks += [
+            ("h", "Every held-out measurement"),
+            ("table", ["", "before", "after"], [(k, fmt(before.get(k)), fmt(after.get(k))) for k in measured]),
+        ]
     if guards:
-        blocks += [("h", "Guards"), ("table", ["guard", "result", "detail"],
-                                     [(TITLES.get(g["guard"], g["guard"]), g["status"], g.get("detail") or "") for g in guards])]
+        blocks += [
+            ("h", "Guards"),
+            (
+                "table",
+                ["guard", "result", "detail"],
+                [(TITLES.get(g["guard"], g["guard"]), g["status"], g.get("detail") or "") for g in guards],
+            ),
+        ]
         for g in guards:
             if g["problems"] or g["examples"]:
                 blocks.append(("h3", TITLES.get(g["guard"], g["guard"])))
                 blocks.append(("list", list(g["problems"]) + [f"example: {e}" for e in g["examples"]]))
-    repetition = next((g["data"] for g in guards if g["guard"] == "repetition" and g.get("data")), {})
+    repetition: dict[str, Any] = next((g["data"] for g in guards if g["guard"] == "repetition" and g.get("data")), {})
     if repetition.get("answers"):
         answers, base = repetition["answers"], list(repetition.get("base_answers") or [])
         base += [""] * (len(answers) - len(base))
-        rows = [(" ".join(b.split()), " ".join(a.split())) for a, b in zip(answers, base)]
+        rows: list[tuple[str, ...]] = [(" ".join(b.split()), " ".join(a.split())) for a, b in zip(answers, base)]
         blocks += [("h", "Sampled answers to held-out prompts"), ("table", ["base model", "tuned model"], rows)]
     behaviour = next((g["data"].get("everyday") for g in guards if g["guard"] == "forgetting" and g.get("data")), None)
     if behaviour and behaviour.get("worst"):
-        rows = [(r["prompt"], " ".join(r["base"].split()), " ".join(r["tuned"].split()), ", ".join(r["tuned_signals"]))
-                for r in behaviour["worst"]]
-        blocks += [("h", "Everyday prompts where the tuned model degenerated"),
-                   ("table", ["prompt", "base model", "tuned model", "signs"], rows)]
+        rows = [
+            (r["prompt"], " ".join(r["base"].split()), " ".join(r["tuned"].split()), ", ".join(r["tuned_signals"]))
+            for r in behaviour["worst"]
+        ]
+        blocks += [
+            ("h", "Everyday prompts where the tuned model degenerated"),
+            ("table", ["prompt", "base model", "tuned model", "signs"], rows),
+        ]
     plots = charts(history, (summary.get("before") or {}).get("eval_loss"), summary.get("progress_metrics") or ())
     if plots:
         blocks.append(("h", "Curves"))
@@ -144,17 +167,22 @@ def to_html(blocks: list[tuple]) -> str:
             body.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in block[1]) + "</ul>")
         elif kind == "table":
             head = "".join(f"<th>{e(h)}</th>" for h in block[1])
-            rows = "".join("<tr>" + "".join(f"<td{_status_class(c)}>{e(str(c))}</td>" for c in row) + "</tr>"
-                           for row in block[2])
+            rows = "".join(
+                "<tr>" + "".join(f"<td{_status_class(c)}>{e(str(c))}</td>" for c in row) + "</tr>" for row in block[2]
+            )
             body.append(f"<table><tr>{head}</tr>{rows}</table>")
         elif kind == "chart":
             body.append(f'<div class="chart">{block[2]}</div>')
-    style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;"
-             "vertical-align:top}.warning{color:#b58900;font-weight:bold}.error{color:#c00;font-weight:bold}"
-             ".ok{color:#2a2}.skipped{color:#999}.chart{display:inline-block;margin:4px}")
-    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>lft run report</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:900px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;"
+        "vertical-align:top}.warning{color:#b58900;font-weight:bold}.error{color:#c00;font-weight:bold}"
+        ".ok{color:#2a2}.skipped{color:#999}.chart{display:inline-block;margin:4px}"
+    )
+    return (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>lft run report</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def _status_class(value: Any) -> str:

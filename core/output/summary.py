@@ -30,8 +30,10 @@ def reward_task_warning(summary: dict, history: list[dict], reward: str | None) 
     quarter = max(1, len(rewards) // 4)
     first, last = sum(rewards[:quarter]) / quarter, sum(rewards[-quarter:]) / quarter
     if last > first and after < before:
-        return (f"the training reward rose ({first:.3g} -> {last:.3g}) while the held-out task accuracy fell "
-                f"({before:.3g} -> {after:.3g}); the policy may be exploiting its reward rather than solving the task")
+        return (
+            f"the training reward rose ({first:.3g} -> {last:.3g}) while the held-out task accuracy fell "
+            f"({before:.3g} -> {after:.3g}); the policy may be exploiting its reward rather than solving the task"
+        )
     return None
 
 
@@ -55,8 +57,11 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         table.add_row("extensions", ", ".join(summary["extensions"]))
     table.add_row("model", fmt(summary.get("model")))
     data = summary.get("data", {})
-    table.add_row("data", f"{data.get('train_examples')} train / {data.get('eval_examples')} eval examples"
-                  + (f", {data['truncated']} truncated" if data.get("truncated") else ""))
+    table.add_row(
+        "data",
+        f"{data.get('train_examples')} train / {data.get('eval_examples')} eval examples"
+        + (f", {data['truncated']} truncated" if data.get("truncated") else ""),
+    )
     trainable, total = summary.get("trainable_params"), summary.get("total_params")
     if trainable is not None and total:
         table.add_row("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
@@ -65,15 +70,24 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     before, after = summary.get("before") or {}, summary.get("after") or {}
     objective = summary.get("objective", "")
     for key in [f"eval_{name}" for name in summary.get("summary_metrics") or ["loss"]] + ["task_accuracy"]:
-        if key in before or key in after:  # the objective's own held-out metrics and the task: the rest is in summary.json
-            label = f"{objective} {key.removeprefix('eval_').replace('_', ' ')} (held out)" if key.startswith("eval_") \
+        if (
+            key in before or key in after
+        ):  # the objective's own held-out metrics and the task: the rest is in summary.json
+            label = (
+                f"{objective} {key.removeprefix('eval_').replace('_', ' ')} (held out)"
+                if key.startswith("eval_")
                 else key.replace("_", " ")
+            )
             table.add_row(label, f"{fmt(before.get(key))} -> {fmt(after.get(key))}")
     table.add_row("tokens/s", fmt(summary.get("tokens_per_s")))
-    guard_time = f"; guards measured the model for {fmt(summary['guards_measure_time_s'])} s of it" \
-        if summary.get("guards_measure_time_s") else ""
-    table.add_row("train time", f"{fmt(summary.get('train_time_s'))} s (total {fmt(summary.get('total_time_s'))} s"
-                  f"{guard_time})")
+    guard_time = (
+        f"; guards measured the model for {fmt(summary['guards_measure_time_s'])} s of it"
+        if summary.get("guards_measure_time_s")
+        else ""
+    )
+    table.add_row(
+        "train time", f"{fmt(summary.get('train_time_s'))} s (total {fmt(summary.get('total_time_s'))} s{guard_time})"
+    )
     table.add_row("saved", fmt(summary.get("final")))
     for key, value in (summary.get("notes") or {}).items():
         table.add_row(key.replace("_", " "), fmt(value))

@@ -99,8 +99,10 @@ class PluginManager:
                 if attr.startswith("lft_") and attr not in known and self.pm.parse_hookimpl_opts(obj, attr) is not None:
                     info = self.infos.get(name)
                     package = f" from {info.package}" if info and info.package else ""
-                    raise PluginError(f"plugin {name!r}{package} implements unknown hook {attr!r}"
-                                      f"{suggest(attr, known)}; hooks: {', '.join(sorted(known))}")
+                    raise PluginError(
+                        f"plugin {name!r}{package} implements unknown hook {attr!r}"
+                        f"{suggest(attr, known)}; hooks: {', '.join(sorted(known))}"
+                    )
         self.pm.check_pending()
 
     # -- loading -------------------------------------------------------------------------------
@@ -131,7 +133,9 @@ class PluginManager:
             except Exception as exc:  # a broken third-party plugin must not take lft down
                 info.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 self.infos[ep.name] = info
-                warnings.warn(f"lft plugin {ep.name!r} from {package} failed to load and is skipped: {info.error}")
+                warnings.warn(
+                    f"lft plugin {ep.name!r} from {package} failed to load and is skipped: {info.error}", stacklevel=2
+                )
                 continue
             self._register(obj, info)
 
@@ -140,7 +144,9 @@ class PluginManager:
         try:
             self.pm.register(obj, name=info.name)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {info.name!r} from {info.package or 'python'}: {_signature_problem(obj, exc)}") from None
+            raise PluginError(
+                f"plugin {info.name!r} from {info.package or 'python'}: {_signature_problem(obj, exc)}"
+            ) from None
         except ValueError as exc:
             raise PluginError(f"plugin {info.name!r} could not be registered: {exc}") from None
         info.hooks = sorted(c.name for c in self.pm.get_hookcallers(obj) or [])
@@ -162,7 +168,9 @@ class PluginManager:
 
     # -- questions -----------------------------------------------------------------------------
     def available(self, kind: str | None = None) -> list[str]:
-        return sorted(n for n, i in self.infos.items() if not i.broken and i.kind != "core" and (kind is None or i.kind == kind))
+        return sorted(
+            n for n, i in self.infos.items() if not i.broken and i.kind != "core" and (kind is None or i.kind == kind)
+        )
 
     def select(self, names: Iterable[str]) -> "Selection":
         """Check a selection of plugin names and fill in the default objective and wrapper."""
@@ -174,7 +182,9 @@ class PluginManager:
         for name in wanted:
             info = self.infos.get(name)
             if info is None or info.kind == "core":
-                raise PluginError(f"unknown plugin {name!r}{suggest(name, available)}; available: {', '.join(available)}")
+                raise PluginError(
+                    f"unknown plugin {name!r}{suggest(name, available)}; available: {', '.join(available)}"
+                )
             if info.broken:
                 raise PluginError(f"plugin {name!r} from {info.package} is installed but failed to load: {info.error}")
         defaults: list[str] = []
@@ -188,8 +198,10 @@ class PluginManager:
                 )
             if not chosen:
                 if default not in self.infos or self.infos[default].broken:
-                    raise PluginError(f"no {kind} selected and the default {default!r} is not installed; "
-                                      f"{label}: {', '.join(self.available(kind)) or 'none'}")
+                    raise PluginError(
+                        f"no {kind} selected and the default {default!r} is not installed; "
+                        f"{label}: {', '.join(self.available(kind)) or 'none'}"
+                    )
                 wanted.append(default)
                 defaults.append(f"{kind} {default}")
         return Selection(self, wanted, defaults)
@@ -251,8 +263,10 @@ def _signature_problem(obj: Any, exc: Exception) -> str:
         allowed = list(inspect.signature(spec).parameters)
         unknown = [p for p in impl if p not in allowed]
         if unknown:
-            return (f"hook {name}({', '.join(impl)}) does not match lft's {name}({', '.join(allowed)}): "
-                    f"unknown argument(s) {', '.join(unknown)}; the plugin was written for another lft version")
+            return (
+                f"hook {name}({', '.join(impl)}) does not match lft's {name}({', '.join(allowed)}): "
+                f"unknown argument(s) {', '.join(unknown)}; the plugin was written for another lft version"
+            )
     return " ".join(str(exc).split())
 
 

@@ -23,7 +23,7 @@ import pytest
 
 CHATML = (
     "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"  # noqa: E501
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -47,11 +47,20 @@ def build_tokenizer(vocab_size: int = 384) -> Any:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        bos_token="<|im_start|>", unk_token=None)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        unk_token=None,
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = CHATML
     return tokenizer
@@ -64,9 +73,18 @@ def build_model(tokenizer: Any, seed: int = 0, hidden: int = 64, layers: int = 2
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        initializer_range=0.2, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     return LlamaForCausalLM(config)
 
@@ -117,10 +135,20 @@ def lft_prompt_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 
 #: Settings that make a run on the tiny model quick and deterministic.
-FAST = ["trainer.precision=32-true", "trainer.checkpoint_every=0", "eval.task=none", "eval.before=false",
-        "data.max_eval_rows=16", "guards.repetition.samples=4", "guards.repetition.max_new_tokens=16",
-        "guards.forgetting.samples=4", "guards.forgetting.max_new_tokens=16",
-        "guards.forgetting.everyday=4", "guards.forgetting.conversations=2", "guards.forgetting.answer_tokens=16"]
+FAST = [
+    "trainer.precision=32-true",
+    "trainer.checkpoint_every=0",
+    "eval.task=none",
+    "eval.before=false",
+    "data.max_eval_rows=16",
+    "guards.repetition.samples=4",
+    "guards.repetition.max_new_tokens=16",
+    "guards.forgetting.samples=4",
+    "guards.forgetting.max_new_tokens=16",
+    "guards.forgetting.everyday=4",
+    "guards.forgetting.conversations=2",
+    "guards.forgetting.answer_tokens=16",
+]
 
 
 @pytest.fixture
@@ -136,12 +164,21 @@ def lft_run(tmp_path: Path, lft_tiny_model: Path, lft_sft_data: dict) -> Callabl
 
     counter = {"n": 0}
 
-    def run(*args: str, data: Any = None, eval_data: Any = None, model: Any = None, output: Any = None,
-            fast: bool = True) -> dict:
+    def run(
+        *args: str, data: Any = None, eval_data: Any = None, model: Any = None, output: Any = None, fast: bool = True
+    ) -> dict:
         counter["n"] += 1
         out = Path(output) if output else tmp_path / f"run{counter['n']}"
-        argv = ["run", "--quiet", "--model", str(model or lft_tiny_model), "--output", str(out),
-                "--data", str(data or lft_sft_data["train"])]
+        argv = [
+            "run",
+            "--quiet",
+            "--model",
+            str(model or lft_tiny_model),
+            "--output",
+            str(out),
+            "--data",
+            str(data or lft_sft_data["train"]),
+        ]
         if eval_data is None and data is None:
             eval_data = lft_sft_data["eval"]
         if eval_data:
@@ -160,8 +197,9 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def install_fake_distribution(root: Path, name: str, entry_points: dict[str, str],
-                              modules: dict[str, str] | None = None, version: str = "1.0") -> Path:
+def install_fake_distribution(
+    root: Path, name: str, entry_points: dict[str, str], modules: dict[str, str] | None = None, version: str = "1.0"
+) -> Path:
     """Make a distribution visible to ``importlib.metadata`` without pip: writes
     ``NAME-VERSION.dist-info`` (with ``[lft]`` entry points) and the given module sources into
     ``root``. Put ``root`` on ``sys.path`` (pytest's ``monkeypatch.syspath_prepend``) to install it.

@@ -94,8 +94,7 @@ class RunMonitor(L.Callback):
     objective's ``progress_metrics`` (each name and the metrics it starts) and time left. Without a
     terminal it prints a plain line every ``print_every`` steps."""
 
-    def __init__(self, output: Path, quiet: bool = False, print_every: int = 10,
-                 progress_metrics: Sequence[str] = ()):
+    def __init__(self, output: Path, quiet: bool = False, print_every: int = 10, progress_metrics: Sequence[str] = ()):
         self.output = Path(output)
         self.progress_metrics = tuple(progress_metrics)
         self.quiet = quiet
@@ -124,13 +123,18 @@ class RunMonitor(L.Callback):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TextColumn("eta"), TimeRemainingColumn(),
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
                 transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task("train", total=max(1, self._total(trainer)),
-                                                 completed=trainer.global_step, info="")
+            self._task = self._progress.add_task(
+                "train", total=max(1, self._total(trainer)), completed=trainer.global_step, info=""
+            )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._pending.append(dict(pl_module.last_metrics))
@@ -216,10 +220,13 @@ class RunMonitor(L.Callback):
     def _show(self, trainer: L.Trainer, record: dict) -> None:
         if self.quiet:
             return
-        extras = "  ".join(f"{k} {v:.3g}" for k, v in record.items()
-                           if self.progress_metrics and k.startswith(self.progress_metrics))
-        info = (f"loss {record.get('loss', float('nan')):.4f}  lr {record['lr']:.2e}  "
-                f"{record['tokens_per_s']:.0f} tok/s" + (f"  {extras}" if extras else ""))
+        extras = "  ".join(
+            f"{k} {v:.3g}" for k, v in record.items() if self.progress_metrics and k.startswith(self.progress_metrics)
+        )
+        info = (
+            f"loss {record.get('loss', float('nan')):.4f}  lr {record['lr']:.2e}  "
+            f"{record['tokens_per_s']:.0f} tok/s" + (f"  {extras}" if extras else "")
+        )
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"], info=info)
             return

@@ -6,9 +6,9 @@ the nested checkpoint dict becomes a safetensors entry, and the structure around
 strings, lists, tuples, dicts) is kept as JSON in the file's metadata. Reading it therefore
 runs no pickle at all.
 
-Every write goes (``lft.output.files.atomic_write``) to a temporary file in the same folder, is flushed to disk, and is then
-renamed over the old file, so a kill or a full disk during a save leaves the previous checkpoint
-in place and never a half-written file under the checkpoint's name.
+Every write (``lft.output.files.atomic_write``) goes to a temporary file in the same folder, is
+flushed to disk, and is then renamed over the old file, so a kill or a full disk during a save
+leaves the previous checkpoint in place and never a half-written file under the checkpoint's name.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class CheckpointError(OutputError):
 
 # -- the checkpoint format -----------------------------------------------------------------------
 
+
 def _encode(obj: Any, tensors: dict[str, torch.Tensor], storages: dict[int, str], where: str) -> Any:
     if torch.is_tensor(obj):
         tensor = obj.detach().cpu().contiguous()
@@ -55,8 +56,12 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], storages: dict[int, str]
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__lft_") for k in obj):
             return {k: _encode(v, tensors, storages, f"{where}.{k}") for k, v in obj.items()}
-        return {_DICT: [[_encode(k, tensors, storages, where), _encode(v, tensors, storages, f"{where}[{k!r}]")]
-                        for k, v in obj.items()]}
+        return {
+            _DICT: [
+                [_encode(k, tensors, storages, where), _encode(v, tensors, storages, f"{where}[{k!r}]")]
+                for k, v in obj.items()
+            ]
+        }
     module = type(obj).__module__
     if module == "numpy":
         import numpy as np
@@ -65,8 +70,10 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], storages: dict[int, str]
             return {_NDARRAY: _encode(torch.from_numpy(obj.copy()), tensors, storages, where)}
         if isinstance(obj, np.generic):
             return obj.item()
-    raise CheckpointError(f"cannot store {where} in a checkpoint: its type, {type(obj).__name__}, is not a "
-                          "tensor, number, string, list or dict")
+    raise CheckpointError(
+        f"cannot store {where} in a checkpoint: its type, {type(obj).__name__}, is not a "
+        "tensor, number, string, list or dict"
+    )
 
 
 def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -74,7 +81,7 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return [_decode(v, tensors) for v in obj]
     if isinstance(obj, dict):
         if len(obj) == 1:
-            (key, value), = obj.items()
+            ((key, value),) = obj.items()
             if key == _TENSOR:
                 return tensors[value]
             if key == _TUPLE:
@@ -98,8 +105,9 @@ def save(checkpoint: dict, path: str | Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(checkpoint, tensors, {}, "checkpoint")
     metadata = {"format": FORMAT, "tree": json.dumps(tree)}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "checkpoint",
-                        error=CheckpointError)
+    return atomic_write(
+        path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "checkpoint", error=CheckpointError
+    )
 
 
 def _is_pickle(path: Path) -> bool:
@@ -128,8 +136,10 @@ def load(path: str | Path) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{path} is a pickle checkpoint that holds more than tensors and plain values, "
-                                  f"so lft refuses to unpickle it ({first})") from None
+            raise CheckpointError(
+                f"{path} is a pickle checkpoint that holds more than tensors and plain values, "
+                f"so lft refuses to unpickle it ({first})"
+            ) from None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
@@ -153,6 +163,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # -- random number generators --------------------------------------------------------------------
+
 
 def rng_states() -> dict:
     """The global random states of this process: torch (CPU and CUDA), Python and numpy."""
@@ -200,5 +211,9 @@ class RngState(L.Callback):
         ranks = state_dict.get("ranks") or []
         if not ranks:
             return
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        rank = (
+            torch.distributed.get_rank()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else 0
+        )
         set_rng_states(ranks[rank % len(ranks)])

@@ -44,16 +44,20 @@ def validate(tc: Any) -> None:
     """Refuse, in one line and before loading anything, a strategy this machine cannot run."""
     name = tc.strategy.lower()
     if name.startswith("fsdp") and not _cuda(tc.accelerator):
-        raise ConfigError(f"trainer.strategy={tc.strategy} needs CUDA GPUs in Lightning; on CPU use "
-                          "trainer.strategy=ddp (replicated weights) or trainer.strategy=model_parallel (sharded)")
+        raise ConfigError(
+            f"trainer.strategy={tc.strategy} needs CUDA GPUs in Lightning; on CPU use "
+            "trainer.strategy=ddp (replicated weights) or trainer.strategy=model_parallel (sharded)"
+        )
     if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"trainer.strategy={tc.strategy} needs the deepspeed package: pip install deepspeed")
     if name.startswith("deepspeed") and not _cuda(tc.accelerator):
         raise ConfigError(f"trainer.strategy={tc.strategy} needs CUDA GPUs")
     if name == "model_parallel":
-        raise ConfigError("trainer.strategy=model_parallel is not supported: lft's log-prob code reads the output "
-                          "head's weight outside the model's forward, which FSDP2 keeps sharded there; use "
-                          "trainer.strategy=ddp on CPU or trainer.strategy=fsdp on GPUs")
+        raise ConfigError(
+            "trainer.strategy=model_parallel is not supported: lft's log-prob code reads the output "
+            "head's weight outside the model's forward, which FSDP2 keeps sharded there; use "
+            "trainer.strategy=ddp on CPU or trainer.strategy=fsdp on GPUs"
+        )
     if tc.precision == "16-mixed" and not _cuda(tc.accelerator):
         raise ConfigError("trainer.precision=16-mixed needs a CUDA GPU; on CPU use 32-true or bf16-mixed")
 
@@ -89,8 +93,12 @@ def strategy(tc: Any) -> Any:
 
         # use_orig_params lets frozen and trained weights (LoRA) share one FSDP unit;
         # "full" gathers the trained weights into one lft checkpoint file on rank 0.
-        return FSDPStrategy(auto_wrap_policy=LayerWrapPolicy(), use_orig_params=True, state_dict_type="full",
-                            sharding_strategy="FULL_SHARD")
+        return FSDPStrategy(
+            auto_wrap_policy=LayerWrapPolicy(),
+            use_orig_params=True,
+            state_dict_type="full",
+            sharding_strategy="FULL_SHARD",
+        )
     return tc.strategy
 
 
@@ -106,8 +114,8 @@ def full_weights(trainer: Any, model: torch.nn.Module) -> Iterator[None]:
         return
     gathered = trainer.strategy.lightning_module_state_dict()  # full on rank 0, CPU-offloaded
     prefix = "model."
-    full = {key[len(prefix):]: value for key, value in gathered.items() if key.startswith(prefix)}
-    model.state_dict = lambda *args, **kwargs: dict(full)  # type: ignore[method-assign]
+    full = {key[len(prefix) :]: value for key, value in gathered.items() if key.startswith(prefix)}
+    model.state_dict = lambda *args, **kwargs: dict(full)  # type: ignore[method-assign, assignment]  # undone below
     try:
         yield
     finally:

@@ -113,7 +113,10 @@ def resolve(data: dict, manager: PluginManager, extra: Iterable[str] = (), sourc
     names = [*(listed if isinstance(listed, list) else []), *extra]
     selection = manager.select(names)
     if not isinstance(listed, list) or any(n not in listed for n in extra):
-        data["plugins"] = [*(listed if isinstance(listed, list) else []), *[n for n in extra if n not in (listed or [])]]
+        data["plugins"] = [
+            *(listed if isinstance(listed, list) else []),
+            *[n for n in extra if n not in (listed or [])],
+        ]
     resolved = Resolved(None, selection)
     if cfgmod.get_dotted(data, "data.train") is None:
         default = selection.hook.lft_default_data()
@@ -127,7 +130,9 @@ def resolve(data: dict, manager: PluginManager, extra: Iterable[str] = (), sourc
             if cfgmod.get_dotted(data, key, cfgmod.MISSING) is cfgmod.MISSING:
                 cfgmod.set_dotted(data, key, value)
                 resolved.applied.append(f"{key}={value}")
-    trainer = data.get("trainer") if isinstance(data.get("trainer"), dict) else {}
+    trainer = data.get("trainer")
+    if not isinstance(trainer, dict):
+        trainer = {}
     if trainer.get("precision", "auto") == "auto":
         cfgmod.set_dotted(data, "trainer.precision", resolve_precision("auto", str(trainer.get("accelerator", "auto"))))
     resolved.config = cfgmod.build(data, cfgmod.config_class(cfgmod.plugin_sections(manager)), source)
@@ -144,8 +149,13 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if native_bf16_cpu() else "32-true"
 
 
-def run(config: Any = None, plugins: Iterable[Any] = (), quiet: bool = False, console: Any = None,
-        manager: PluginManager | None = None) -> RunResult:
+def run(
+    config: Any = None,
+    plugins: Iterable[Any] = (),
+    quiet: bool = False,
+    console: Any = None,
+    manager: PluginManager | None = None,
+) -> RunResult:
     """Run one fine-tuning job.
 
     :param config: a ``RunConfig``, a dict (dotted keys allowed, e.g. ``{"lora.r": 32}``), a path
@@ -166,7 +176,9 @@ def run(config: Any = None, plugins: Iterable[Any] = (), quiet: bool = False, co
         for obj in extra:
             manager.add(obj)
     names = [plugin_name(obj() if isinstance(obj, type) else obj) for obj in extra]
-    resolved = resolve(config_data(config), manager, names, str(config) if isinstance(config, (str, Path)) else "config")
+    resolved = resolve(
+        config_data(config), manager, names, str(config) if isinstance(config, (str, Path)) else "config"
+    )
     return Run(resolved, quiet=quiet, console=console).execute()
 
 
@@ -190,8 +202,10 @@ class Run:
             "defaults_used": selection.defaults,
         }
         self.objective = as_objective(self.hook.lft_objective(config=config), selection.objective)
-        self.summary.update(progress_metrics=list(self.objective.progress_metrics),
-                            summary_metrics=["loss", *self.objective.summary_metrics])
+        self.summary.update(
+            progress_metrics=list(self.objective.progress_metrics),
+            summary_metrics=["loss", *self.objective.summary_metrics],
+        )
         self.guards = RunGuards(config, selection, self.console, self.objective)
 
     # -- steps -----------------------------------------------------------------------------------
@@ -205,8 +219,10 @@ class Run:
                 raise LftError(f"nothing to resume: no checkpoint at {ckpt}")
             return ckpt
         if self.main and self.output.exists() and any(self.output.iterdir()) and not cfg.overwrite:
-            raise LftError(f"output folder {self.output} already exists and is not empty; pass --overwrite "
-                           f"to replace it, --resume to continue its run, or choose another --output")
+            raise LftError(
+                f"output folder {self.output} already exists and is not empty; pass --overwrite "
+                f"to replace it, --resume to continue its run, or choose another --output"
+            )
         return None
 
     def prepare_output(self) -> None:
@@ -228,7 +244,9 @@ class Run:
         model, tokenizer = loaded
         self.guards.generation_config = getattr(model, "generation_config", None)
         self.guards.model = model  # the base, before any wrapping
-        self.summary["model"] = getattr(getattr(model, "config", None), "_name_or_path", "") or str(self.config.model.path)
+        self.summary["model"] = getattr(getattr(model, "config", None), "_name_or_path", "") or str(
+            self.config.model.path
+        )
         return model, tokenizer
 
     def read_data(self, tokenizer: Any) -> tuple[list[dict], list[dict], dict]:
@@ -246,17 +264,25 @@ class Run:
         train_rows = self.guards.preflight(tokenizer, train_rows, eval_rows)
         train, train_stats = format_rows(train_rows, self.hook, tokenizer, cfg)
         self.guards.formatted(train_stats)
-        evals, eval_stats = (format_rows(eval_rows, self.hook, tokenizer, cfg) if eval_rows is not None
-                             else ([], None))
-        info = {"train_file": train_spec, "eval_file": eval_spec or ("split" if evals else None),
-                "train_examples": len(train), "eval_examples": len(evals),
-                "truncated": train_stats.truncated, "dropped": train_stats.dropped, "skipped": train_stats.skipped,
-                "longest": train_stats.longest, "trained_tokens": train_stats.trained_tokens}
+        evals, eval_stats = format_rows(eval_rows, self.hook, tokenizer, cfg) if eval_rows is not None else ([], None)
+        info = {
+            "train_file": train_spec,
+            "eval_file": eval_spec or ("split" if evals else None),
+            "train_examples": len(train),
+            "eval_examples": len(evals),
+            "truncated": train_stats.truncated,
+            "dropped": train_stats.dropped,
+            "skipped": train_stats.skipped,
+            "longest": train_stats.longest,
+            "trained_tokens": train_stats.trained_tokens,
+        }
         for note in train_stats.notes:
             self.console.print(f"[yellow]note:[/] {note}")
         if train_stats.truncated or train_stats.dropped:
-            self.console.print(f"[yellow]note:[/] {train_stats.truncated} training example(s) truncated and "
-                               f"{train_stats.dropped} dropped at data.max_length={cfg.data.max_length}")
+            self.console.print(
+                f"[yellow]note:[/] {train_stats.truncated} training example(s) truncated and "
+                f"{train_stats.dropped} dropped at data.max_length={cfg.data.max_length}"
+            )
         return train, evals, info
 
     def task_rows(self, train_spec: str) -> list[dict] | None:
@@ -284,16 +310,26 @@ class Run:
         tc = self.config.trainer
         callbacks: list[Any] = [monitor]
         if tc.checkpoint_every > 0:
-            callbacks.append(ModelCheckpoint(dirpath=self.output / CHECKPOINTS, filename="last", monitor=None,
-                                             every_n_train_steps=tc.checkpoint_every, save_top_k=1,
-                                             enable_version_counter=False, save_on_train_epoch_end=False))
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=self.output / CHECKPOINTS,
+                    filename="last",
+                    monitor=None,
+                    every_n_train_steps=tc.checkpoint_every,
+                    save_top_k=1,
+                    enable_version_counter=False,
+                    save_on_train_epoch_end=False,
+                )
+            )
         for extra in self.hook.lft_callbacks(config=self.config):
             callbacks.extend(extra or [])
         callbacks.append(stop)  # last, so it sees a stop requested by any callback in the same step
         kwargs: dict[str, Any] = {}
         eval_every = self.guards.eval_every or tc.eval_every
         if eval_every > 0:
-            kwargs.update(val_check_interval=eval_every * (1 if manual else tc.grad_accum), check_val_every_n_epoch=None)
+            kwargs.update(
+                val_check_interval=eval_every * (1 if manual else tc.grad_accum), check_val_every_n_epoch=None
+            )
         else:
             kwargs.update(limit_val_batches=0)
         return L.Trainer(
@@ -339,8 +375,9 @@ class Run:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
-            saved = self.hook.lft_save_model(model=module.model, tokenizer=module.tokenizer, path=str(tmp),
-                                             config=self.config)
+            saved = self.hook.lft_save_model(
+                model=module.model, tokenizer=module.tokenizer, path=str(tmp), config=self.config
+            )
             if saved is None:
                 raise LftError("no plugin saved the model")
             (tmp / "lft_config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
@@ -350,8 +387,10 @@ class Run:
             os.replace(tmp, final)
         except OSError as exc:  # a full disk: the checkpoint is whole, so --resume can save again
             shutil.rmtree(tmp, ignore_errors=True)
-            raise LftError(f"could not save the final model in {final}: {exc.strerror or exc}; the checkpoint in "
-                           f"{self.output / CHECKPOINTS} is kept; free some space and continue with --resume") from None
+            raise LftError(
+                f"could not save the final model in {final}: {exc.strerror or exc}; the checkpoint in "
+                f"{self.output / CHECKPOINTS} is kept; free some space and continue with --resume"
+            ) from None
         shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -375,11 +414,15 @@ class Run:
         import lightning as L
 
         L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-        self.console.print(f"[bold]lft run[/]: {self.selection.describe()}"
-                           + (f"  [dim](defaults: {', '.join(self.selection.defaults)})[/]" if self.selection.defaults else ""))
+        self.console.print(
+            f"[bold]lft run[/]: {self.selection.describe()}"
+            + (f"  [dim](defaults: {', '.join(self.selection.defaults)})[/]" if self.selection.defaults else "")
+        )
         if self.resolved.applied:
             self.summary["default_data_settings"] = self.resolved.applied
-            self.console.print(f"[dim]embedded task settings: {', '.join(self.resolved.applied)} (set them to override)[/]")
+            self.console.print(
+                f"[dim]embedded task settings: {', '.join(self.resolved.applied)} (set them to override)[/]"
+            )
         objective = self.objective
         model, tokenizer = self.load()
         train, evals, data_info = self.read_data(tokenizer)
@@ -392,8 +435,10 @@ class Run:
         module = LftModule(wrapped, tokenizer, objective, self.hook, cfg)
         datamodule = LftDataModule(train, evals, self.hook, tokenizer, cfg, objective)
         task_rows = self.task_rows(data_info["train_file"])
-        self.console.print(f"model {self.summary['model']} · trainable {trainable:,} of {total:,} parameters · "
-                           f"{len(train)} train / {len(evals)} eval examples · precision {cfg.trainer.precision}")
+        self.console.print(
+            f"model {self.summary['model']} · trainable {trainable:,} of {total:,} parameters · "
+            f"{len(train)} train / {len(evals)} eval examples · precision {cfg.trainer.precision}"
+        )
         module.prepare()
         if cfg.eval.before and resume_from is None and self.main:
             self.console.print("[dim]measuring the model before training...[/]")
@@ -416,8 +461,10 @@ class Run:
         train_time = time.perf_counter() - fit_started
         if stop.requested:
             trainer.save_checkpoint(self.output / CHECKPOINTS / "last.ckpt")
-            raise LftError(f"interrupted at step {trainer.global_step}; a checkpoint was saved in "
-                           f"{self.output / CHECKPOINTS}; continue with --resume")
+            raise LftError(
+                f"interrupted at step {trainer.global_step}; a checkpoint was saved in "
+                f"{self.output / CHECKPOINTS}; continue with --resume"
+            )
         trainer.save_checkpoint(self.output / CHECKPOINTS / "last.ckpt")
         with distributed.full_weights(trainer, module.model):
             final = self.save_final(module) if trainer.global_rank == 0 else None
@@ -438,7 +485,9 @@ class Run:
             total_time_s=round(time.perf_counter() - started, 2),
             first_loss=history[0].get("loss") if history else None,
             last_loss=history[-1].get("loss") if history else None,
-            tokens_per_s=(sum(h["tokens"] for h in history) / sum(h["step_time"] for h in history)) if history else None,
+            tokens_per_s=(sum(h["tokens"] for h in history) / sum(h["step_time"] for h in history))
+            if history
+            else None,
             output=str(self.output),
             final=str(final) if final else None,
         )

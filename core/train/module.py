@@ -87,8 +87,9 @@ class LftModule(L.LightningModule):
         if key is None or key != self._step_key:
             self._step_key = key
             attached = self._trainer is not None
-            self._step_units = reduce_units(step["totals"], self.trainer.strategy if attached else None,
-                                            self.trainer.world_size if attached else 1)
+            self._step_units = reduce_units(
+                step["totals"], self.trainer.strategy if attached else None, self.trainer.world_size if attached else 1
+            )
         return step["units"], self._step_units, int(step["size"])
 
     def training_step(self, batch: dict, batch_idx: int) -> Any:
@@ -148,7 +149,8 @@ class LftModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         cfg = self.config.trainer
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for _, param in self.named_parameters():  # the model, and any module an objective attached (a critic)
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
@@ -197,4 +199,7 @@ def combine_terms(loss: Any) -> torch.Tensor:
 def transformer_layers(model: Any) -> list[torch.nn.Module]:
     """The repeated blocks of a transformer: the members of its longest ``ModuleList``."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
-    return list(max(lists, key=len)) if lists else []
+    if not lists:
+        return []
+    longest = max(lists, key=len)
+    return list(longest)

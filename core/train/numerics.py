@@ -69,7 +69,7 @@ class NonFiniteGuard(L.Callback):
 
     def _describe(self, trainer: L.Trainer, batch_idx: int) -> str:
         loader = getattr(trainer, "train_dataloader", None)
-        rows = loader.rows_of(self._served - 1) if hasattr(loader, "rows_of") else None
+        rows = loader.rows_of(self._served - 1) if loader is not None and hasattr(loader, "rows_of") else None
         text = f"epoch {trainer.current_epoch} batch {batch_idx}"
         if rows:
             shown = ", ".join(rows[:4]) + (f" and {len(rows) - 4} more" if len(rows) > 4 else "")
@@ -79,8 +79,11 @@ class NonFiniteGuard(L.Callback):
     # -- checks ----------------------------------------------------------------------------------
     def on_before_backward(self, trainer: L.Trainer, pl_module: Any, loss: torch.Tensor) -> None:
         if self._bad_loss is None and not bool(torch.isfinite(loss.detach()).all()):
-            self._bad_loss = f"loss ({float(loss.detach().float().reshape(-1)[0])}) in {self._batches[-1]}" \
-                if self._batches else "loss"
+            self._bad_loss = (
+                f"loss ({float(loss.detach().float().reshape(-1)[0])}) in {self._batches[-1]}"
+                if self._batches
+                else "loss"
+            )
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
         problem = self._bad_loss
@@ -100,9 +103,11 @@ class NonFiniteGuard(L.Callback):
             self._consecutive = 0
             return
         if self.policy == "stop":
-            raise NonFiniteError(f"non-finite {problem} at step {step}; stopped before updating the weights. "
-                                 f"{self._last_good()} Lower trainer.lr, check those rows, or set "
-                                 "trainer.on_nonfinite=skip to skip such steps")
+            raise NonFiniteError(
+                f"non-finite {problem} at step {step}; stopped before updating the weights. "
+                f"{self._last_good()} Lower trainer.lr, check those rows, or set "
+                "trainer.on_nonfinite=skip to skip such steps"
+            )
         for group in optimizer.param_groups:
             for param in group["params"]:
                 param.grad = None
@@ -112,11 +117,12 @@ class NonFiniteGuard(L.Callback):
         if isinstance(metrics, dict):
             metrics["nonfinite_skipped"] = 1.0
         if trainer.global_rank == 0:
-            print(f"warning: non-finite {problem} at step {step}; step skipped (trainer.on_nonfinite=skip)",
-                  flush=True)
+            print(f"warning: non-finite {problem} at step {step}; step skipped (trainer.on_nonfinite=skip)", flush=True)
         if self._consecutive >= MAX_CONSECUTIVE_SKIPS:
-            raise NonFiniteError(f"{self._consecutive} optimizer steps in a row had a non-finite loss or gradient "
-                                 f"(the last at step {step}); stopped. {self._last_good()} Lower trainer.lr")
+            raise NonFiniteError(
+                f"{self._consecutive} optimizer steps in a row had a non-finite loss or gradient "
+                f"(the last at step {step}); stopped. {self._last_good()} Lower trainer.lr"
+            )
 
     def _last_good(self) -> str:
         if self.output is None:

@@ -65,7 +65,7 @@ def generate(
     device = next(model.parameters()).device
     with inference_mode(model, tokenizer):
         for start in range(0, len(texts), batch_size):
-            chunk = texts[start: start + batch_size]
+            chunk = texts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             kwargs: dict[str, Any] = {
                 "max_new_tokens": max_new_tokens,
@@ -79,13 +79,12 @@ def generate(
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             out = model.generate(**enc, **kwargs)
-            new = out[:, enc["input_ids"].shape[1]:]
+            new = out[:, enc["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     return outputs
 
 
-def task_metric(model: Any, tokenizer: Any, rows: list[dict], max_new_tokens: int = 32,
-                batch_size: int = 32) -> dict:
+def task_metric(model: Any, tokenizer: Any, rows: list[dict], max_new_tokens: int = 32, batch_size: int = 32) -> dict:
     """Exact-match accuracy of greedy answers on ``prompt``/``answer`` rows of the embedded task."""
     prompts = [r["prompt"] for r in rows]
     completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -93,8 +92,10 @@ def task_metric(model: Any, tokenizer: Any, rows: list[dict], max_new_tokens: in
     return {
         "accuracy": sum(scores) / max(1, len(scores)),
         "n": len(scores),
-        "samples": [{"prompt": p, "completion": c, "answer": r["answer"], "correct": bool(s)}
-                    for p, c, r, s in list(zip(prompts, completions, rows, scores))[:5]],
+        "samples": [
+            {"prompt": p, "completion": c, "answer": r["answer"], "correct": bool(s)}
+            for p, c, r, s in list(zip(prompts, completions, rows, scores))[:5]
+        ],
     }
 
 
@@ -109,8 +110,12 @@ class Settings:
 
     @classmethod
     def from_config(cls, config: Any) -> "Settings":
-        return cls(batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
-                   precision=config.trainer.precision, chunk=config.trainer.logits_chunk)
+        return cls(
+            batch_size=config.eval.batch_size,
+            max_new_tokens=config.eval.max_new_tokens,
+            precision=config.trainer.precision,
+            chunk=config.trainer.logits_chunk,
+        )
 
 
 def autocast(precision: str, device: torch.device) -> Any:
@@ -146,25 +151,30 @@ def objective_loss(module: Any, loader: Iterable[dict]) -> dict:
             for key, value in (metrics or {}).items():
                 totals[key] = totals.get(key, 0.0) + float(value) * size
     out = {k: v / max(1, seen) for k, v in totals.items()}
-    if held_out.value() is not None:
-        out["loss"] = held_out.value()
+    total_loss = held_out.value()
+    if total_loss is not None:
+        out["loss"] = total_loss
     return out
 
 
-def batches(model: Any, features: Sequence[Mapping[str, Any]], keys: tuple[str, ...], pad_id: int,
-            batch_size: int) -> Iterator[dict]:
+def batches(
+    model: Any, features: Sequence[Mapping[str, Any]], keys: tuple[str, ...], pad_id: int, batch_size: int
+) -> Iterator[dict]:
     """Padded batches of ``keys`` of ``features``, on the model's device."""
     device = next(model.parameters()).device
     for start in range(0, len(features), batch_size):
-        chunk = [{k: f[k] for k in keys} for f in features[start: start + batch_size]]
+        chunk = [{k: f[k] for k in keys} for f in features[start : start + batch_size]]
         yield {k: v.to(device) for k, v in pad_collate(chunk, pad_id).items()}
 
 
-def sequence_logprobs(model: Any, batch: Mapping[str, Any], prefix: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(
+    model: Any, batch: Mapping[str, Any], prefix: str, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the labelled tokens of each sequence ``{prefix}input_ids`` /
     ``{prefix}labels`` of ``batch``, and their counts."""
-    logps, mask = token_logprobs(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"],
-                                 batch[f"{prefix}labels"], chunk)
+    logps, mask = token_logprobs(
+        model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"], chunk
+    )
     mask = mask.to(logps.dtype)
     return (logps * mask).sum(-1).double(), mask.sum(-1).double()
 

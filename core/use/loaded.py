@@ -54,8 +54,10 @@ def adapter_specs(adapters: Any) -> dict[str, str]:
             name = path.parent.name if path.name == "final" else path.name
             name = re.sub(r"\W+", "_", name).strip("_") or "adapter"
         if name == BASE or "." in name or not name:
-            raise ConfigError(f"adapter name {name!r} is not allowed: '{BASE}' means the bare base model, and "
-                              "names cannot contain '.'")
+            raise ConfigError(
+                f"adapter name {name!r} is not allowed: '{BASE}' means the bare base model, and "
+                "names cannot contain '.'"
+            )
         if name in out:
             raise ConfigError(f"two adapters are named {name!r}; name them with NAME=DIR")
         out[name] = folder
@@ -77,9 +79,14 @@ def _run_config(adapter: str | None, model: str | None, manager: PluginManager) 
         data["model"] = {"path": read_adapter(adapter).get("base_model_name_or_path")}
     from lft.train.engine import resolve_precision
 
-    trainer = data.get("trainer") if isinstance(data.get("trainer"), dict) else {}
-    cfgmod.set_dotted(data, "trainer.precision", resolve_precision(str(trainer.get("precision", "auto")),
-                                                                   str(trainer.get("accelerator", "auto"))))
+    trainer = data.get("trainer")
+    if not isinstance(trainer, dict):
+        trainer = {}
+    cfgmod.set_dotted(
+        data,
+        "trainer.precision",
+        resolve_precision(str(trainer.get("precision", "auto")), str(trainer.get("accelerator", "auto"))),
+    )
     try:
         return cfgmod.build(data, cls)
     except ConfigError as exc:
@@ -112,8 +119,10 @@ class LoadedModel:
     def resolve(self, adapter: str | None) -> str:
         if adapter is None:
             if len(self.adapters) > 1:
-                raise LftError(f"several adapters are loaded ({', '.join(self.adapters)}); choose one with "
-                               f"adapter=NAME, or '{BASE}' for the base model")
+                raise LftError(
+                    f"several adapters are loaded ({', '.join(self.adapters)}); choose one with "
+                    f"adapter=NAME, or '{BASE}' for the base model"
+                )
             return next(iter(self.adapters), BASE)
         if adapter != BASE and adapter not in self.adapters:
             loaded = ", ".join([*self.adapters, BASE])
@@ -132,25 +141,45 @@ class LoadedModel:
             self.model.set_adapter(name, inference_mode=True)  # switching is cheap: a flag per layer
         yield name
 
-    def generate(self, prompts: Any, adapter: str | None = None, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, batch_size: int = 16,
-                 system: str | None = None, streamer: Any = None) -> Any:
+    def generate(
+        self,
+        prompts: Any,
+        adapter: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 16,
+        system: str | None = None,
+        streamer: Any = None,
+    ) -> Any:
         """Complete a prompt (a string or a list of messages) or a list of prompts with one
         adapter, through the model's chat template. Returns a string for a string prompt."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         items = [prompts] if single else list(prompts)
         if system:
-            items = [[{"role": "system", "content": system}, {"role": "user", "content": p}] if isinstance(p, str)
-                     else p for p in items]
+            items = [
+                [{"role": "system", "content": system}, {"role": "user", "content": p}] if isinstance(p, str) else p
+                for p in items
+            ]
         with self.using(adapter):
-            out = evaluate.generate(self.model, self.tokenizer, items, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
-                                    streamer=streamer)
+            out = evaluate.generate(
+                self.model,
+                self.tokenizer,
+                items,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                batch_size=batch_size,
+                streamer=streamer,
+            )
         return out[0] if single else out
 
     # -- evaluation --------------------------------------------------------------------------------
-    def eval_data(self, data: Iterable[str] | str | None = None, task_setting: str | None = None,
-                  max_rows: int | None = None) -> dict:
+    def eval_data(
+        self, data: Iterable[str] | str | None = None, task_setting: str | None = None, max_rows: int | None = None
+    ) -> dict:
         """Read and format held-out data once: ``{"sets": [(objective, features)], "task_rows": ...,
         "files": ...}``.
 
@@ -179,8 +208,9 @@ class LoadedModel:
                 raise DataError(f"{spec}: no installed objective reads these rows (columns: {', '.join(rows.rows[0])})")
             name, hook, objective = found
             if name in prepared["files"]:
-                raise DataError(f"{spec} and {prepared['files'][name]['file']} are both {name} data; "
-                                "give one file of each form")
+                raise DataError(
+                    f"{spec} and {prepared['files'][name]['file']} are both {name} data; give one file of each form"
+                )
             features, _ = format_rows(rows, hook, self.tokenizer, self.config)
             prepared["files"][name] = {"file": spec, "rows": len(rows)}
             prepared["sets"].append((objective, features))
@@ -188,8 +218,10 @@ class LoadedModel:
             embedded = next((s for s in specs if task.is_embedded(s)), None)
             prepared["task_rows"] = evaluate.task_rows(eval_config, embedded)
             if prepared["task_rows"]:
-                prepared["files"]["task"] = {"file": str(task.path("prompts", "eval")),
-                                             "rows": len(prepared["task_rows"])}
+                prepared["files"]["task"] = {
+                    "file": str(task.path("prompts", "eval")),
+                    "rows": len(prepared["task_rows"]),
+                }
         return prepared
 
     def _measurer(self, rows: Rows) -> tuple[str, Any, Objective] | None:
@@ -205,16 +237,23 @@ class LoadedModel:
             if objective.online:
                 continue
             try:
-                feature = selection.hook.lft_format_example(example=rows.rows[0], tokenizer=self.tokenizer,
-                                                            config=self.config)
+                feature = selection.hook.lft_format_example(
+                    example=rows.rows[0], tokenizer=self.tokenizer, config=self.config
+                )
             except DataError:
                 continue
             if feature is not None:
                 return name, selection.hook, objective
         return None
 
-    def evaluate(self, data: Any = None, adapter: str | None = None, task_setting: str | None = None,
-                 max_rows: int | None = None, prepared: dict | None = None) -> dict:
+    def evaluate(
+        self,
+        data: Any = None,
+        adapter: str | None = None,
+        task_setting: str | None = None,
+        max_rows: int | None = None,
+        prepared: dict | None = None,
+    ) -> dict:
         """The measurements of each objective on its held-out data and the task metric, of one
         adapter (or the base), computed by the code behind ``lft run``'s summary."""
         prepared = prepared or self.eval_data(data, task_setting, max_rows)
@@ -222,15 +261,20 @@ class LoadedModel:
         out: dict[str, Any] = {}
         with self.using(adapter):
             for objective, features in prepared["sets"]:
-                out.update({f"eval_{k}": v for k, v in objective.measure(self.model, self.tokenizer, features,
-                                                                         settings).items()})
+                out.update(
+                    {
+                        f"eval_{k}": v
+                        for k, v in objective.measure(self.model, self.tokenizer, features, settings).items()
+                    }
+                )
             if prepared["task_rows"]:
                 out.update(evaluate.task_measure(self.model, self.tokenizer, prepared["task_rows"], settings))
         return out
 
 
-def load(model: str | None = None, adapters: Any = None, *, full_precision: bool = False,
-         plugins: Iterable[Any] = ()) -> LoadedModel:
+def load(
+    model: str | None = None, adapters: Any = None, *, full_precision: bool = False, plugins: Iterable[Any] = ()
+) -> LoadedModel:
     """Load a base model with any number of named adapters on it.
 
     :param model: the base: a HF folder, hub id, ``.gguf`` file, or None for the base recorded in
@@ -251,7 +295,9 @@ def load(model: str | None = None, adapters: Any = None, *, full_precision: bool
     trained = manager.select(config.plugins)
     trained_q = trained.hook.lft_quantization_config(config=config)
     selection = manager.select(_without_wrapper(manager, trained.names)) if full_precision else trained
-    loaded = selection.hook.lft_load_model(config=config, quantization_config=trained_q if selection is trained else None)
+    loaded = selection.hook.lft_load_model(
+        config=config, quantization_config=trained_q if selection is trained else None
+    )
     if loaded is None:
         raise LftError("no plugin could load the model")
     base, tokenizer = loaded
@@ -271,12 +317,23 @@ def load(model: str | None = None, adapters: Any = None, *, full_precision: bool
         other = _run_config(folder, model, manager)
         other_q = _describe_quantization(manager.select(other.plugins).hook.lft_quantization_config(config=other))
         if other_q != loaded_q:
-            notes.append(f"adapter {name} was trained on a {other_q or 'full-precision'} base but shares the "
-                         f"{loaded_q or 'full-precision'} base loaded for {next(iter(specs))}")
+            notes.append(
+                f"adapter {name} was trained on a {other_q or 'full-precision'} base but shares the "
+                f"{loaded_q or 'full-precision'} base loaded for {next(iter(specs))}"
+            )
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    return LoadedModel(wrapped, tokenizer, specs, config, selection, label,
-                       trained_quantization=_describe_quantization(trained_q), quantization=loaded_q, notes=notes)
+    return LoadedModel(
+        wrapped,
+        tokenizer,
+        specs,
+        config,
+        selection,
+        label,
+        trained_quantization=_describe_quantization(trained_q),
+        quantization=loaded_q,
+        notes=notes,
+    )
 
 
 def _describe_quantization(qc: Any) -> str | None:
@@ -289,8 +346,14 @@ def _describe_quantization(qc: Any) -> str | None:
     return str(getattr(qc, "quant_method", "quantized"))
 
 
-def merge(adapter: str | Path, out: str | Path, model: str | None = None, dtype: str | None = None,
-          overwrite: bool = False, plugins: Iterable[Any] = ()) -> dict:
+def merge(
+    adapter: str | Path,
+    out: str | Path,
+    model: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    plugins: Iterable[Any] = (),
+) -> dict:
     """Merge ``adapter`` into its base and save a plain transformers folder (with the tokenizer
     and chat template) at ``out``. A QLoRA adapter is merged into a full-precision copy of its base."""
     import torch
@@ -303,5 +366,10 @@ def merge(adapter: str | Path, out: str | Path, model: str | None = None, dtype:
     if dtype:
         merged = merged.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
     path = save_model_folder(merged, loaded.tokenizer, out, overwrite=overwrite)
-    return {"output": str(path), "base": loaded.label, "adapter": str(adapter),
-            "trained_on": loaded.trained_quantization, "dtype": str(next(merged.parameters()).dtype).removeprefix("torch.")}
+    return {
+        "output": str(path),
+        "base": loaded.label,
+        "adapter": str(adapter),
+        "trained_on": loaded.trained_quantization,
+        "dtype": str(next(merged.parameters()).dtype).removeprefix("torch."),
+    }
