@@ -34,7 +34,7 @@ class KTOOptions(Section):
 def split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
     """Prompt ids and completion ids (the trained span, end-of-turn token included)."""
     trained = [i for i, label in enumerate(labels) if label != -100]
-    return ids[: trained[0]], ids[trained[0]: trained[-1] + 1]
+    return ids[: trained[0]], ids[trained[0] : trained[-1] + 1]
 
 
 def sequences(prompts: list[list[int]], completions: list[list[int]]) -> list[dict]:
@@ -58,8 +58,9 @@ class KTOObjective(Objective):
         return module.model, module.model.disable_adapter()
 
     def logps(self, model: Any, batch: dict, prefix: str, chunk: int) -> torch.Tensor:
-        values, mask = token_logprobs(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"],
-                                      batch[f"{prefix}labels"], chunk)
+        values, mask = token_logprobs(
+            model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"], chunk
+        )
         return values.sum(-1)
 
     def __call__(self, module: Any, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -73,8 +74,16 @@ class KTOObjective(Objective):
                 kl_reference = self.logps(model, batch, "kl_", chunk)
         desirable = batch["label"].bool()
         opts = self.options
-        loss, rewards, z0 = kto_loss(policy, reference, desirable, kl_policy, kl_reference, opts.beta,
-                                     opts.desirable_weight, opts.undesirable_weight)
+        loss, rewards, z0 = kto_loss(
+            policy,
+            reference,
+            desirable,
+            kl_policy,
+            kl_reference,
+            opts.beta,
+            opts.desirable_weight,
+            opts.undesirable_weight,
+        )
         metrics = {"kl": z0}
         if desirable.any():
             metrics["rewards/desirable"] = rewards[desirable].mean()
@@ -106,7 +115,7 @@ class KTO:
             raise lft.DataError("'completion' is empty")
         ids, labels = chat.tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"])
         prompt, completion = split_prompt(ids, labels)
-        prompt = prompt[-max(1, config.data.max_length - len(completion)):]
+        prompt = prompt[-max(1, config.data.max_length - len(completion)) :]
         completion = completion[: config.data.max_length - len(prompt)]
         return {"prompt_ids": prompt, "completion_ids": completion, "label": example["label"]}
 

@@ -36,8 +36,9 @@ def kto_loss(
     """
     rewards = policy_logps - reference_logps
     z0 = (kl_policy_logps - kl_reference_logps).mean().clamp(min=0).detach()
-    weight = torch.where(desirable, torch.full_like(rewards, desirable_weight),
-                         torch.full_like(rewards, undesirable_weight))
+    weight = torch.where(
+        desirable, torch.full_like(rewards, desirable_weight), torch.full_like(rewards, undesirable_weight)
+    )
     margin = torch.where(desirable, rewards - z0, z0 - rewards)
     loss = (weight - weight * torch.sigmoid(beta * margin)).mean()
     return loss, rewards.detach(), z0
