@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-import lft
 from lft import config as cfgmod
 from lft.cli.main import main
 from lft.errors import ConfigError
@@ -99,13 +98,3 @@ def test_cli_config_show_validate_schema(tmp_path, capsys):
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert {"model", "data", "trainer", "lora", "sft"} <= set(schema["properties"])
-
-
-def test_shipped_config_files_validate():
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    files = sorted((root / "docs").rglob("*.yaml"))
-    for path in files:
-        cfg = lft.load_config(path)
-        PluginManager().select(cfg.plugins)
