@@ -1,5 +1,5 @@
-"""Runs for the batch-shape invariants (tests/test_invariance.py) and the reference trajectory
-(tests/test_trajectory.py): one objective, one batch shape, a few optimizer steps in fp32 on a
+"""Runs for the batch-shape invariants (tests/core/test_invariance.py) and the reference trajectory
+(tests/core/test_trajectory.py): one objective, one batch shape, a few optimizer steps in fp32 on a
 pinned tiny model, with the first step's gradients, the weights and each step's loss and
 gradient norm written to a file.
 
@@ -25,8 +25,10 @@ import lft.plugins.sft
 
 #: Eight rows whose completions run from 2 to 80 words: a micro-batch mean would weigh them wrongly.
 LENGTHS = [2, 80, 5, 40, 3, 60, 10, 25]
-WORDS = ("the cat sat on a mat and then it ran to see what was new in the big wide world of sums "
-         "seven plus eight is fifteen so the answer is").split()
+WORDS = (
+    "the cat sat on a mat and then it ran to see what was new in the big wide world of sums "
+    "seven plus eight is fifteen so the answer is"
+).split()
 
 #: ``name: (plugins, data form, settings)``; the online cases train on fixed experience.
 CASES: dict[str, tuple[list[str], str, dict]] = {
@@ -38,13 +40,17 @@ CASES: dict[str, tuple[list[str], str, dict]] = {
     "grpo": (["grpo"], "prompts", {"grpo.num_generations": 2, "grpo.beta": 0.05}),
     "grpo_dapo": (["grpo"], "prompts", {"grpo.num_generations": 2, "grpo.loss": "dapo"}),
     "grpo_dr": (["grpo"], "prompts", {"grpo.num_generations": 2, "grpo.loss": "dr_grpo"}),
-    "ppo": (["ppo"], "prompts", {"ppo.epochs": 1, "ppo.minibatches": 1,
-                                                       "ppo.whiten_advantages": False}),
+    "ppo": (["ppo"], "prompts", {"ppo.epochs": 1, "ppo.minibatches": 1, "ppo.whiten_advantages": False}),
     "third_party": ([], "sft", {}),
 }
 #: ``shape: (batch size, gradient accumulation, processes, attention)``; 8 rows per optimizer step.
-SHAPES = {"one": (8, 1, 1, "sdpa"), "accum": (2, 4, 1, "sdpa"), "ddp": (4, 1, 2, "sdpa"), "eager": (8, 1, 1, "eager"),
-          "trajectory": (4, 2, 1, "sdpa")}
+SHAPES = {
+    "one": (8, 1, 1, "sdpa"),
+    "accum": (2, 4, 1, "sdpa"),
+    "ddp": (4, 1, 2, "sdpa"),
+    "eager": (8, 1, 1, "eager"),
+    "trajectory": (4, 2, 1, "sdpa"),
+}
 ONLINE_MICRO = 4  # an online case's "accum" shape: batch 8, its update in 4 micro-batches
 
 
@@ -89,8 +95,9 @@ def write_pinned_model(directory: Path) -> Path:
     return directory
 
 
-def fixed_completions(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: Any,
-                      stop_ids: list[int], pad_id: int) -> torch.Tensor:
+def fixed_completions(
+    model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: Any, stop_ids: list[int], pad_id: int
+) -> torch.Tensor:
     """Stands in for sampling: each prompt's completions follow from its own tokens alone, with
     lengths from 1 to 6, so every batch shape trains on the same experience."""
     group, width = settings.num_generations, settings.max_new_tokens
@@ -133,8 +140,7 @@ class SequenceNLL(lft.plugins.sft.SFT):
                 return {"sequences": batch["input_ids"].shape[0]}
 
             def __call__(self, module: Any, batch: dict) -> tuple[Any, dict]:
-                logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"],
-                                             batch["labels"])
+                logps, mask = token_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
                 per_sequence = -(logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)
                 return per_sequence.mean(), {}
 
@@ -166,8 +172,9 @@ class Probe:
 
             def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
                 if self.record["grads"] is None:
-                    self.record["grads"] = {n: p.grad.detach().clone() for n, p in self.trainable(module).items()
-                                            if p.grad is not None}
+                    self.record["grads"] = {
+                        n: p.grad.detach().clone() for n, p in self.trainable(module).items() if p.grad is not None
+                    }
 
             def on_train_end(self, trainer: Any, module: Any) -> None:
                 if trainer.global_rank == 0:
@@ -177,21 +184,44 @@ class Probe:
         return [Recorder()]
 
 
-def config(case: str, shape: str, wrapper: str, model: Path, data: dict[str, Path], output: Path,
-           steps: int = 1) -> dict:
+def config(
+    case: str, shape: str, wrapper: str, model: Path, data: dict[str, Path], output: Path, steps: int = 1
+) -> dict:
     plugins, form, settings = CASES[case]
     batch, accum, devices, attention = SHAPES[shape]
     if is_online(case) and shape in ("accum", "trajectory"):
         batch, accum = 8, ONLINE_MICRO if shape == "accum" else 2
-    cfg = {"model.path": str(model), "model.attn_implementation": attention, "data.train": str(data[form]),
-           "data.eval_split": 0, "output": str(output), "overwrite": True, "plugins": [*plugins, wrapper],
-           "trainer.max_steps": steps, "trainer.lr": 1e-3, "trainer.batch_size": batch, "trainer.grad_accum": accum,
-           "trainer.devices": devices, "trainer.strategy": "ddp" if devices > 1 else "auto",
-           "trainer.accelerator": "cpu", "trainer.precision": "32-true", "trainer.checkpoint_every": 0,
-           "trainer.max_grad_norm": None, "trainer.warmup_steps": 0, "trainer.schedule": "constant",
-           "trainer.seed": 7, "eval.task": "none", "eval.before": False, "guards.repetition.enabled": False,
-           "guards.forgetting.enabled": False, "guards.overfit.enabled": False, "guards.rank.enabled": False,
-           "guards.template.enabled": False, "guards.lint.enabled": False, "guards.contamination.enabled": False}
+    cfg = {
+        "model.path": str(model),
+        "model.attn_implementation": attention,
+        "data.train": str(data[form]),
+        "data.eval_split": 0,
+        "output": str(output),
+        "overwrite": True,
+        "plugins": [*plugins, wrapper],
+        "trainer.max_steps": steps,
+        "trainer.lr": 1e-3,
+        "trainer.batch_size": batch,
+        "trainer.grad_accum": accum,
+        "trainer.devices": devices,
+        "trainer.strategy": "ddp" if devices > 1 else "auto",
+        "trainer.accelerator": "cpu",
+        "trainer.precision": "32-true",
+        "trainer.checkpoint_every": 0,
+        "trainer.max_grad_norm": None,
+        "trainer.warmup_steps": 0,
+        "trainer.schedule": "constant",
+        "trainer.seed": 7,
+        "eval.task": "none",
+        "eval.before": False,
+        "guards.repetition.enabled": False,
+        "guards.forgetting.enabled": False,
+        "guards.overfit.enabled": False,
+        "guards.rank.enabled": False,
+        "guards.template.enabled": False,
+        "guards.lint.enabled": False,
+        "guards.contamination.enabled": False,
+    }
     if wrapper == "lora":
         cfg["lora.dropout"] = 0.0
     if shape == "trajectory":  # 20 steps: clipped, as users train, and gentler on fixed experience
@@ -204,8 +234,9 @@ def config(case: str, shape: str, wrapper: str, model: Path, data: dict[str, Pat
     return cfg
 
 
-def train(case: str, shape: str, wrapper: str, model: Path, data: dict[str, Path], output: Path,
-          steps: int = 1) -> dict:
+def train(
+    case: str, shape: str, wrapper: str, model: Path, data: dict[str, Path], output: Path, steps: int = 1
+) -> dict:
     """Train one case and return what the probe recorded (rank 0), plus the per-step losses."""
     import lft.online.rollout
 
@@ -228,8 +259,16 @@ def train(case: str, shape: str, wrapper: str, model: Path, data: dict[str, Path
 
 
 #: The reference trajectory: these cases, 20 optimizer steps each, 4 x 2 accumulated micro-batches.
-TRAJECTORY = {"sft": "full", "sft_lora": "lora", "dpo": "full", "orpo": "full", "simpo": "full", "reward": "full",
-              "grpo": "full", "ppo": "full"}
+TRAJECTORY = {
+    "sft": "full",
+    "sft_lora": "lora",
+    "dpo": "full",
+    "orpo": "full",
+    "simpo": "full",
+    "reward": "full",
+    "grpo": "full",
+    "ppo": "full",
+}
 TRAJECTORY_STEPS = 20
 TRAJECTORY_FILE = Path(__file__).parent / "reference_trajectory.json"
 
@@ -244,8 +283,10 @@ def trajectory(root: Path) -> dict[str, dict[str, list[float]]]:
     for name, wrapper in TRAJECTORY.items():
         case = name.removesuffix("_lora")
         record = train(case, "trajectory", wrapper, model, data, root / f"trajectory-{name}", steps=TRAJECTORY_STEPS)
-        out[name] = {"loss": [round(x, 7) for x in record["losses"]],
-                     "grad_norm": [round(x, 7) for x in record["grad_norms"]]}
+        out[name] = {
+            "loss": [round(x, 7) for x in record["losses"]],
+            "grad_norm": [round(x, 7) for x in record["grad_norms"]],
+        }
     return out
 
 
@@ -254,8 +295,10 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--write-trajectory"]:
 
     with tempfile.TemporaryDirectory() as tmp:
         found = trajectory(Path(tmp))
-    lines = [f'  "{name}": {{\n    "loss": {json.dumps(v["loss"])},\n'
-             f'    "grad_norm": {json.dumps(v["grad_norm"])}\n  }}' for name, v in found.items()]
+    lines = [
+        f'  "{name}": {{\n    "loss": {json.dumps(v["loss"])},\n    "grad_norm": {json.dumps(v["grad_norm"])}\n  }}'
+        for name, v in found.items()
+    ]
     TRAJECTORY_FILE.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
     print(f"wrote {TRAJECTORY_FILE}")
 elif __name__ == "__main__":  # one process per DDP rank runs this

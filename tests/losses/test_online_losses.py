@@ -1,0 +1,197 @@
+"""PPO and GRPO math against values worked out by hand (the arithmetic is in each docstring)."""
+
+import math
+
+import pytest
+import torch
+
+from lft.losses.grpo import group_advantages, grpo_loss
+from lft.losses.logprobs import entropy_from_logits, linear_logprobs
+from lft.losses.ppo import (
+    AdaptiveKLController,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    kl_estimate,
+    kl_penalized_rewards,
+    ppo_policy_loss,
+    whiten,
+)
+
+
+def naive_gae(rewards, values, gamma, lam):
+    """The textbook recursion on one unpadded sequence, in plain Python."""
+    n = len(rewards)
+    advantages = [0.0] * n
+    following = 0.0
+    for t in reversed(range(n)):
+        next_value = values[t + 1] if t + 1 < n else 0.0
+        delta = rewards[t] + gamma * next_value - values[t]
+        following = delta + gamma * lam * following
+        advantages[t] = following
+    return advantages, [a + v for a, v in zip(advantages, values)]
+
+
+def test_gae_hand_worked():
+    """rewards [0, 0, 1], values [0.5, 0.6, 0.7], gamma 1, lam 0.5: deltas (0.1, 0.1, 0.3),
+    A = (0.225, 0.25, 0.3), returns (0.725, 0.85, 1.0)."""
+    adv, ret = gae(
+        torch.tensor([[0.0, 0.0, 1.0]]),
+        torch.tensor([[0.5, 0.6, 0.7]]),
+        torch.ones(1, 3, dtype=torch.bool),
+        gamma=1.0,
+        lam=0.5,
+    )
+    assert adv[0].tolist() == pytest.approx([0.225, 0.25, 0.3])
+    assert ret[0].tolist() == pytest.approx([0.725, 0.85, 1.0])
+
+
+def test_gae_matches_a_naive_loop_on_padded_rows():
+    torch.manual_seed(0)
+    lengths = [5, 2, 7, 1]
+    rewards, values = torch.randn(4, 7), torch.randn(4, 7)
+    mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
+    padded_rewards = rewards.masked_fill(~mask, 123.0)  # garbage past the end must not leak in
+    adv, ret = gae(padded_rewards, values.masked_fill(~mask, -55.0), mask, gamma=0.9, lam=0.8)
+    for row, n in enumerate(lengths):
+        want_adv, want_ret = naive_gae(rewards[row, :n].tolist(), values[row, :n].tolist(), 0.9, 0.8)
+        assert adv[row, :n].tolist() == pytest.approx(want_adv, abs=1e-5)
+        assert ret[row, :n].tolist() == pytest.approx(want_ret, abs=1e-5)
+        assert adv[row, n:].abs().sum() == 0 and ret[row, n:].abs().sum() == 0
+
+
+def test_policy_loss_hand_worked_and_gradient_sign():
+    """old -1, A 1: logp -1 -> r 1, loss -1; logp -0.5 -> r 1.6487 clipped to 1.2, loss -1.2.
+    Mean -1.1, clip fraction 1/2. Only the unclipped token gets a gradient: d(-A r)/dlogp = -r = -1."""
+    logps = torch.tensor([[-1.0, -0.5]], requires_grad=True)
+    loss, metrics = ppo_policy_loss(
+        logps, torch.tensor([[-1.0, -1.0]]), torch.ones(1, 2), torch.ones(1, 2, dtype=torch.bool)
+    )
+    assert loss.item() == pytest.approx(-1.1)
+    assert metrics["clip_fraction"].item() == pytest.approx(0.5)
+    loss.backward()
+    assert logps.grad[0].tolist() == pytest.approx([-0.5, 0.0])  # -1 / 2 tokens; the clipped one gets none
+
+
+def test_policy_loss_negative_advantage_is_clipped_pessimistically():
+    """A = -1, r = 0.5: max(-A r, -A clip(r)) = max(0.5, 0.8) = 0.8."""
+    loss, metrics = ppo_policy_loss(
+        torch.tensor([[math.log(0.5)]]), torch.zeros(1, 1), -torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool)
+    )
+    assert loss.item() == pytest.approx(0.8)
+    assert metrics["clip_fraction"].item() == 1.0
+
+
+def test_value_loss_hand_worked():
+    """V 2, V_old 1, R 3, clip 0.5: V_clip 1.5; max((2-3)^2, (1.5-3)^2) = 2.25; half is 1.125."""
+    loss, clipped = clipped_value_loss(
+        torch.tensor([[2.0]]),
+        torch.tensor([[1.0]]),
+        torch.tensor([[3.0]]),
+        torch.ones(1, 1, dtype=torch.bool),
+        clip=0.5,
+    )
+    assert loss.item() == pytest.approx(1.125) and clipped.item() == 1.0
+
+
+def test_kl_estimators_hand_worked():
+    """logp -1, ref -2: k1 = 1; d = -1, k3 = e^-1 - 1 + 1 = 0.36788. Equal log-probs: both 0."""
+    logp, ref = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -3.0])
+    assert kl_estimate(logp, ref, "k1").tolist() == pytest.approx([1.0, 0.0])
+    assert kl_estimate(logp, ref, "k3").tolist() == pytest.approx([math.exp(-1), 0.0])
+    with pytest.raises(ValueError, match="k2"):
+        kl_estimate(logp, ref, "k2")
+
+
+def test_kl_penalty_goes_on_every_token_and_the_score_on_the_last():
+    """scores [1, 2], kl [[0.5, 0.2, 0.1], [0.3, 0.4, pad]], beta 0.1:
+    row 0: [-0.05, -0.02, -0.01 + 1]; row 1: [-0.03, -0.04 + 2, 0]."""
+    kl = torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.4, 9.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    rewards = kl_penalized_rewards(torch.tensor([1.0, 2.0]), kl, mask, beta=0.1)
+    assert rewards.tolist() == [pytest.approx([-0.05, -0.02, 0.99]), pytest.approx([-0.03, 1.96, 0.0])]
+
+
+def test_whiten_hand_worked():
+    """[1, 2, 3] with a masked 100: mean 2, unbiased variance 1 -> [-1, 0, 1, 0]."""
+    out = whiten(torch.tensor([1.0, 2.0, 3.0, 100.0]), torch.tensor([True, True, True, False]))
+    assert out.tolist() == pytest.approx([-1.0, 0.0, 1.0, 0.0], abs=1e-6)
+
+
+def test_explained_variance_hand_worked():
+    """R [1, 2, 3], V [1, 2, 2]: 1 - (1/3) / 1 = 2/3; constant returns are reported as 0."""
+    mask = torch.ones(3, dtype=torch.bool)
+    assert explained_variance(
+        torch.tensor([1.0, 2.0, 2.0]), torch.tensor([1.0, 2.0, 3.0]), mask
+    ).item() == pytest.approx(2 / 3)
+    assert explained_variance(torch.zeros(3), torch.zeros(3), mask).item() == 0.0
+
+
+def test_adaptive_kl_controller_hand_worked():
+    """beta 0.1, target 6, horizon 10000, kl 12, n 100: error clipped to 0.2; 0.1 * 1.002 = 0.1002.
+    kl 5.4: error -0.1; 0.1002 * (1 - 0.1 * 100 / 10000) = 0.1002 * 0.999. No target: fixed."""
+    control = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    assert control.update(12.0, 100) == pytest.approx(0.1002)
+    assert control.update(5.4, 100) == pytest.approx(0.1002 * 0.999)
+    assert AdaptiveKLController(0.1).update(100.0, 100) == 0.1
+    restored = AdaptiveKLController(0.5)
+    restored.load_state_dict(control.state_dict())
+    assert restored.beta == control.beta
+
+
+def test_group_advantages_for_a_hand_made_group():
+    """Group [1, 0, 0, 1]: mean 0.5, unbiased std 0.57735 -> +-0.5 / (0.57735 + 1e-4) = +-0.86588.
+    Group [2, 2, 2, 2]: all equal, advantage 0. Without scaling: +-0.5 and 0."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    scaled = group_advantages(rewards, 4, "group")
+    assert scaled.tolist() == pytest.approx([0.86588, -0.86588, -0.86588, 0.86588, 0, 0, 0, 0], abs=1e-5)
+    assert group_advantages(rewards, 4, "none").tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
+
+
+def test_group_advantages_scaled_by_the_batch():
+    """Rewards [1, 0, 0, 1, 2, 2, 2, 2] have batch mean 1.25 and unbiased variance
+    (2 * 0.0625 + 2 * 1.5625 + 4 * 0.5625) / 7 = 5.5 / 7 (std 0.88641); the first group's centred
+    rewards +-0.5 become +-0.5 / (0.88641 + 1e-4) = +-0.56401."""
+    out = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]), 4, "batch")
+    assert out[:4].tolist() == pytest.approx([0.56401, -0.56401, -0.56401, 0.56401], abs=1e-5)
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(torch.ones(8), 3)
+
+
+@pytest.mark.parametrize("variant, expected", [("grpo", 0.0), ("dapo", -1 / 3), ("dr_grpo", -0.25)])
+def test_grpo_token_normalisations(variant, expected):
+    """A: 2 tokens, advantage +1; B: 1 token, advantage -1; ratios 1, so token losses -1, -1, +1.
+    grpo: mean(mean(-1, -1), +1) = 0; dapo: (-1 - 1 + 1) / 3; dr_grpo: -1 / (2 sequences * 2)."""
+    logps = torch.zeros(2, 2)
+    mask = torch.tensor([[True, True], [True, False]])
+    loss, metrics = grpo_loss(logps, logps, torch.tensor([1.0, -1.0]), mask, variant, max_completion_length=2)
+    assert loss.item() == pytest.approx(expected)
+    assert metrics["clip_fraction"].item() == 0.0
+
+
+def test_grpo_kl_term_and_clip_higher():
+    """One token, A = 1, logp = old = 0, ref = -1, beta 0.5: surrogate -1, k3 with d = -1 is
+    e^-1 = 0.36788, so the loss is -1 + 0.5 * 0.36788 = -0.81606.
+    With r = 1.25 (logp = log 1.25): clip_eps 0.2 caps the gain at 1.2 (loss -1.2); clip_eps_high
+    0.28 leaves it at 1.25 (loss -1.25)."""
+    one = torch.ones(1, 1, dtype=torch.bool)
+    loss, metrics = grpo_loss(
+        torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1), one, beta=0.5, ref_logps=-torch.ones(1, 1)
+    )
+    assert loss.item() == pytest.approx(-1 + 0.5 * math.exp(-1))
+    assert metrics["kl_token"].item() == pytest.approx(math.exp(-1))
+    up = torch.full((1, 1), math.log(1.25))
+    assert grpo_loss(up, torch.zeros(1, 1), torch.ones(1), one)[0].item() == pytest.approx(-1.2)
+    assert grpo_loss(up, torch.zeros(1, 1), torch.ones(1), one, clip_eps_high=0.28)[0].item() == pytest.approx(-1.25)
+    with pytest.raises(ValueError, match="reference"):
+        grpo_loss(up, up, torch.ones(1), one, beta=0.1)
+
+
+def test_entropy_hand_worked_and_chunked():
+    """Logits [0, 0]: entropy log 2. Chunked entropy equals the plain computation."""
+    assert entropy_from_logits(torch.zeros(1, 2)).item() == pytest.approx(math.log(2))
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(7, 5), torch.randn(11, 5), torch.randn(11)
+    expected = entropy_from_logits(hidden @ weight.t() + bias)
+    _, entropy = linear_logprobs(hidden, weight, torch.zeros(7, dtype=torch.long), bias, chunk=3, entropy=True)
+    assert entropy.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
