@@ -25,11 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 import torch
 
 from lft.losses.logprobs import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from lft.train.module import LftModule
 
 #: Counts of the units a loss averages over, in one micro-batch or one step.
 Units = Mapping[str, Union[torch.Tensor, int, float]]
@@ -108,13 +111,13 @@ class Objective:
         """Whether ``training_step`` steps the optimizer itself (Lightning manual optimization)."""
         return False
 
-    def setup(self, module: Any) -> None:
+    def setup(self, module: LftModule) -> None:
         """Called once before training, with the ``LftModule``."""
 
     def units(self, batch: Mapping[str, Any]) -> Units:
         return {"rows": batch_rows(batch)}
 
-    def __call__(self, module: Any, batch: Mapping[str, Any]) -> tuple[Loss, Mapping[str, Any]]:
+    def __call__(self, module: LftModule, batch: Mapping[str, Any]) -> tuple[Loss, Mapping[str, Any]]:
         raise NotImplementedError(f"{type(self).__name__} must compute its loss in __call__(module, batch)")
 
     def measure(self, model: Any, tokenizer: Any, features: Sequence[Mapping[str, Any]], settings: Any) -> dict:
@@ -160,7 +163,7 @@ class OnlineObjective(Objective):
     def steps_optimizer(self) -> bool:
         return True
 
-    def training_step(self, module: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, Mapping[str, Any]]:
+    def training_step(self, module: LftModule, batch: dict[str, Any]) -> tuple[torch.Tensor, Mapping[str, Any]]:
         raise NotImplementedError(f"{type(self).__name__} must update the policy in training_step(module, batch)")
 
 

@@ -20,13 +20,23 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+
+    import torch
+    from lightning.pytorch import Callback
+    from pydantic import BaseModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    from lft.config import RunConfigBase
     from lft.objective import Objective
+    from lft.train.module import LftModule
 
 hookspec = pluggy.HookspecMarker("lft")
 
 
 @hookspec
-def lft_add_config(register: Any) -> None:
+def lft_add_config(register: Callable[[str, type[BaseModel]], None]) -> None:
     """Register a plugin's own options section.
 
     :param register: a callable ``register(section, model)`` where ``section`` is the name of
@@ -40,7 +50,9 @@ def lft_add_config(register: Any) -> None:
 
 
 @hookspec(firstresult=True)
-def lft_load_model(config: Any, quantization_config: Any) -> Any:
+def lft_load_model(
+    config: RunConfigBase, quantization_config: QuantizationConfigMixin | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
     """Load the model and its tokenizer.
 
     :param config: the validated ``RunConfig``.
@@ -57,7 +69,7 @@ def lft_load_model(config: Any, quantization_config: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def lft_quantization_config(config: Any) -> Any:
+def lft_quantization_config(config: RunConfigBase) -> QuantizationConfigMixin | None:
     """Choose how the base model's weights are quantized at load time.
 
     :param config: the validated ``RunConfig``.
@@ -69,7 +81,7 @@ def lft_quantization_config(config: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def lft_wrap_model(model: Any, config: Any, objective: Objective) -> Any:
+def lft_wrap_model(model: PreTrainedModel, config: RunConfigBase, objective: Objective) -> torch.nn.Module | None:
     """Wrap the loaded model for training: add adapters, freeze weights, prepare k-bit layers.
 
     :param model: the ``PreTrainedModel`` returned by ``lft_load_model``.
@@ -85,7 +97,9 @@ def lft_wrap_model(model: Any, config: Any, objective: Objective) -> Any:
 
 
 @hookspec(firstresult=True)
-def lft_format_example(example: dict, tokenizer: Any, config: Any) -> Any:
+def lft_format_example(
+    example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, config: RunConfigBase
+) -> dict[str, Any] | None:
     """Turn one raw data row into token ids and a label mask, in the objective's format.
 
     :param example: one row, a dict of column name to value, as read from the data file.
@@ -100,7 +114,9 @@ def lft_format_example(example: dict, tokenizer: Any, config: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def lft_collate(features: list, tokenizer: Any, config: Any) -> Any:
+def lft_collate(
+    features: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, config: RunConfigBase
+) -> dict[str, Any] | None:
     """Turn a list of formatted examples into one batch.
 
     :param features: the dicts returned by ``lft_format_example``.
@@ -115,7 +131,7 @@ def lft_collate(features: list, tokenizer: Any, config: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def lft_objective(config: Any) -> Objective | Callable[..., Any] | None:
+def lft_objective(config: RunConfigBase) -> Objective | Callable[..., Any] | None:
     """Build the run's objective. Called once, before training.
 
     :param config: the validated ``RunConfig``.
@@ -133,7 +149,7 @@ def lft_objective(config: Any) -> Objective | Callable[..., Any] | None:
 
 
 @hookspec(firstresult=True)
-def lft_rollout(module: Any, batch: dict, config: Any) -> Any:
+def lft_rollout(module: LftModule, batch: dict[str, Any], config: RunConfigBase) -> dict[str, Any] | None:
     """Generate experience for online methods (PPO, GRPO) from the current policy.
 
     Called by the engine at the start of every training step, before the objective.
@@ -146,9 +162,9 @@ def lft_rollout(module: Any, batch: dict, config: Any) -> Any:
     :param config: the validated ``RunConfig``.
     :return: the batch to hand to the objective instead of ``batch``, or None for offline
         methods, whose batch is used as it is. The core's trylast implementation serves every
-        objective that has a ``rollout`` attribute (``lft.online.rollout.RolloutSettings``): it samples
-        with a KV cache, scores the tokens under the policy and the reference, calls
-        ``lft_reward``, and returns the experience dict described in ``lft.online.rollout``
+        ``lft.objective.OnlineObjective`` with its ``rollout`` settings: it samples with a KV
+        cache, scores the tokens under the policy and the reference, calls ``lft_reward``, and
+        returns the experience dict described in ``lft.online.rollout``
         (prompts, completions, token ids, masks, per-token log-probs, rewards).
 
     Stops at the first non-None result.
@@ -156,7 +172,9 @@ def lft_rollout(module: Any, batch: dict, config: Any) -> Any:
 
 
 @hookspec
-def lft_reward(prompts: list, completions: list, batch: dict, config: Any) -> Any:
+def lft_reward(
+    prompts: list[Any], completions: list[str], batch: dict[str, Any], config: RunConfigBase
+) -> dict[str, Any] | None:
     """Score completions. Every selected reward plugin is called and the scores are combined.
 
     :param prompts: the prompts, one per completion (a string, or the list of messages the data
@@ -174,7 +192,7 @@ def lft_reward(prompts: list, completions: list, batch: dict, config: Any) -> An
 
 
 @hookspec
-def lft_callbacks(config: Any) -> Any:
+def lft_callbacks(config: RunConfigBase) -> list[Callback] | None:
     """Add Lightning callbacks to the run: progress, guards, logging.
 
     :param config: the validated ``RunConfig``.
@@ -183,7 +201,7 @@ def lft_callbacks(config: Any) -> Any:
 
 
 @hookspec
-def lft_add_commands(cli: Any) -> None:
+def lft_add_commands(cli: argparse._SubParsersAction) -> None:
     """Add subcommands to the ``lft`` command line.
 
     :param cli: the ``argparse`` subparsers object of ``lft``. Call
@@ -196,7 +214,7 @@ def lft_add_commands(cli: Any) -> None:
 
 
 @hookspec(firstresult=True)
-def lft_default_data() -> Any:
+def lft_default_data() -> dict[str, Any] | None:
     """Name the data a run uses when the config gives no training file.
 
     Called before the config is validated, so that the settings it suggests are validated with
@@ -212,7 +230,9 @@ def lft_default_data() -> Any:
 
 
 @hookspec(firstresult=True)
-def lft_save_model(model: Any, tokenizer: Any, path: str, config: Any) -> Any:
+def lft_save_model(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, config: RunConfigBase
+) -> str | None:
     """Save the trained model into ``path`` in its standard format.
 
     :param model: the trained model (a ``peft.PeftModel`` for adapter methods).

@@ -109,14 +109,14 @@ def resolve(data: dict, manager: PluginManager, extra: Iterable[str] = (), sourc
     """Select the plugins, add the objective's default data and its suggested settings for every
     key the user left unset, resolve ``trainer.precision=auto``, then validate the config, once."""
     data = copy.deepcopy(data)
+    cls = cfgmod.config_class(cfgmod.plugin_sections(manager))
     listed = data.get("plugins")
+    if listed is not None and not isinstance(listed, list):
+        cfgmod.build(data, cls, source)  # reports the bad value, with every other problem, in one error
     names = [*(listed if isinstance(listed, list) else []), *extra]
     selection = manager.select(names)
-    if not isinstance(listed, list) or any(n not in listed for n in extra):
-        data["plugins"] = [
-            *(listed if isinstance(listed, list) else []),
-            *[n for n in extra if n not in (listed or [])],
-        ]
+    if listed is None or any(n not in listed for n in extra):
+        data["plugins"] = [*(listed or []), *[n for n in extra if n not in (listed or [])]]
     resolved = Resolved(None, selection)
     if cfgmod.get_dotted(data, "data.train") is None:
         default = selection.hook.lft_default_data()
@@ -135,7 +135,7 @@ def resolve(data: dict, manager: PluginManager, extra: Iterable[str] = (), sourc
         trainer = {}
     if trainer.get("precision", "auto") == "auto":
         cfgmod.set_dotted(data, "trainer.precision", resolve_precision("auto", str(trainer.get("accelerator", "auto"))))
-    resolved.config = cfgmod.build(data, cfgmod.config_class(cfgmod.plugin_sections(manager)), source)
+    resolved.config = cfgmod.build(data, cls, source)
     return resolved
 
 

@@ -102,3 +102,68 @@ def test_cli_config_show_validate_schema(tmp_path, capsys):
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert {"model", "data", "trainer", "lora", "sft"} <= set(schema["properties"])
+
+
+def test_one_run_builds_one_plugin_manager_and_validates_its_config_once(monkeypatch, tmp_path, lft_tiny_model):
+    """`lft run` with no data: the objective's default data and its suggested settings are merged
+    into the raw settings, which are validated once, with the command line's one plugin manager."""
+    from lft import config as cfgmod
+    from lft.plugin import manager as manager_module
+
+    managers, builds = [], []
+    real_init, real_build = manager_module.PluginManager.__init__, cfgmod.build
+
+    def counting_init(self, *args, **kwargs):
+        managers.append(self)
+        real_init(self, *args, **kwargs)
+
+    def counting_build(data, cls, source="config"):
+        builds.append(data)
+        return real_build(data, cls, source)
+
+    monkeypatch.setattr(manager_module.PluginManager, "__init__", counting_init)
+    monkeypatch.setattr(cfgmod, "build", counting_build)
+    from lft.plugin.testing import FAST
+
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                str(lft_tiny_model),
+                "--output",
+                str(out),
+                "trainer.max_steps=2",
+                "trainer.batch_size=2",
+                "data.max_eval_rows=4",
+                "guards.enabled=false",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    assert len(managers) == 1 and len(builds) == 1
+    written = cfgmod.read_yaml(out / "config.yaml")
+    assert written["trainer"]["max_steps"] == 2 and written["trainer"]["batch_size"] == 2  # the user's values
+    assert written["trainer"]["lr"] == 1e-3  # the embedded task's suggestion for a key the user left unset
+    assert written["data"]["train"].endswith("arith-sft-train.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    assert "trainer.lr=0.001" in summary["default_data_settings"]
+    assert not any(
+        item.startswith(("trainer.max_steps=", "trainer.batch_size=")) for item in summary["default_data_settings"]
+    )
+
+
+def test_a_selection_is_a_value():
+    """Selecting plugins changes nothing in the manager or its core plugin: two selections coexist."""
+    manager = PluginManager()
+    core_state = dict(vars(manager.core))
+    sft, dpo = manager.select(["sft"]), manager.select(["dpo", "full"])
+    assert vars(manager.core) == core_state
+    assert (sft.objective, sft.wrapper) == ("sft", "lora") and (dpo.objective, dpo.wrapper) == ("dpo", "full")
+
+    def impls(selection):
+        return {impl.plugin_name for impl in selection.hook.lft_format_example.get_hookimpls()}
+
+    assert "sft" in impls(sft) and "dpo" not in impls(sft) and "dpo" in impls(dpo) and "sft" not in impls(dpo)
