@@ -69,6 +69,17 @@ class DataConfig(Section):
         description="Batch examples of similar length together (within groups of "
         "50 batches of the shuffled order, the batches then shuffled) to cut padding.",
     )
+    packing: bool = Field(
+        default=False,
+        description="Pack training examples into rows of up to max_length tokens (best-fit decreasing), positions "
+        "restarting at each example and no example attending to another; trainer.batch_size then counts rows. "
+        "For objectives that read packed rows (sft).",
+    )
+    padding_free: bool = Field(
+        default=False,
+        description="Concatenate each batch's examples into one row with no padding (positions restarting at each "
+        "example); no bin packing. For objectives that read packed rows (sft).",
+    )
 
 
 class TrainerConfig(Section):

@@ -97,6 +97,9 @@ class Objective:
     #: The step metric that is the training reward, if any: the run warns when it rises while the
     #: held-out task metric falls (reward hacking).
     reward_metric: str | None = None
+    #: It trains on packed rows (``lft.data.packing``: ``input_ids``, ``labels`` and ``position_ids``
+    #: that restart at each example), so ``data.packing`` and ``data.padding_free`` may be used.
+    reads_packed_rows: bool = False
     #: Read at the end of the run into the summary; subclasses assign their own.
     notes: Mapping[str, Any] = MappingProxyType({})
     warnings: Sequence[str] = ()

@@ -39,6 +39,7 @@ class SFTObjective(Objective):
     """Token-level mean NLL of the trained tokens, computed in chunks over the vocabulary."""
 
     summary_metrics = ("perplexity",)
+    reads_packed_rows = True
 
     def units(self, batch: Mapping[str, Any]) -> dict:
         return {"tokens": trained_tokens(batch["labels"])}
@@ -50,6 +51,7 @@ class SFTObjective(Objective):
             batch["attention_mask"],
             batch["labels"],
             module.config.trainer.logits_chunk,
+            position_ids=batch.get("position_ids"),  # packed rows (data.packing, data.padding_free)
         )
         return masked_nll(logps, mask), {}
 

@@ -133,8 +133,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 # -- lft inspect ----------------------------------------------------------------------------------
 
 
-def token_view(tokenizer: Any, ids: list[int], labels: list[int] | None) -> list[dict]:
-    """One entry per token: id, text, whether it is trained, whether it is special."""
+def token_view(
+    tokenizer: Any, ids: list[int], labels: list[int] | None, positions: list[int] | None = None
+) -> list[dict]:
+    """One entry per token: id, text, whether it is trained, whether it is special, and in a
+    packed row (``positions``) whether it starts another example."""
     special = set(tokenizer.all_special_ids or [])
     return [
         {
@@ -142,6 +145,7 @@ def token_view(tokenizer: Any, ids: list[int], labels: list[int] | None) -> list
             "text": tokenizer.decode([t], skip_special_tokens=False),
             "trained": labels is not None and labels[i] != IGNORE_INDEX,
             "special": int(t) in special,
+            "starts_example": positions is not None and i > 0 and positions[i] == 0,
         }
         for i, t in enumerate(ids)
     ]
@@ -153,6 +157,8 @@ def render(tokens: list[dict], colour: bool) -> Text:
     text = Text()
     inside = False
     for i, token in enumerate(tokens):
+        if token.get("starts_example"):
+            text.append(" ┃ ", style="bold yellow" if colour else "")  # the boundary between packed examples
         piece = token["text"].replace("\n", "↵\n").replace("\t", "→")
         if not colour and token["trained"] != inside:
             text.append("⟦" if token["trained"] else "⟧")
@@ -171,6 +177,7 @@ def render(tokens: list[dict], colour: bool) -> Text:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from lft.data.files import read_rows
+    from lft.data.packing import pack, packable
     from lft.errors import DataError
     from lft.guards.template import pairs
 
@@ -181,6 +188,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     shown: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
     errors: list[str] = []
+    examples: list[dict[str, Any]] = []
+    places: list[str] = []
     for row, where in zip(rows.rows, rows.where):
         try:
             feature = run.hook.lft_format_example(example=row, tokenizer=tokenizer, config=config)
@@ -198,6 +207,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         records.append(
             {"where": where, "length": length, "trained": trained, "masked": total - trained, "truncated": truncated}
         )
+        examples.append({k: v for k, v in feature.items() if k != "truncated"})
+        places.append(where)
         if len(shown) < args.n:
             shown.append(
                 {
@@ -219,6 +230,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "first_error": errors[0] if errors else None,
         "data": config.data.train,
     }
+    if config.data.packing and packable(examples):  # show the rows training will see, boundaries marked
+        packed, wheres = pack(examples, max_length, places)
+        stats["packed_rows"] = len(packed)
+        shown = [
+            {
+                "where": where,
+                "truncated": False,
+                "parts": {"input_ids": token_view(tokenizer, row["input_ids"], row["labels"], row["position_ids"])},
+            }
+            for row, where in list(zip(packed, wheres))[: args.n]
+        ]
     if args.json:
         print(json.dumps({"examples": shown, "stats": stats}, indent=2))
         return 0
@@ -245,6 +267,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     table.add_row("trained tokens", f"{trained:,} ({100 * trained / max(1, trained + masked):.1f}%)")
     table.add_row("masked tokens", f"{masked:,}")
     table.add_row("truncated at max_length", f"{stats['truncated']} (data.max_length={max_length})")
+    if "packed_rows" in stats:
+        table.add_row("packed rows", f"{stats['packed_rows']} (data.packing, examples marked ┃)")
     if longest:
         table.add_row("longest example", f"{longest['length']} tokens ({longest['where']})")
     if errors:

@@ -48,7 +48,7 @@ def _trained(feature: dict) -> int:
     )
 
 
-def format_rows(rows: Rows, hook: Any, tokenizer: Any, config: Any) -> tuple[list[dict], FormatStats]:
+def format_rows(rows: Rows, hook: Any, tokenizer: Any, config: Any) -> tuple[Examples, FormatStats]:
     """Run ``lft_format_example`` on every row. Rows the hook returns ``{"skip": reason}`` for
     are left out and counted; DataErrors get the row's location added."""
     stats = FormatStats(rows=len(rows))
@@ -99,7 +99,9 @@ def format_rows(rows: Rows, hook: Any, tokenizer: Any, config: Any) -> tuple[lis
 
 def pad_collate(features: list[dict], pad_id: int) -> dict:
     """Right-pad ``*input_ids`` with ``pad_id`` and ``*labels`` with -100; add attention masks.
-    Other keys whose values are numbers (or equal-length lists of numbers) become tensors."""
+    ``*position_ids`` (packed rows) continue into the padding as a block of their own, counted
+    from 0, so the padding attends to nothing real. Other keys whose values are numbers (or
+    equal-length lists of numbers) become tensors."""
     batch: dict[str, Any] = {}
     keys = list(features[0])
     for key in keys:
@@ -116,6 +118,13 @@ def pad_collate(features: list[dict], pad_id: int) -> dict:
                 for i, v in enumerate(values):
                     mask[i, : len(v)] = 1
                 batch[key[: -len("input_ids")] + "attention_mask"] = mask
+        elif key.endswith("position_ids"):
+            width = max(len(v) for v in values)
+            tensor = torch.arange(width, dtype=torch.long).repeat(len(values), 1)
+            for i, v in enumerate(values):
+                tensor[i, : len(v)] = torch.as_tensor(v, dtype=torch.long)
+                tensor[i, len(v) :] = torch.arange(width - len(v))
+            batch[key] = tensor
         elif key.endswith("attention_mask"):
             continue
         elif all(isinstance(v, (int, float, bool)) for v in values):

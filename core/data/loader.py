@@ -11,6 +11,7 @@ from typing import Any, Iterator, Sized, cast
 import lightning as L
 from torch.utils.data import DataLoader
 
+from lft.data.packing import concatenate
 from lft.errors import DataError
 
 #: The key under which a training batch carries the unit counts of its optimizer step (taken off
@@ -170,6 +171,8 @@ class LftDataModule(L.LightningDataModule):
         self._train_loader: ResumableLoader | None = None
 
     def collate(self, features: list[dict]) -> dict:
+        if self.config.data.padding_free:  # the batch's examples as one row, no padding
+            features = [concatenate(features)]
         batch = self.hook.lft_collate(features=features, tokenizer=self.tokenizer, config=self.config)
         if batch is None:
             raise DataError("no selected plugin could collate a batch")

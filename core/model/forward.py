@@ -47,18 +47,28 @@ def split_head(model: Any) -> tuple[Any, torch.nn.Linear] | None:
 
 
 def token_logprobs(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk: int = 1024
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk: int = 1024,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the labelled next tokens, shape (B, T-1), and their mask.
 
+    With ``position_ids`` (packed rows, positions restarting at each example) no attention mask
+    is passed, so that the model attends within each example only (``lft.data.packing``).
     Full-vocabulary logits are never formed for the whole batch when the model allows it.
     """
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs = {"input_ids": input_ids, "position_ids": position_ids}
     parts = split_head(model)
     if parts is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(**inputs).logits
         return logprobs_from_logits(logits, labels)
     backbone, head = parts
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state
     return shifted_logprobs(hidden, head.weight, labels, head.bias, chunk)
 
 

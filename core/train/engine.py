@@ -17,8 +17,10 @@ import torch
 
 from lft import config as cfgmod
 from lft.data.files import read_rows, split_rows
-from lft.data.format import format_rows
+from lft.data.format import Examples, format_rows
 from lft.data.loader import LftDataModule
+from lft.data.packing import KEYS as PACKED_KEYS
+from lft.data.packing import pack, packable
 from lft.errors import ConfigError, DataError, LftError, ModelError, PluginError
 from lft.guards import RunGuards
 from lft.model.forward import trainable_parameters
@@ -265,10 +267,12 @@ class Run:
         train, train_stats = format_rows(train_rows, self.hook, tokenizer, cfg)
         self.guards.formatted(train_stats)
         evals, eval_stats = format_rows(eval_rows, self.hook, tokenizer, cfg) if eval_rows is not None else ([], None)
+        examples = len(train)
+        train = self.pack(train)
         info = {
             "train_file": train_spec,
             "eval_file": eval_spec or ("split" if evals else None),
-            "train_examples": len(train),
+            "train_examples": examples,
             "eval_examples": len(evals),
             "truncated": train_stats.truncated,
             "dropped": train_stats.dropped,
@@ -276,6 +280,11 @@ class Run:
             "longest": train_stats.longest,
             "trained_tokens": train_stats.trained_tokens,
         }
+        if cfg.data.packing:
+            info["packed_rows"] = len(train)
+            self.console.print(
+                f"[dim]packed {examples} examples into {len(train)} rows of up to {cfg.data.max_length} tokens[/]"
+            )
         for note in train_stats.notes:
             self.console.print(f"[yellow]note:[/] {note}")
         if train_stats.truncated or train_stats.dropped:
@@ -284,6 +293,29 @@ class Run:
                 f"{train_stats.dropped} dropped at data.max_length={cfg.data.max_length}"
             )
         return train, evals, info
+
+    def pack(self, train: Examples) -> Examples:
+        """The training examples packed into rows (``data.packing``), checked for packing when
+        ``data.padding_free`` concatenates each batch instead; as they are otherwise."""
+        data = self.config.data
+        if not (data.packing or data.padding_free):
+            return train
+        key = "data.packing" if data.packing else "data.padding_free"
+        if not self.objective.reads_packed_rows:
+            raise ConfigError(
+                f"{key}: the {self.selection.objective} objective does not train on packed rows; "
+                f"set {key}=false (objectives that do: those whose reads_packed_rows is true, e.g. sft)"
+            )
+        if not packable(train):
+            columns = sorted({k for f in train for k in f} - set(PACKED_KEYS))
+            raise ConfigError(
+                f"{key}: the examples carry {', '.join(columns)} besides input_ids and labels, "
+                f"which cannot be packed; set {key}=false"
+            )
+        if not data.packing:
+            return train
+        rows, where = pack(train, data.max_length, train.where)
+        return Examples(rows, where)
 
     def task_rows(self, train_spec: str) -> list[dict] | None:
         return evaluate.task_rows(self.config.eval, train_spec)

@@ -136,8 +136,17 @@ class Interrupt:
         return [Stop()]
 
 
-def test_resume_continues_from_the_checkpoint_step(tmp_path, lft_tiny_model, lft_sft_data):
-    extra = {"trainer.max_steps": 8, "trainer.lr": 5e-3, "trainer.batch_size": 4, "plugins": ["lora"]}
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_continues_from_the_checkpoint_step(tmp_path, lft_tiny_model, lft_sft_data, packing):
+    """Packed rows too: packing is deterministic, so the resumed run serves the next packed row."""
+    extra = {
+        "trainer.max_steps": 8,
+        "trainer.lr": 5e-3,
+        "trainer.batch_size": 4,
+        "plugins": ["lora"],
+        "data.packing": packing,
+        "data.max_length": 256,
+    }
     straight = lft.run(fast_config(lft_tiny_model, lft_sft_data, tmp_path / "straight", **extra), quiet=True)
 
     output = tmp_path / "interrupted"
