@@ -74,7 +74,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"Machine: {report['machine']}; precision {report['precision']}; batch {report['batch_size']}; "
         f"LoRA r={report['lora_r']} on {', '.join(report['targets'])}; {report['steps']} steps "
-        f"({report['warmup']} warm-up); matmul peak {report['peak_tflops']:.2f} TFLOP/s"
+        f"({report['warmup']} warm-up); data {report.get('data', 'the embedded task')}; "
+        f"matmul peak {report['peak_tflops']:.2f} TFLOP/s"
         + (
             f"; lft with {', '.join(f'{k}={v}' for k, v in report['lft_overrides'].items())}"
             if report.get("lft_overrides")
@@ -135,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-turns", default="", help="SFT only: e.g. 1,2,4 problems per example")
     parser.add_argument("--out", default="bench-results", help="folder for JSON, Markdown and PNG")
     parser.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="train on this file instead of the embedded task (.jsonl, .json, .parquet, .csv, in the method's format); "
+        "python -m lft.bench.conversations writes one with real-shaped lengths",
+    )
+    parser.add_argument(
         "--lft-set",
         action="append",
         default=[],
@@ -160,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": args.precision,
         "batch_size": args.batch_size,
         "lora_r": args.lora_r,
+        "data": args.data or "the embedded task",
         "steps": args.steps,
         "warmup": args.warmup,
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -192,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     for method in methods:
-        settings = settings_for(method, write_data(method, work))
+        settings = settings_for(method, Path(args.data).resolve() if args.data else write_data(method, work))
         per_token = flops_per_token(str(model), method)
         sides = []
         for tool in tools:

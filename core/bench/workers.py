@@ -125,7 +125,8 @@ def run_trl(s: Settings) -> dict:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    data = datasets.load_dataset("json", data_files=s.data, split="train")
+    builder = {".parquet": "parquet", ".csv": "csv"}.get(Path(s.data).suffix.lower(), "json")
+    data = datasets.load_dataset(builder, data_files=s.data, split="train")
     tokenizer = AutoTokenizer.from_pretrained(s.model)
     model = AutoModelForCausalLM.from_pretrained(s.model)
     lora = LoraConfig(

@@ -48,3 +48,51 @@ def test_flops_per_token_counts_every_matmul(lft_tiny_model):
     n = 2 * 36864 + vocab * 64
     assert flops_per_token(str(lft_tiny_model), "sft") == 4 * n
     assert flops_per_token(str(lft_tiny_model), "dpo") == 6 * n
+
+
+def test_the_conversation_generator_is_deterministic_and_long_tailed(tmp_path):
+    from lft.bench.conversations import write
+
+    first, again, other = (write(tmp_path / n, rows=300, seed=s) for n, s in (("a", 0), ("b", 0), ("c", 1)))
+    assert first.read_bytes() == again.read_bytes() != other.read_bytes()
+    rows = [json.loads(line) for line in first.read_text().splitlines()]
+    assert all(r["completion"][0]["role"] == "assistant" and r["prompt"][-1]["role"] == "user" for r in rows)
+    assert 0.2 < sum(r["prompt"][0]["role"] == "system" for r in rows) / len(rows) < 0.5
+    words = sorted(sum(len(m["content"].split()) for m in r["prompt"] + r["completion"]) for r in rows)
+    median = words[len(words) // 2]
+    assert 100 < median < 400 and words[-1] > 5 * median and words[0] < median / 3  # a long tail both ways
+
+
+@pytest.mark.slow
+def test_harness_takes_a_data_file_and_lft_settings(tmp_path, lft_tiny_model):
+    from lft.bench.conversations import write
+
+    data = write(tmp_path / "conversations.jsonl", rows=40)
+    out = tmp_path / "bench"
+    args = [
+        "--method",
+        "sft",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--tools",
+        "lft",
+        "--model",
+        str(lft_tiny_model),
+        "--precision",
+        "32-true",
+        "--data",
+        str(data),
+        "--max-length",
+        "512",
+        "--lft-set",
+        "data.packing=true",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["data"] == str(data) and report["lft_overrides"] == {"data.packing": "true"}
+    (side,) = report["methods"]["sft"]["sides"]
+    assert side["steps"] == 2 and side["final_loss"] > 0
