@@ -75,7 +75,8 @@ def markdown(report: dict) -> str:
         f"Machine: {report['machine']}; precision {report['precision']}; batch {report['batch_size']}; "
         f"LoRA r={report['lora_r']} on {', '.join(report['targets'])}; {report['steps']} steps "
         f"({report['warmup']} warm-up); data {report.get('data', 'the embedded task')}; "
-        f"matmul peak {report['peak_tflops']:.2f} TFLOP/s"
+        + ("the peer packs its rows; " if report.get("peer_packing") else "")
+        + f"matmul peak {report['peak_tflops']:.2f} TFLOP/s"
         + (
             f"; lft with {', '.join(f'{k}={v}' for k, v in report['lft_overrides'].items())}"
             if report.get("lft_overrides")
@@ -136,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-turns", default="", help="SFT only: e.g. 1,2,4 problems per example")
     parser.add_argument("--out", default="bench-results", help="folder for JSON, Markdown and PNG")
     parser.add_argument(
+        "--peer-packing",
+        action="store_true",
+        help="SFT: the peer packs its rows too (packing=True, padding_free=True), for a side-by-side with data.packing",
+    )
+    parser.add_argument(
         "--data",
         default=None,
         metavar="FILE",
@@ -169,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "lora_r": args.lora_r,
         "data": args.data or "the embedded task",
+        "peer_packing": args.peer_packing,
         "steps": args.steps,
         "warmup": args.warmup,
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -198,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             lora_alpha=2 * args.lora_r,
             work=str(work),
             lft_overrides=overrides,
+            peer_packing=args.peer_packing,
         )
 
     for method in methods:

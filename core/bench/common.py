@@ -36,6 +36,8 @@ class Settings:
     threads: int = 0  # 0: torch's default
     #: Extra lft config keys (``--lft-set KEY=VALUE``), e.g. to measure an optimisation switched off.
     lft_overrides: dict = field(default_factory=dict)
+    #: SFT only: the peer packs its rows too (``packing=True, padding_free=True``).
+    peer_packing: bool = False
     work: str = ""
 
     def save(self, path: Path) -> None:

@@ -114,9 +114,9 @@ class _Counter:
         batch = self.collator(features)
         if isinstance(batch, dict):  # GRPO's batches are raw rows, tokenized later: compare steps/s there
             # the sequences the model reads (a separate prompt mask repeats tokens already counted)
-            self.pending += int(
-                sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") and not k.startswith("prompt"))
-            )
+            masks = [v for k, v in batch.items() if k.endswith("attention_mask") and not k.startswith("prompt")]
+            # a padding-free batch has no mask: every token of its one row is real
+            self.pending += int(sum(v.sum() for v in masks)) if masks else int(batch["input_ids"].numel())
         return batch
 
 
@@ -136,7 +136,8 @@ def run_trl(s: Settings) -> dict:
     if s.method == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(**common, max_length=s.max_length, packing=False)
+        packed = {"packing": True, "padding_free": True} if s.peer_packing else {"packing": False}
+        args = SFTConfig(**common, max_length=s.max_length, **packed)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
     elif s.method == "dpo":
         from trl import DPOConfig, DPOTrainer
