@@ -3,8 +3,8 @@
 An example here is a causal-LM example, ``input_ids`` and ``labels`` of equal length. A packed row
 is the concatenation of some examples with ``position_ids`` that restart at 0 at each of them. The
 model then attends within each example only: transformers derives a block-diagonal causal mask
-from position ids that restart (when no attention mask is passed), and flash-attention's
-variable-length kernels read the same boundaries. The first label of each example is masked, so
+from position ids that restart (when no attention mask is passed), and its flash-attention
+path reads the same boundaries for the variable-length kernels. The first label of each example is masked, so
 no example is trained to predict its first token from the one before it; an unpacked example never
 predicts its first token either (the model predicts position t + 1 from t), so a packed batch has
 exactly the trained tokens, the loss and the gradients of the same examples unpacked.
