@@ -13,7 +13,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from lft.losses.grpo import group_advantages, grpo_loss
-from lft.plugins.online import OnlineMethod, OnlineOptions, RolloutObjective
+from lft.plugins.online import OnlineMethod
+from lft.plugins.online_update import OnlineOptions, RolloutObjective
 
 
 class GRPOOptions(OnlineOptions):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import lft
 from lft.data import chat
 from lft.losses.logprobs import IGNORE_INDEX
-from lft.model.forward import token_logprobs
+from lft.model.forward import eval_mode, token_logprobs
 from lft.objective import RowTexts
 
 SIDES = ("chosen", "rejected")
@@ -104,7 +104,7 @@ def measure_pairs(model: Any, tokenizer: Any, features: Any, settings: Any) -> d
 
     wins, margins = [], []
     device = next(model.parameters()).device
-    with evaluate.eval_mode(model), evaluate.autocast(settings.precision, device):
+    with eval_mode(model), evaluate.autocast(settings.precision, device):
         for batch in evaluate.batches(model, features, TOKEN_KEYS, tokenizer.pad_token_id, settings.batch_size):
             chosen, _ = evaluate.sequence_logprobs(model, batch, "chosen_", settings.chunk)
             rejected, _ = evaluate.sequence_logprobs(model, batch, "rejected_", settings.chunk)

@@ -31,7 +31,8 @@ from lft.losses.ppo import (
     ppo_policy_loss,
     whiten,
 )
-from lft.plugins.online import OnlineMethod, OnlineOptions, RolloutObjective
+from lft.plugins.online import OnlineMethod
+from lft.plugins.online_update import OnlineOptions, RolloutObjective
 
 
 class PPOOptions(OnlineOptions):

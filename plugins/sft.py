@@ -16,7 +16,7 @@ import lft
 from lft.config import Section
 from lft.data import chat, task
 from lft.losses.sft import masked_nll
-from lft.model.forward import token_logprobs
+from lft.model.forward import eval_mode, token_logprobs
 from lft.objective import Objective, RowTexts, trained_tokens
 from lft.use import evaluate
 
@@ -70,7 +70,7 @@ class SFTObjective(Objective):
         """The held-out mean NLL per trained token over the whole set (a sum over every token
         divided by their count, so batching does not change it), and its perplexity."""
         total, count = 0.0, 0.0
-        with evaluate.eval_mode(model), evaluate.autocast(settings.precision, next(model.parameters()).device):
+        with eval_mode(model), evaluate.autocast(settings.precision, next(model.parameters()).device):
             for batch in evaluate.batches(
                 model, features, ("input_ids", "labels"), tokenizer.pad_token_id, settings.batch_size
             ):

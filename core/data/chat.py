@@ -9,7 +9,7 @@ model learns to stop; what the template adds after that token (a newline) is not
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from lft.errors import DataError
 from lft.losses.logprobs import IGNORE_INDEX
@@ -62,6 +62,20 @@ def resolve_template(value: str | None) -> str | None:
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
+
+
+def turn_texts(value: Any, keep: Callable[[Any], bool] = lambda role: True) -> list[str]:
+    """The texts of a string (itself) or of a list of messages (the contents of the turns whose
+    role, None when missing, ``keep`` accepts)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [
+            m["content"]
+            for m in value
+            if isinstance(m, dict) and isinstance(m.get("content"), str) and keep(m.get("role"))
+        ]
+    return []
 
 
 def check_messages(messages: Any) -> list[dict]:

@@ -23,6 +23,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from lft.data.chat import turn_texts
 from lft.guards.findings import Finding
 from lft.objective import RowTexts
 
@@ -36,26 +37,14 @@ def words(text: str) -> list[str]:
     return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).lower()).split()
 
 
-def _texts(value: Any, skip_roles: tuple[str, ...]) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [
-            m["content"]
-            for m in value
-            if isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") not in skip_roles
-        ]
-    return []
-
-
 def units(row: dict) -> list[str]:
     """The texts of a row in any format: each string field, and each non-system turn of message lists."""
-    return [text for value in row.values() for text in _texts(value, ("system",))]
+    return [text for value in row.values() for text in turn_texts(value, lambda role: role != "system")]
 
 
 def prompt_units(texts: RowTexts) -> list[str]:
     """The prompt texts of a row (``Objective.row_texts``): no answer, no assistant turn."""
-    return [text for prompt in texts.prompts for text in _texts(prompt, ("system", "assistant"))]
+    return [t for prompt in texts.prompts for t in turn_texts(prompt, lambda role: role not in ("system", "assistant"))]
 
 
 def ngrams(tokens: list[str], n: int) -> set[int]:

@@ -11,26 +11,15 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+from lft.data.chat import turn_texts
 from lft.guards.findings import Finding
 from lft.objective import RowTexts
 
 
-def _answers(value: Any) -> list[str]:
-    """The trained texts in a completion-like value: a string, or the assistant turns of messages."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [
-            m["content"]
-            for m in value
-            if isinstance(m, dict) and m.get("role", "assistant") == "assistant" and isinstance(m.get("content"), str)
-        ]
-    return []
-
-
 def completions(texts: RowTexts) -> list[str]:
-    """Every trained text of a row's answers."""
-    return [a for answer in texts.answers for a in _answers(answer)]
+    """Every trained text of a row's answers: a string, or the assistant turns of messages (a turn
+    without a role counts as the assistant's)."""
+    return [a for answer in texts.answers for a in turn_texts(answer, lambda role: role in ("assistant", None))]
 
 
 def _flatten(value: Any) -> str:

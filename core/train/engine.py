@@ -132,13 +132,21 @@ def resolve(data: dict, manager: PluginManager, extra: Iterable[str] = (), sourc
             if cfgmod.get_dotted(data, key, cfgmod.MISSING) is cfgmod.MISSING:
                 cfgmod.set_dotted(data, key, value)
                 resolved.applied.append(f"{key}={value}")
+    resolve_raw_precision(data)
+    resolved.config = cfgmod.build(data, cls, source)
+    return resolved
+
+
+def resolve_raw_precision(data: dict) -> None:
+    """Set ``trainer.precision`` in raw (not yet validated) settings when it is ``auto`` or unset."""
     trainer = data.get("trainer")
     if not isinstance(trainer, dict):
         trainer = {}
-    if trainer.get("precision", "auto") == "auto":
-        cfgmod.set_dotted(data, "trainer.precision", resolve_precision("auto", str(trainer.get("accelerator", "auto"))))
-    resolved.config = cfgmod.build(data, cls, source)
-    return resolved
+    precision = trainer.get("precision", "auto")
+    if precision == "auto":
+        cfgmod.set_dotted(
+            data, "trainer.precision", resolve_precision(precision, str(trainer.get("accelerator", "auto")))
+        )
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -450,6 +458,8 @@ class Run:
             f"[bold]lft run[/]: {self.selection.describe()}"
             + (f"  [dim](defaults: {', '.join(self.selection.defaults)})[/]" if self.selection.defaults else "")
         )
+        if self.resolved.default_data:
+            self.summary["data_default"] = True
         if self.resolved.applied:
             self.summary["default_data_settings"] = self.resolved.applied
             self.console.print(

@@ -19,10 +19,7 @@ import torch
 from lft.data import chat, task
 from lft.data.format import pad_collate
 from lft.errors import ConfigError
-from lft.model.forward import (
-    eval_mode,  # noqa: F401 (for objectives' measure)
-    token_logprobs,
-)
+from lft.model.forward import eval_mode, token_logprobs
 
 
 @contextlib.contextmanager

@@ -77,16 +77,9 @@ def _run_config(adapter: str | None, model: str | None, manager: PluginManager) 
         data["model"] = {**(data.get("model") or {}), "path": str(model), "gguf_file": None}
     elif adapter and not data.get("model"):
         data["model"] = {"path": read_adapter(adapter).get("base_model_name_or_path")}
-    from lft.train.engine import resolve_precision
+    from lft.train.engine import resolve_raw_precision
 
-    trainer = data.get("trainer")
-    if not isinstance(trainer, dict):
-        trainer = {}
-    cfgmod.set_dotted(
-        data,
-        "trainer.precision",
-        resolve_precision(str(trainer.get("precision", "auto")), str(trainer.get("accelerator", "auto"))),
-    )
+    resolve_raw_precision(data)
     try:
         return cfgmod.build(data, cls)
     except ConfigError as exc:

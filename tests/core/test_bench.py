@@ -9,27 +9,16 @@ from lft.bench.__main__ import main
 from lft.bench.common import flops_per_token
 
 
+def lft_side(model, out, *extra):
+    """The harness's arguments for two SFT steps of lft alone on ``model``, in fp32."""
+    return ["--method", "sft", "--steps", "2", "--warmup", "0", "--tools", "lft", "--model", str(model),
+            "--precision", "32-true", "--out", str(out), *extra]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_harness_smoke(tmp_path, lft_tiny_model):
     out = tmp_path / "bench"
-    code = main(
-        [
-            "--method",
-            "sft",
-            "--steps",
-            "2",
-            "--warmup",
-            "0",
-            "--tools",
-            "lft",
-            "--model",
-            str(lft_tiny_model),
-            "--precision",
-            "32-true",
-            "--out",
-            str(out),
-        ]
-    )
+    code = main(lft_side(lft_tiny_model, out))
     assert code == 0
     report = json.loads((out / "bench.json").read_text())
     (side,) = report["methods"]["sft"]["sides"]
@@ -69,28 +58,7 @@ def test_harness_takes_a_data_file_and_lft_settings(tmp_path, lft_tiny_model):
 
     data = write(tmp_path / "conversations.jsonl", rows=40)
     out = tmp_path / "bench"
-    args = [
-        "--method",
-        "sft",
-        "--steps",
-        "2",
-        "--warmup",
-        "0",
-        "--tools",
-        "lft",
-        "--model",
-        str(lft_tiny_model),
-        "--precision",
-        "32-true",
-        "--data",
-        str(data),
-        "--max-length",
-        "512",
-        "--lft-set",
-        "data.packing=true",
-        "--out",
-        str(out),
-    ]
+    args = lft_side(lft_tiny_model, out, "--data", str(data), "--max-length", "512", "--lft-set", "data.packing=true")
     assert main(args) == 0
     report = json.loads((out / "bench.json").read_text())
     assert report["data"] == str(data) and report["lft_overrides"] == {"data.packing": "true"}

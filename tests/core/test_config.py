@@ -149,7 +149,7 @@ def test_one_run_builds_one_plugin_manager_and_validates_its_config_once(monkeyp
     assert written["trainer"]["lr"] == 1e-3  # the embedded task's suggestion for a key the user left unset
     assert written["data"]["train"].endswith("arith-sft-train.jsonl")
     summary = json.loads((out / "summary.json").read_text())
-    assert "trainer.lr=0.001" in summary["default_data_settings"]
+    assert summary["data_default"] is True and "trainer.lr=0.001" in summary["default_data_settings"]
     assert not any(
         item.startswith(("trainer.max_steps=", "trainer.batch_size=")) for item in summary["default_data_settings"]
     )

@@ -8,7 +8,7 @@ from lft.data import task
 from lft.data.files import Rows
 from lft.guards.contamination import check_contamination, find_overlaps, words
 from lft.guards.lint import lint_rows
-from lft.plugins.online import RolloutObjective
+from lft.plugins.online_update import RolloutObjective
 from lft.plugins.pairs import pair_texts
 from lft.plugins.sft import SFTObjective
 
