@@ -77,8 +77,9 @@ class DataConfig(Section):
     )
     padding_free: bool = Field(
         default=False,
-        description="Concatenate each batch's examples into one row with no padding (positions restarting at each "
-        "example); no bin packing. For objectives that read packed rows (sft).",
+        description="Batches without padding: sft concatenates each batch's examples into one row (positions "
+        "restarting at each example; no bin packing); dpo, orpo and simpo run each batch's chosen and rejected "
+        "sequences, and grpo and ppo their prompt + completion rows, as one row in every forward pass.",
     )
 
 
@@ -126,6 +127,11 @@ class TrainerConfig(Section):
         description="Train SwiGLU MLPs (Llama-style) with a fused activation that keeps two "
         "tensors for the backward pass instead of three; the same values and gradients.",
     )
+    segment_attention: bool = Field(
+        default=True,
+        description="On SDPA, packed and padding-free rows attend one example at a time "
+        "(causal SDPA per example, no block mask): the same values, less time and memory.",
+    )
     compile: bool = Field(
         default=False,
         description="Compile each transformer layer with torch.compile (dynamic shapes) "
@@ -138,7 +144,10 @@ class TrainerConfig(Section):
         "that optimizer step.",
     )
     logits_chunk: int = Field(
-        default=1024, gt=0, description="Tokens per chunk when computing log-probs over the vocabulary."
+        default=256,
+        gt=0,
+        description="Tokens per chunk when computing log-probs over the vocabulary: a chunk's "
+        "(tokens x vocabulary) logits and their gradient are the transient memory of the loss.",
     )
 
     @field_validator("devices")

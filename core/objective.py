@@ -100,6 +100,10 @@ class Objective:
     #: It trains on packed rows (``lft.data.packing``: ``input_ids``, ``labels`` and ``position_ids``
     #: that restart at each example), so ``data.packing`` and ``data.padding_free`` may be used.
     reads_packed_rows: bool = False
+    #: Its forward passes honour ``data.padding_free`` themselves (the preference objectives run
+    #: chosen and rejected as one row without padding; the online ones their prompt + completion
+    #: rows), so the loader's batches stay as they are.
+    runs_padding_free: bool = False
     #: Read at the end of the run into the summary; subclasses assign their own.
     notes: Mapping[str, Any] = MappingProxyType({})
     warnings: Sequence[str] = ()

@@ -63,6 +63,7 @@ class RolloutObjective(OnlineObjective):
     """
 
     progress_metrics = ("reward", "kl")
+    runs_padding_free = True
     summary_metrics = ("reward",)
     reward_metric = "reward"
 
@@ -94,6 +95,7 @@ class RolloutObjective(OnlineObjective):
             hidden=value_states,
             generation_batch_size=opts.generation_batch_size,
             policy_logps=self.updates_per_batch > 1 or value_states,
+            padding_free=config.data.padding_free,
         )
         self.eval_rollout = RolloutSettings(
             max_new_tokens=opts.max_new_tokens,
@@ -155,6 +157,7 @@ class RolloutObjective(OnlineObjective):
             hidden=hidden,
             position_ids=exp["position_ids"][rows],
             groups=exp["prompt_index"][rows] if "prompt_index" in exp else None,
+            padding_free=self.config.data.padding_free,
         )
         logps = stats["logps"]
         out = {"logps": logps, "old_logps": logps.detach() if fresh else exp["logps"][rows]}

@@ -89,10 +89,13 @@ def concatenated(batch: Mapping[str, Any], pad_id: int) -> tuple[torch.Tensor, t
     return both("input_ids", pad_id), both("attention_mask", 0), both("labels", IGNORE_INDEX)
 
 
-def pair_logps(model: Any, batch: Mapping[str, Any], pad_id: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs and completion token counts, each (2B,): chosen rows first."""
+def pair_logps(
+    model: Any, batch: Mapping[str, Any], pad_id: int, chunk: int, padding_free: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and completion token counts, each (2B,): chosen rows first.
+    ``padding_free``: the 2B sequences go through the model as one row without padding."""
     ids, mask, labels = concatenated(batch, pad_id)
-    logps, scored = token_logprobs(model, ids, mask, labels, chunk)
+    logps, scored = token_logprobs(model, ids, mask, labels, chunk, padding_free=padding_free)
     return logps.sum(-1), scored.sum(-1)
 
 

@@ -90,6 +90,7 @@ class PreferenceObjective(Objective):
 
     progress_metrics = ("accuracy", "margin", "reward")
     summary_metrics = ("accuracy", "margin")
+    runs_padding_free = True
 
     def __init__(self, loss: Any, chunk: int = 1024):
         self.loss = loss
@@ -108,20 +109,23 @@ class PreferenceObjective(Objective):
     def units(self, batch: Mapping[str, Any]) -> dict:
         return {"pairs": batch["chosen_input_ids"].shape[0], "chosen_tokens": trained_tokens(batch["chosen_labels"])}
 
-    def reference_logps(self, model: Any, batch: Mapping[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
-        sums, _ = pair_logps(model, batch, pad_id, self.chunk)
+    def reference_logps(
+        self, model: Any, batch: Mapping[str, Any], pad_id: int, padding_free: bool = False
+    ) -> dict[str, torch.Tensor]:
+        sums, _ = pair_logps(model, batch, pad_id, self.chunk, padding_free)
         size = batch["chosen_input_ids"].shape[0]
         return {"ref_chosen_logps": sums[:size], "ref_rejected_logps": sums[size:]}
 
     def logps(self, module: Any, batch: Mapping[str, Any]) -> PairLogps:
         pad_id = module.tokenizer.pad_token_id
+        flat = module.config.data.padding_free  # chosen and rejected as one row, no padding
         ref = None  # first: its transient memory is gone before the policy's graph is built
         if self.needs_reference and all(key in batch for key in REFERENCE_KEYS):
             ref = {key: batch[key] for key in REFERENCE_KEYS}
         elif self.needs_reference:
             with module.reference.model() as reference:
-                ref = self.reference_logps(reference, batch, pad_id)
-        sums, counts = pair_logps(module.model, batch, pad_id, self.chunk)
+                ref = self.reference_logps(reference, batch, pad_id, flat)
+        sums, counts = pair_logps(module.model, batch, pad_id, self.chunk, flat)
         size = batch["chosen_input_ids"].shape[0]
         pairs = PairLogps(sums[:size], sums[size:], counts[:size], counts[size:])
         if ref is not None:

@@ -7,8 +7,10 @@ transformers folder that both load), the same data (the shipped task data, conve
 same LoRA adapters, batch, max length, precision, optimizer, learning rate and steps. Each runs in
 its own process, one after the other. The report gives, per method: median seconds per step after
 warm-up, non-pad tokens per second, peak RSS, model FLOP utilisation against this machine's
-measured matmul peak, the final loss, and lft/peer ratios. ``--sweep-turns 1,2,4`` repeats SFT
-with longer multi-turn examples and plots throughput and memory against sequence length.
+measured matmul peak, the final loss, and each lft side's ratios to the peer at its defaults and
+at its best. ``--sides lft,lft-packed,peer,peer-packed`` runs each tool at its defaults and
+packed (sft: packing; dpo: padding-free). ``--sweep-length 256,512,1024,2048,4096`` also trains
+SFT on rows of each length and plots throughput and memory against sequence length.
 Install the peer with ``pip install -e ".[bench]"``.
 """
 
@@ -22,8 +24,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from lft.bench.common import METHODS, PEER_METHODS, Settings, flops_per_token, matmul_peak, write_data
+from lft.bench.common import (
+    METHODS,
+    PEER_METHODS,
+    PEER_PACKED,
+    SIDES,
+    Settings,
+    flops_per_token,
+    matmul_peak,
+    write_data,
+)
 
 
 def summarise(result: dict, settings: Settings, peak: float, per_token: float) -> dict:
@@ -70,13 +82,40 @@ def ratios(lft: dict, peer: dict) -> dict:
     }
 
 
+def compare(sides: list[dict]) -> dict:
+    """Every lft side against the peer at its defaults and at its best (its fastest side)."""
+    peers = [s for s in sides if s["tool"].startswith("peer")]
+    out: dict = {}
+    if not peers:
+        return out
+    default = next((s for s in peers if s["tool"] == "peer"), None)
+    best = max(peers, key=lambda s: s["tokens_per_s"])
+    out["peer_best"] = best["tool"]
+    for side in sides:
+        if side["tool"].startswith("lft"):
+            out[side["tool"]] = {
+                "vs_peer": ratios(side, default) if default else None,
+                "vs_peer_best": ratios(side, best),
+            }
+    return out
+
+
+SIDE_SETTINGS = {
+    "lft": "defaults",
+    "lft-packed": "data.packing=true (sft) / data.padding_free=true",
+    "peer": "defaults (packing=False, padding_free=False)",
+    "peer-packed": "packing=True, padding_free=True (sft) / padding_free=True (dpo)",
+}
+
+
 def markdown(report: dict) -> str:
     lines = [
-        f"Machine: {report['machine']}; precision {report['precision']}; batch {report['batch_size']}; "
+        f"Machine: {report['machine']}; precision {report['precision']}; batch {report['batch_size']} "
+        f"(packed sft: {report.get('packed_batch_size', report['batch_size'])} rows of up to max length); "
+        f"max length {report.get('max_length')}; "
         f"LoRA r={report['lora_r']} on {', '.join(report['targets'])}; {report['steps']} steps "
         f"({report['warmup']} warm-up); data {report.get('data', 'the embedded task')}; "
-        + ("the peer packs its rows; " if report.get("peer_packing") else "")
-        + f"matmul peak {report['peak_tflops']:.2f} TFLOP/s"
+        f"matmul peak {report['peak_tflops']:.2f} TFLOP/s"
         + (
             f"; lft with {', '.join(f'{k}={v}' for k, v in report['lft_overrides'].items())}"
             if report.get("lft_overrides")
@@ -84,20 +123,56 @@ def markdown(report: dict) -> str:
         )
         + ".",
         "",
-        "| method | tool | s/step | tokens/s | peak RSS (MB) | MFU | final loss | lft/peer tokens/s | lft/peer steps/s | lft/peer memory |",  # noqa: E501
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Sides: " + "; ".join(f"`{k}` {v}" for k, v in SIDE_SETTINGS.items() if k in report.get("sides", [])) + ".",
+        "",
+        "| method | side | s/step | tokens/s | peak RSS (MB) | MFU | final loss | tokens/s vs peer | memory vs peer "
+        "| tokens/s vs peer's best | memory vs peer's best |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    fmt = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731
     for method, entry in report["methods"].items():
+        comparison = entry.get("ratios", {})
         for side in entry["sides"]:
-            r = entry.get("ratios", {}) if side["tool"] == "lft" else {}
-            fmt = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731
+            r = comparison.get(side["tool"]) or {}
+            default, best = r.get("vs_peer") or {}, r.get("vs_peer_best") or {}
+            best_name = f" ({comparison['peer_best']})" if best else ""
             lines.append(
                 f"| {method} | {side['tool']} | {side['median_step_s']:.2f} | {side['tokens_per_s']:.0f} | "
                 f"{side['peak_rss_mb']:.0f} | {fmt(side['mfu'], '{:.1%}')} | {fmt(side['final_loss'], '{:.4f}')} | "
-                f"{fmt(r.get('tokens_per_s'), '{:.2f}x')} | {fmt(r.get('steps_per_s'), '{:.2f}x')} | "
-                f"{fmt(r.get('peak_rss'), '{:.2f}x')} |"
+                f"{fmt(default.get('tokens_per_s'), '{:.2f}x')} | {fmt(default.get('peak_rss'), '{:.2f}x')} | "
+                f"{fmt(best.get('tokens_per_s'), '{:.2f}x')}{best_name} | {fmt(best.get('peak_rss'), '{:.2f}x')} |"
+            )
+    if report.get("sweep"):
+        lines += ["", "Length sweep (sft, batch 1, rows of one length):", ""]
+        lines += ["| tokens per row | side | tokens/s | peak RSS (MB) |", "|---|---|---|---|"]
+        for row in report["sweep"]:
+            lines.append(f"| {row['length']} | {row['tool']} | {row['tokens_per_s']:.0f} | {row['peak_rss_mb']:.0f} |")
+        for tool, fit in report.get("memory_slope", {}).items():
+            lines.append(
+                f"\n{tool}: peak RSS grows {fit['mb_per_1k_tokens']:.0f} MB per 1,000 tokens (least squares); "
+                f"the last step of the sweep costs {fit['last_over_first_step']:.2f}x the first per token "
+                "(1.00x is linear, 2x or more per doubling quadratic)."
             )
     return "\n".join(lines) + "\n"
+
+
+def memory_slope(sweep: list[dict]) -> dict:
+    """Per tool: the least-squares slope of peak RSS against tokens per row, and how the cost per
+    token of the last step of the sweep compares with the first's (1.0 when memory is linear)."""
+    out = {}
+    for tool in sorted({r["tool"] for r in sweep}):
+        rows = sorted((r for r in sweep if r["tool"] == tool), key=lambda r: r["length"])
+        if len(rows) < 3:
+            continue
+        xs, ys = [r["length"] for r in rows], [r["peak_rss_mb"] for r in rows]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        per_token = [(ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
+        out[tool] = {
+            "mb_per_1k_tokens": slope * 1000,
+            "last_over_first_step": per_token[-1] / per_token[0] if per_token[0] > 0 else float("nan"),
+        }
+    return out
 
 
 def plot(sweep: list[dict], path: Path) -> None:
@@ -107,15 +182,13 @@ def plot(sweep: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for tool in ("lft", "peer"):
-        rows = [r for r in sweep if r["tool"] == tool]
-        if not rows:
-            continue
-        lengths = [r["tokens_per_example"] for r in rows]
+    for tool in sorted({r["tool"] for r in sweep}):
+        rows = sorted((r for r in sweep if r["tool"] == tool), key=lambda r: r["length"])
+        lengths = [r["length"] for r in rows]
         left.plot(lengths, [r["tokens_per_s"] for r in rows], marker="o", label=tool)
         right.plot(lengths, [r["peak_rss_mb"] for r in rows], marker="o", label=tool)
-    left.set(xlabel="tokens per example", ylabel="tokens/s", title="SFT throughput")
-    right.set(xlabel="tokens per example", ylabel="peak RSS (MB)", title="SFT memory")
+    left.set(xlabel="tokens per row", ylabel="tokens/s", title="SFT throughput", xscale="log")
+    right.set(xlabel="tokens per row", ylabel="peak RSS (MB)", title="SFT memory", xscale="log")
     for axis in (left, right):
         axis.legend()
         axis.grid(alpha=0.3)
@@ -129,18 +202,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--packed-batch-size", type=int, default=1, help="rows per step of the packed sft sides (default 1)"
+    )
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "32-true"])
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--tools", default="lft,peer", help="comma-separated: lft, peer")
-    parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2, converted)")
-    parser.add_argument("--sweep-turns", default="", help="SFT only: e.g. 1,2,4 problems per example")
-    parser.add_argument("--out", default="bench-results", help="folder for JSON, Markdown and PNG")
     parser.add_argument(
-        "--peer-packing",
-        action="store_true",
-        help="SFT: the peer packs its rows too (packing=True, padding_free=True), for a side-by-side with data.packing",
+        "--sides",
+        "--tools",
+        dest="sides",
+        default="lft,peer",
+        help=f"comma-separated, of {', '.join(SIDES)}: each tool at its defaults and packed",
     )
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2, converted)")
+    parser.add_argument(
+        "--sweep-length",
+        default="",
+        metavar="N,N,...",
+        help="also train sft on rows of each length (e.g. 256,512,1024,2048,4096), batch 1, lft and peer "
+        "at their defaults, and plot tokens/s and peak memory against length",
+    )
+    parser.add_argument("--sweep-steps", type=int, default=4, help="steps per length of the sweep (1 warm-up)")
+    parser.add_argument("--out", default="bench-results", help="folder for JSON, Markdown and PNG")
     parser.add_argument(
         "--data",
         default=None,
@@ -157,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         "optimisation switched off",
     )
     args = parser.parse_args(argv)
+    sides = [t for t in args.sides.split(",") if t]
+    unknown = [t for t in sides if t not in SIDES]
+    if unknown:
+        raise SystemExit(f"--sides {','.join(unknown)}: expected some of {', '.join(SIDES)}")
+
+    import torch
 
     from lft.model import loading
 
@@ -164,18 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lft-bench-"))
-    tools = [t for t in args.tools.split(",") if t]
     methods = list(METHODS) if args.method == "all" else [args.method]
     dtype = "bf16" if args.precision.startswith("bf16") else "fp32"
-    print(f"measuring the {dtype} matmul peak ...", flush=True)
-    peak = matmul_peak(dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"measuring the {dtype} matmul peak ({device}) ...", flush=True)
+    peak = matmul_peak(dtype, device=device)
     report: dict = {
-        "machine": f"{platform.processor() or platform.machine()}, {_cores()} cores",
+        "machine": f"{platform.processor() or platform.machine()}, {_cores()} cores"
+        + (f", {torch.cuda.get_device_name(0)}" if device == "cuda" else ""),
         "precision": args.precision,
         "batch_size": args.batch_size,
+        "packed_batch_size": args.packed_batch_size,
+        "max_length": args.max_length,
         "lora_r": args.lora_r,
         "data": args.data or "the embedded task",
-        "peer_packing": args.peer_packing,
+        "sides": sides,
         "steps": args.steps,
         "warmup": args.warmup,
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -191,50 +284,60 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key] = value
     report["lft_overrides"] = overrides
 
-    def settings_for(method: str, data: Path) -> Settings:
-        return Settings(
+    def settings_for(method: str, data: Path, side: str, **changes: Any) -> Settings:
+        packed = side.endswith("-packed")
+        settings = Settings(
             method=method,
             model=str(model),
             data=str(data),
             steps=args.steps,
             warmup=args.warmup,
-            batch_size=args.batch_size,
+            batch_size=args.packed_batch_size if packed and method == "sft" else args.batch_size,
             max_length=args.max_length,
             precision=args.precision,
             lora_r=args.lora_r,
             lora_alpha=2 * args.lora_r,
             work=str(work),
             lft_overrides=overrides,
-            peer_packing=args.peer_packing,
+            packed=packed,
         )
+        for key, value in changes.items():
+            setattr(settings, key, value)
+        return settings
 
     for method in methods:
-        settings = settings_for(method, Path(args.data).resolve() if args.data else write_data(method, work))
+        data = Path(args.data).resolve() if args.data else write_data(method, work)
         per_token = flops_per_token(str(model), method)
-        sides = []
-        for tool in tools:
-            if tool == "peer" and method not in PEER_METHODS:
-                print(f"  peer: no {method} in trl 1.16; lft alone", flush=True)
+        results = []
+        for side in sides:
+            tool, packed = side.split("-")[0], side.endswith("-packed")
+            if tool == "peer" and (method not in PEER_METHODS or (packed and method not in PEER_PACKED)):
+                print(f"  {side}: trl 1.16 has no such {method} here; skipped", flush=True)
                 continue
-            sides.append(summarise(run_side(tool, settings, work), settings, peak, per_token))
-        entry: dict = {"sides": sides}
-        by_tool = {s["tool"]: s for s in sides}
-        if "lft" in by_tool and "peer" in by_tool:
-            entry["ratios"] = ratios(by_tool["lft"], by_tool["peer"])
-        report["methods"][method] = entry
+            settings = settings_for(method, data, side)
+            summary = summarise(run_side(tool, settings, work), settings, peak, per_token)
+            summary["tool"] = side
+            results.append(summary)
+        report["methods"][method] = {"sides": results, "ratios": compare(results)}
 
-    if args.sweep_turns:
+    if args.sweep_length:
+        from transformers import AutoTokenizer
+
+        from lft.bench.conversations import sized
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
         sweep = []
-        for turns in [int(t) for t in args.sweep_turns.split(",")]:
-            data = write_data("sft", work, turns=turns, rows=400)
-            settings = settings_for("sft", data)
-            for tool in tools:
+        for length in [int(n) for n in args.sweep_length.split(",")]:
+            data = sized(work / f"sized-{length}.jsonl", tokenizer, length, rows=4 * args.sweep_steps)
+            for tool in [t for t in ("lft", "peer") if any(s.startswith(t) for s in sides)]:
+                settings = settings_for(
+                    "sft", data, tool, steps=args.sweep_steps, warmup=1, batch_size=1, max_length=length + 64
+                )
                 summary = summarise(run_side(tool, settings, work), settings, peak, flops_per_token(str(model), "sft"))
-                rows = [json.loads(x) for x in data.read_text().splitlines()]
-                summary["tokens_per_example"] = _mean_tokens(str(model), rows)
-                summary["turns"] = turns
+                summary["length"] = length
                 sweep.append(summary)
         report["sweep"] = sweep
+        report["memory_slope"] = memory_slope(sweep)
         plot(sweep, out / "sweep.png")
 
     (out / "bench.json").write_text(json.dumps(report, indent=2))
@@ -248,14 +351,6 @@ def _cores() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
-
-
-def _mean_tokens(model: str, rows: list[dict]) -> float:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    texts = [tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False) for r in rows[:50]]
-    return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(texts)
 
 
 if __name__ == "__main__":

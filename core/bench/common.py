@@ -10,6 +10,10 @@ from pathlib import Path
 METHODS = ("sft", "dpo", "orpo", "simpo", "grpo", "ppo")
 #: Methods the peer has an equivalent for (trl 1.16 has no PPO).
 PEER_METHODS = ("sft", "dpo", "orpo", "simpo", "grpo")
+#: Methods whose peer trainer has a packed or padding-free variant.
+PEER_PACKED = ("sft", "dpo")
+#: The sides a run can compare (``--sides``): each tool at its defaults and packed.
+SIDES = ("lft", "lft-packed", "peer", "peer-packed")
 FORMS = {"sft": "sft", "dpo": "pref", "orpo": "pref", "simpo": "pref", "grpo": "prompts", "ppo": "prompts"}
 
 
@@ -36,8 +40,9 @@ class Settings:
     threads: int = 0  # 0: torch's default
     #: Extra lft config keys (``--lft-set KEY=VALUE``), e.g. to measure an optimisation switched off.
     lft_overrides: dict = field(default_factory=dict)
-    #: SFT only: the peer packs its rows too (``packing=True, padding_free=True``).
-    peer_packing: bool = False
+    #: The side's packed variant: lft's ``data.packing`` (sft) or ``data.padding_free`` (the
+    #: others); the peer's ``packing=True, padding_free=True`` (sft) or ``padding_free=True`` (dpo).
+    packed: bool = False
     work: str = ""
 
     def save(self, path: Path) -> None:
@@ -82,18 +87,24 @@ def write_data(method: str, folder: Path, turns: int = 1, rows: int = 2000) -> P
     return path
 
 
-def matmul_peak(dtype_name: str, size: int = 2048, repeat: int = 10) -> float:
-    """Measured FLOP/s of a square matmul in the given dtype on this machine."""
+def matmul_peak(dtype_name: str, size: int = 0, repeat: int = 0, device: str = "cpu") -> float:
+    """Measured FLOP/s of a square matmul in the given dtype on this machine's CPU, or on the
+    first GPU with ``device="cuda"`` (a larger matrix, synchronised around the timed kernels)."""
     import torch
 
+    cuda = device == "cuda"
+    size, repeat = size or (8192 if cuda else 2048), repeat or (20 if cuda else 10)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    for _ in range(2):
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(3 if cuda else 2):
         a @ b
+    sync()
     start = time.perf_counter()
     for _ in range(repeat):
         a @ b
+    sync()
     return 2 * size**3 * repeat / (time.perf_counter() - start)
 
 

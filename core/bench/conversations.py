@@ -10,6 +10,10 @@ tokenizer with its chat template.
 
 Rows are conversational prompt/completion pairs: the conversation up to the last answer, then the
 last answer, which is what is trained. The same seed always writes the same file.
+
+``--pairs`` writes preference rows instead: the same conversations, the last answer chosen and a
+shorter, vaguer one rejected. ``sized`` (used by ``python -m lft.bench --sweep-length``) writes
+rows of one length in tokens, for measuring cost against sequence length.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 TOPICS = (
     "an order that has not arrived",
@@ -89,10 +94,58 @@ def conversation(rng: random.Random) -> dict:
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
-def write(path: Path, rows: int = 400, seed: int = 0) -> Path:
+def pair(rng: random.Random) -> dict:
+    """A preference row: the conversation's last answer chosen, a vague short one rejected."""
+    row = conversation(rng)
+    vague = answer(rng, max(4, len(row["completion"][0]["content"].split()) // 4))
+    return {
+        "prompt": row["prompt"],
+        "chosen": row["completion"],
+        "rejected": [{"role": "assistant", "content": "I am not sure. " + vague}],
+    }
+
+
+def write(path: Path, rows: int = 400, seed: int = 0, pairs: bool = False) -> Path:
     rng = random.Random(seed)
+    make = pair if pairs else conversation
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(conversation(rng)) + "\n" for _ in range(rows)), encoding="utf-8")
+    path.write_text("".join(json.dumps(make(rng)) + "\n" for _ in range(rows)), encoding="utf-8")
+    return path
+
+
+def sized(path: Path, tokenizer: Any, length: int, rows: int = 32, seed: int = 0) -> Path:
+    """Rows of ``length`` tokens each (within a few, in ``tokenizer``'s chat template): exchanges
+    are added until the conversation is long enough, then the last answer is cut to fit."""
+    rng = random.Random(seed)
+
+    def tokens(messages: list) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+
+    out = []
+    for _ in range(rows):
+        messages: list = [{"role": "system", "content": rng.choice(SYSTEMS)}]
+        topic = rng.choice(TOPICS)
+        while True:
+            first = len(messages) == 1
+            question = rng.choice(OPENERS).format(topic=topic) if first else rng.choice(FOLLOW_UPS)
+            text = answer(rng, max(4, int(math.exp(rng.gauss(math.log(100), 0.9)))))
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": text}]
+            if tokens(messages) >= length:
+                break
+        while True:
+            words = messages[-1]["content"].split()
+            low, high = 1, len(words)  # the most words of the last answer that still fit
+            while low < high:
+                mid = (low + high + 1) // 2
+                messages[-1]["content"] = " ".join(words[:mid])
+                low, high = (mid, high) if tokens(messages) <= length else (low, mid - 1)
+            messages[-1]["content"] = " ".join(words[:low])
+            if tokens(messages) <= length or len(messages) <= 3:
+                break
+            messages = messages[:-2]  # its question alone overflows: cut the answer before it instead
+        out.append({"prompt": messages[:-1], "completion": messages[-1:]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in out), encoding="utf-8")
     return path
 
 
@@ -100,9 +153,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m lft.bench.conversations", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairs", action="store_true", help="preference rows (prompt, chosen, rejected)")
     parser.add_argument("--out", default="bench-results/conversations.jsonl")
     args = parser.parse_args()
-    print(write(Path(args.out), args.rows, args.seed))
+    print(write(Path(args.out), args.rows, args.seed, args.pairs))
     return 0
 
 

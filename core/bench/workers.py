@@ -63,6 +63,8 @@ def lft_config(s: Settings) -> dict:
         "ppo": {"ppo.max_new_tokens": s.max_new_tokens},
     }
     config.update(method_keys.get(s.method, {}))
+    if s.packed:
+        config["data.packing" if s.method == "sft" else "data.padding_free"] = True
     if s.method in ("grpo", "ppo"):  # the peer's reward function is the same exact-answer check
         config["plugins"] = [s.method, "lora", "exact_answer"]
         config["trainer.eval_every"] = 0
@@ -84,6 +86,8 @@ def run_lft(s: Settings) -> dict:
 
 
 def _trl_common(s: Settings) -> dict:
+    import torch
+
     return dict(
         output_dir=str(Path(s.work) / f"peer-{s.method}"),
         per_device_train_batch_size=s.batch_size,
@@ -96,7 +100,7 @@ def _trl_common(s: Settings) -> dict:
         save_strategy="no",
         report_to=[],
         seed=s.seed,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         bf16=s.precision.startswith("bf16"),
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -136,13 +140,13 @@ def run_trl(s: Settings) -> dict:
     if s.method == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        packed = {"packing": True, "padding_free": True} if s.peer_packing else {"packing": False}
+        packed = {"packing": True, "padding_free": True} if s.packed else {"packing": False}
         args = SFTConfig(**common, max_length=s.max_length, **packed)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
     elif s.method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**common, beta=s.beta, max_length=s.max_length)
+        args = DPOConfig(**common, beta=s.beta, max_length=s.max_length, padding_free=s.packed)
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
     elif s.method in ("orpo", "simpo"):
         if s.method == "orpo":

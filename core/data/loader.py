@@ -171,7 +171,7 @@ class LftDataModule(L.LightningDataModule):
         self._train_loader: ResumableLoader | None = None
 
     def collate(self, features: list[dict]) -> dict:
-        if self.config.data.padding_free:  # the batch's examples as one row, no padding
+        if self.config.data.padding_free and self.objective.reads_packed_rows:  # one row, no padding
             features = [concatenate(features)]
         batch = self.hook.lft_collate(features=features, tokenizer=self.tokenizer, config=self.config)
         if batch is None:

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import torch
 
-from lft.losses.logprobs import entropy_from_logits, logprobs_from_logits, shifted_logprobs
+from lft.losses.logprobs import IGNORE_INDEX, entropy_from_logits, logprobs_from_logits, shifted_logprobs
 
 # Config attributes of models whose logits are more than ``lm_head(hidden)``.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -46,6 +46,41 @@ def split_head(model: Any) -> tuple[Any, torch.nn.Linear] | None:
     return backbone, head
 
 
+class Unpadded:
+    """A padded batch as one padding-free row: the real tokens of every row, row after row, with
+    position ids counted from 0 in each (as ``positions_of`` numbers them), so that each row
+    attends to itself only (``lft.model.attention``). ``back`` and ``back_shifted`` put per-token
+    results of the row where the padded batch has them, zeros at the padding."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.shape = attention_mask.shape
+        keep = attention_mask.reshape(-1).bool()
+        self.index = keep.nonzero().squeeze(-1)  # where each real token sits in the flattened batch
+        lengths = attention_mask.bool().sum(-1)
+        self.starts = lengths.cumsum(0) - lengths  # each row's first token in the padding-free row
+        self.position_ids = positions_of(attention_mask).reshape(-1)[self.index][None]
+
+    def flat(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(-1, *tensor.shape[2:])[self.index][None]
+
+    def labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The row's labels, each row's first masked: no row is scored from the one before it."""
+        flat = self.flat(labels).clone()
+        flat[0, self.starts[self.starts < flat.shape[1]]] = IGNORE_INDEX
+        return flat
+
+    def back(self, values: torch.Tensor) -> torch.Tensor:
+        """(1, N, ...) per real token -> (B, T, ...) of the padded batch."""
+        out = values.new_zeros((self.shape[0] * self.shape[1], *values.shape[2:]))
+        return out.index_copy(0, self.index, values[0]).reshape(*self.shape, *values.shape[2:])
+
+    def back_shifted(self, values: torch.Tensor) -> torch.Tensor:
+        """(1, N-1) next-token values (value j predicts token j + 1) -> (B, T-1), likewise."""
+        out = values.new_zeros(self.shape[0] * self.shape[1])
+        out = out.index_copy(0, self.index[1:], values[0]).reshape(self.shape)
+        return out[:, 1:]
+
+
 def token_logprobs(
     model: Any,
     input_ids: torch.Tensor,
@@ -53,13 +88,22 @@ def token_logprobs(
     labels: torch.Tensor,
     chunk: int = 1024,
     position_ids: torch.Tensor | None = None,
+    padding_free: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the labelled next tokens, shape (B, T-1), and their mask.
 
     With ``position_ids`` (packed rows, positions restarting at each example) no attention mask
     is passed, so that the model attends within each example only (``lft.data.packing``).
+    ``padding_free`` runs a padded batch as one row without its padding (``Unpadded``); the
+    result is the padded batch's, within float tolerance.
     Full-vocabulary logits are never formed for the whole batch when the model allows it.
     """
+    if padding_free and attention_mask is not None and position_ids is None:
+        row = Unpadded(attention_mask)
+        logps, mask = token_logprobs(
+            model, row.flat(input_ids), None, row.labels(labels), chunk, position_ids=row.position_ids
+        )
+        return row.back_shifted(logps), row.back_shifted(mask)
     inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if position_ids is not None:
         inputs = {"input_ids": input_ids, "position_ids": position_ids}
@@ -88,14 +132,30 @@ def token_stats(
     entropy: bool = False,
     hidden: bool = False,
     position_ids: torch.Tensor | None = None,
+    padding_free: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``token_logprobs`` of the distribution at ``temperature``, from one forward pass, plus on
     request the entropy (no gradient) at each scored position and the final hidden states.
-    ``position_ids`` number left-padded rows as generation did (see ``lft.online.rollout``).
+    ``position_ids`` number left-padded rows as generation did (see ``lft.online.rollout``);
+    ``padding_free`` runs the rows as one row without their padding (see ``token_logprobs``).
 
     :return: ``{"logps", "mask"}`` of shape (B, T-1), ``"entropy"`` (B, T-1) when asked, and
         ``"hidden"`` (B, T, H) when asked (what an output head or a value head reads).
     """
+    if padding_free:
+        row = Unpadded(attention_mask)
+        flat = token_stats(
+            model,
+            row.flat(input_ids),
+            None,  # type: ignore[arg-type]  # the row has no padding: the positions say where rows start
+            row.labels(labels),
+            chunk,
+            temperature,
+            entropy,
+            hidden,
+            position_ids=row.position_ids,
+        )
+        return {k: row.back(v) if k == "hidden" else row.back_shifted(v) for k, v in flat.items()}
     parts = split_head(model)
     if parts is None:
         out = model(
@@ -151,6 +211,7 @@ def completion_stats(
     hidden: bool = False,
     position_ids: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
+    padding_free: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``token_stats`` of the completion tokens of prompt + completion rows: ``"logps"``,
     ``"mask"`` (and ``"entropy"``) of shape (B, C) for the ``C = T - prompt_length`` completion
@@ -161,11 +222,13 @@ def completion_stats(
     then encoded once per group, with gradient, and its keys and values shared by the group's
     rows, which encode only their completions; the result is the same as encoding every row
     whole. With ``G`` samples per prompt this saves ``(G - 1) / G`` of the prompt's compute.
+    ``padding_free`` instead runs every row whole, all of them as one row without padding.
     """
     start = prompt_length - 1
     parts = split_head(model)
     shared = (
         parts is not None
+        and not padding_free
         and groups is not None
         and prompt_length > 1
         and input_ids.shape[1] > prompt_length
@@ -185,6 +248,7 @@ def completion_stats(
             entropy=entropy,
             hidden=hidden,
             position_ids=position_ids,
+            padding_free=padding_free,
         )
         out: dict[str, torch.Tensor] = {
             key: stats[key][:, start:] for key in ("logps", "mask", "entropy") if key in stats

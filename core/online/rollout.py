@@ -92,6 +92,9 @@ class RolloutSettings:
     policy_logps: bool = True
     #: Sequences generated at once (memory bound); 0 means all of them.
     generation_batch_size: int = 0
+    #: Score the prompt + completion rows as one row without padding (``data.padding_free``)
+    #: instead of encoding each prompt once for its samples.
+    padding_free: bool = False
 
 
 def samples_in_float32(device_type: str, autocast_dtype: Any = None) -> bool:
@@ -264,6 +267,7 @@ def experience(module: Any, batch: Mapping[str, Any], settings: RolloutSettings)
                 hidden=settings.hidden,
                 position_ids=position_ids,
                 groups=groups,
+                padding_free=settings.padding_free,
             )
         exp.update(logps=stats["logps"], entropy=stats["entropy"])
         if settings.hidden:
@@ -286,6 +290,7 @@ def experience(module: Any, batch: Mapping[str, Any], settings: RolloutSettings)
                 temperature,
                 position_ids=position_ids,
                 groups=groups,
+                padding_free=settings.padding_free,
             )
         exp["ref_logps"] = ref["logps"]
     scored = time.perf_counter()

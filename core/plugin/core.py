@@ -16,7 +16,7 @@ class CorePlugin:
     (``lft.objective.OnlineObjective``) when no selected plugin does; saves the random states in
     checkpoints, guards against NaN/Inf losses and gradients, and runs the guards against
     fine-tuning pitfalls (``lft.guards``). Adds the commands new-plugin, check, inspect, generate,
-    chat, eval and merge."""
+    chat, eval, merge and doctor."""
 
     name = "core"
     kind = "core"
@@ -64,8 +64,9 @@ class CorePlugin:
 
     @hookimpl
     def lft_add_commands(self, cli: Any) -> None:
-        from lft.cli import check, new_plugin, use
+        from lft.cli import check, doctor, new_plugin, use
 
         new_plugin.add_command(cli)
         check.add_commands(cli)
         use.add_commands(cli)
+        doctor.add_command(cli)

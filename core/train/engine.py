@@ -309,10 +309,13 @@ class Run:
         if not (data.packing or data.padding_free):
             return train
         key = "data.packing" if data.packing else "data.padding_free"
+        if not data.packing and self.objective.runs_padding_free and not self.objective.reads_packed_rows:
+            return train  # its forward passes drop the padding themselves
         if not self.objective.reads_packed_rows:
+            which = "e.g. sft" if data.packing else "sft; dpo, orpo, simpo, grpo and ppo run padding-free"
             raise ConfigError(
-                f"{key}: the {self.selection.objective} objective does not train on packed rows; "
-                f"set {key}=false (objectives that do: those whose reads_packed_rows is true, e.g. sft)"
+                f"{key}: the {self.selection.objective} objective does not train on packed rows "
+                f"(objectives that do: {which}); set {key}=false"
             )
         if not packable(train):
             columns = sorted({k for f in train for k in f} - set(PACKED_KEYS))

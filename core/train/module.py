@@ -58,11 +58,20 @@ class LftModule(L.LightningModule):
             from lft.model.fused import fuse_swiglu
 
             fuse_swiglu(self.model)
+        if self.config.trainer.segment_attention and not self.config.trainer.compile:
+            from lft.model.attention import use_segment_attention
+
+            for model in (self.model, getattr(self.reference, "_frozen", None)):
+                if model is not None:
+                    use_segment_attention(model)
         if self.config.trainer.compile:
             for layer in transformer_layers(self.model):
                 layer.compile(dynamic=True, backend=self.config.trainer.compile_backend)
 
     def on_fit_end(self) -> None:
+        from lft.model.attention import use_sdpa
+
+        use_sdpa(self.model)  # the saved and evaluated model names the stock implementation
         for layer in transformer_layers(self.model):
             layer._compiled_call_impl = None  # the saved and evaluated model is the plain one
 

@@ -29,13 +29,21 @@ from lft.errors import LftError
 MAX_CONSECUTIVE_SKIPS = 20
 
 
-def native_bf16_cpu() -> bool:
-    """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX); False when unknown."""
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The bf16 instruction sets this CPU lists in /proc/cpuinfo (of ``CPU_BF16_FLAGS``); empty when unknown."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return []
+    return [flag for flag in CPU_BF16_FLAGS if flag in flags]
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX); False when unknown."""
+    return bool(cpu_bf16_flags())
 
 
 class NonFiniteError(LftError):

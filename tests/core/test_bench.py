@@ -64,3 +64,70 @@ def test_harness_takes_a_data_file_and_lft_settings(tmp_path, lft_tiny_model):
     assert report["data"] == str(data) and report["lft_overrides"] == {"data.packing": "true"}
     (side,) = report["methods"]["sft"]["sides"]
     assert side["steps"] == 2 and side["final_loss"] > 0
+
+
+def test_the_pair_generator_prefers_the_full_answer(tmp_path):
+    from lft.bench.conversations import write
+
+    rows = [json.loads(line) for line in write(tmp_path / "p.jsonl", rows=50, pairs=True).read_text().splitlines()]
+    assert all(r["chosen"][0]["content"] != r["rejected"][0]["content"] for r in rows)
+    assert all(r["prompt"][-1]["role"] == "user" for r in rows)
+    assert write(tmp_path / "q.jsonl", rows=50, pairs=True).read_bytes() == (tmp_path / "p.jsonl").read_bytes()
+
+
+def test_sized_rows_have_the_asked_length(tmp_path, lft_tiny_model):
+    from transformers import AutoTokenizer
+
+    from lft.bench.conversations import sized
+
+    tokenizer = AutoTokenizer.from_pretrained(lft_tiny_model)
+    for length in (300, 800):  # the tiny tokenizer has short tokens: a system prompt and a question take ~130
+        rows = [
+            json.loads(x)
+            for x in sized(tmp_path / f"{length}.jsonl", tokenizer, length, rows=6).read_text().split("\n")
+            if x
+        ]
+        counts = [len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], return_dict=False)) for r in rows]
+        assert all(length - 12 <= n <= length for n in counts), counts
+
+
+def test_memory_slope_tells_linear_from_quadratic_growth():
+    from lft.bench.__main__ import memory_slope
+
+    lengths = [256, 512, 1024, 2048]
+    sweep = [{"tool": "linear", "length": n, "peak_rss_mb": 1000 + 0.5 * n} for n in lengths]
+    sweep += [{"tool": "quadratic", "length": n, "peak_rss_mb": 1000 + n * n / 1000} for n in lengths]
+    fits = memory_slope(sweep)
+    assert fits["linear"]["mb_per_1k_tokens"] == pytest.approx(500)
+    assert fits["linear"]["last_over_first_step"] == pytest.approx(1.0)
+    # per-token cost of the steps 256->512 and 1024->2048: (512+256)/1000 and (2048+1024)/1000, 4x
+    assert fits["quadratic"]["last_over_first_step"] == pytest.approx(4.0)
+
+
+def test_each_lft_side_is_compared_with_the_peer_at_its_defaults_and_its_best():
+    from lft.bench.__main__ import compare
+
+    sides = [
+        {"tool": "lft", "tokens_per_s": 300.0, "steps_per_s": 1.0, "peak_rss_mb": 900.0},
+        {"tool": "lft-packed", "tokens_per_s": 600.0, "steps_per_s": 0.5, "peak_rss_mb": 600.0},
+        {"tool": "peer", "tokens_per_s": 100.0, "steps_per_s": 0.5, "peak_rss_mb": 1000.0},
+        {"tool": "peer-packed", "tokens_per_s": 200.0, "steps_per_s": 0.25, "peak_rss_mb": 1200.0},
+    ]
+    out = compare(sides)
+    assert out["peer_best"] == "peer-packed"
+    assert out["lft"]["vs_peer"]["tokens_per_s"] == 3.0 and out["lft"]["vs_peer"]["peak_rss"] == 0.9
+    assert (
+        out["lft-packed"]["vs_peer_best"]["tokens_per_s"] == 3.0
+        and out["lft-packed"]["vs_peer_best"]["peak_rss"] == 0.5
+    )
+
+
+@pytest.mark.slow
+def test_harness_sweeps_sequence_length(tmp_path, lft_tiny_model):
+    out = tmp_path / "bench"
+    assert main(lft_side(lft_tiny_model, out, "--sweep-length", "64,128,256", "--sweep-steps", "2")) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert [r["length"] for r in report["sweep"]] == [64, 128, 256]
+    assert all(r["tokens_per_s"] > 0 for r in report["sweep"])
+    assert set(report["memory_slope"]) == {"lft"} and (out / "sweep.png").stat().st_size > 0
+    assert "Length sweep" in (out / "bench.md").read_text()

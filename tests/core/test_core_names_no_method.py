@@ -15,6 +15,8 @@ EXEMPT = {
     "bench/__main__.py": "the benchmark runs each method against the peer",
     "bench/common.py": "the benchmark runs each method against the peer",
     "bench/workers.py": "the benchmark runs each method against the peer",
+    "bench/conversations.py": "the benchmark writes sft and preference data",
+    "cli/doctor.py": "the machine check runs the benchmark's methods, QLoRA and packed SFT",
 }
 #: Plugin names, as string constants.
 METHODS = {

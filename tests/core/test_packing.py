@@ -14,6 +14,7 @@ from lft.cli.main import main
 from lft.data.format import pad_collate
 from lft.data.packing import bins, concatenate, pack
 from lft.losses.logprobs import IGNORE_INDEX
+from lft.model.attention import use_segment_attention
 from lft.plugin.testing import FAST
 from lft.plugins.sft import SFTObjective
 from lft.train.engine import resolve
@@ -63,10 +64,17 @@ def loss_and_grads(model, batch, config):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}, units
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def tiny(path, attention):
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention.replace("lft_", "")).float()
+    if attention == "lft_sdpa":  # lft.model.attention: causal SDPA per example, no block mask
+        assert use_segment_attention(model)
+    return model
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "lft_sdpa"])
 def test_packed_and_padding_free_batches_equal_the_unpacked_one(sft_examples, lft_tiny_model, attention):
     features, tokenizer, config = sft_examples
-    model = AutoModelForCausalLM.from_pretrained(lft_tiny_model, attn_implementation=attention).float()
+    model = tiny(lft_tiny_model, attention)
     lengths = [len(f["input_ids"]) for f in features]
     rows, _ = pack(features, max(lengths) * 3)
     assert len(rows) < len(features)  # several examples per row
@@ -79,10 +87,26 @@ def test_packed_and_padding_free_batches_equal_the_unpacked_one(sft_examples, lf
             torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_row_attends_within_its_examples_only(sft_examples, lft_tiny_model):
+def test_segment_attention_is_sdpa_on_padded_batches_and_in_generation(sft_examples, lft_tiny_model):
+    """Where a batch has an attention mask (padding, generation with a cache), ``lft_sdpa`` is
+    transformers' SDPA itself: the same logits, bit for bit, and the same greedy tokens."""
+    features, tokenizer, _ = sft_examples
+    stock, segmented = tiny(lft_tiny_model, "sdpa").eval(), tiny(lft_tiny_model, "lft_sdpa").eval()
+    batch = pad_collate(features[:4], tokenizer.pad_token_id)
+    assert (batch["attention_mask"] == 0).any()  # padded
+    with torch.no_grad():
+        for inputs in ({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},):
+            assert torch.equal(stock(**inputs).logits, segmented(**inputs).logits)
+        prompt = torch.tensor([features[0]["input_ids"][:8]])
+        kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+        assert torch.equal(stock.generate(prompt, **kwargs), segmented.generate(prompt, **kwargs))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "lft_sdpa"])
+def test_a_row_attends_within_its_examples_only(sft_examples, lft_tiny_model, attention):
     """Changing one example of a packed row leaves the other's log-probs as they were."""
     features, tokenizer, config = sft_examples
-    model = AutoModelForCausalLM.from_pretrained(lft_tiny_model).float().eval()
+    model = tiny(lft_tiny_model, attention).eval()
     first, second = features[0], features[1]
     other = {"input_ids": [tokenizer.eos_token_id] * len(first["input_ids"]), "labels": first["labels"]}
     from lft.model.forward import token_logprobs
