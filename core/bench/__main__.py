@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lft.bench.common import (
+    FORMS,
     METHODS,
     PEER_METHODS,
     PEER_PACKED,
@@ -66,8 +67,12 @@ def run_side(tool: str, settings: Settings, work: Path) -> dict:
     print(f"  {tool}: {settings.method}, {settings.steps} steps ...", flush=True)
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{tool} {settings.method} failed:\n{proc.stderr[-3000:]}")
+        raise SideFailed(f"{tool} {settings.method} failed:\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
+
+
+class SideFailed(Exception):
+    """One side of the benchmark failed; the report keeps its error and the other sides go on."""
 
 
 def ratios(lft: dict, peer: dict) -> dict:
@@ -103,6 +108,7 @@ def compare(sides: list[dict]) -> dict:
 SIDE_SETTINGS = {
     "lft": "defaults",
     "lft-packed": "data.packing=true (sft) / data.padding_free=true",
+    "lft-packed-checkpointed": "the same with trainer.gradient_checkpointing=true",
     "peer": "defaults (packing=False, padding_free=False)",
     "peer-packed": "packing=True, padding_free=True (sft) / padding_free=True (dpo)",
 }
@@ -142,6 +148,9 @@ def markdown(report: dict) -> str:
                 f"{fmt(default.get('tokens_per_s'), '{:.2f}x')} | {fmt(default.get('peak_rss'), '{:.2f}x')} | "
                 f"{fmt(best.get('tokens_per_s'), '{:.2f}x')}{best_name} | {fmt(best.get('peak_rss'), '{:.2f}x')} |"
             )
+    for error in report.get("errors", []):
+        first = error["error"].strip().splitlines()[-1] if error["error"].strip() else "failed"
+        lines.append(f"\nFailed: {error['case']}, {error['side']}: {first}")
     if report.get("sweep"):
         lines += ["", "Length sweep (sft, batch 1, rows of one length):", ""]
         lines += ["| tokens per row | side | tokens/s | peak RSS (MB) |", "|---|---|---|---|"]
@@ -198,7 +207,15 @@ def plot(sweep: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lft.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="sft", choices=[*METHODS, "all"])
+    parser.add_argument("--method", default="sft", help=f"comma-separated, of {', '.join(METHODS)}; or all")
+    parser.add_argument(
+        "--real-shaped",
+        action="store_true",
+        help="also train sft and the preference methods on generated data of real-shaped lengths "
+        "(lft.bench.conversations: multi-turn chats, 54 to 2,272 tokens) at --real-max-length",
+    )
+    parser.add_argument("--real-max-length", type=int, default=2048)
+    parser.add_argument("--real-steps", type=int, default=0, help="steps on the real-shaped data (default --steps)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -254,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lft-bench-"))
-    methods = list(METHODS) if args.method == "all" else [args.method]
+    methods = list(METHODS) if args.method == "all" else [m for m in args.method.split(",") if m]
+    if any(m not in METHODS for m in methods):
+        raise SystemExit(f"--method {args.method}: expected some of {', '.join(METHODS)}, or all")
     dtype = "bf16" if args.precision.startswith("bf16") else "fp32"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"measuring the {dtype} matmul peak ({device}) ...", flush=True)
@@ -285,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     report["lft_overrides"] = overrides
 
     def settings_for(method: str, data: Path, side: str, **changes: Any) -> Settings:
-        packed = side.endswith("-packed")
+        packed = "-packed" in side
+        lft_overrides = dict(overrides)
+        if side.endswith("-checkpointed"):
+            lft_overrides["trainer.gradient_checkpointing"] = "true"
         settings = Settings(
             method=method,
             model=str(model),
@@ -298,27 +320,44 @@ def main(argv: list[str] | None = None) -> int:
             lora_r=args.lora_r,
             lora_alpha=2 * args.lora_r,
             work=str(work),
-            lft_overrides=overrides,
+            lft_overrides=lft_overrides,
             packed=packed,
         )
         for key, value in changes.items():
             setattr(settings, key, value)
         return settings
 
+    cases = []  # (report key, method, data file, changes to the settings)
     for method in methods:
         data = Path(args.data).resolve() if args.data else write_data(method, work)
+        cases.append((method, method, data, {}))
+    for method in [m for m in methods if args.real_shaped and FORMS[m] in ("sft", "pref")]:
+        from lft.bench.conversations import write
+
+        pairs = FORMS[method] == "pref"
+        data = write(work / ("real-pairs.jsonl" if pairs else "real-conversations.jsonl"), pairs=pairs)
+        steps = args.real_steps or args.steps
+        changes = {"max_length": args.real_max_length, "steps": steps, "warmup": min(args.warmup, steps - 1)}
+        cases.append((f"{method} (real-shaped)", method, data, changes))
+    for key, method, data, changes in cases:
         per_token = flops_per_token(str(model), method)
         results = []
         for side in sides:
-            tool, packed = side.split("-")[0], side.endswith("-packed")
+            tool, packed = side.split("-")[0], "-packed" in side
             if tool == "peer" and (method not in PEER_METHODS or (packed and method not in PEER_PACKED)):
                 print(f"  {side}: trl 1.16 has no such {method} here; skipped", flush=True)
                 continue
-            settings = settings_for(method, data, side)
-            summary = summarise(run_side(tool, settings, work), settings, peak, per_token)
+            settings = settings_for(method, data, side, **changes)
+            try:
+                summary = summarise(run_side(tool, settings, work), settings, peak, per_token)
+            except SideFailed as exc:
+                print(exc, flush=True)
+                report.setdefault("errors", []).append({"case": key, "side": side, "error": str(exc)[-1500:]})
+                continue
             summary["tool"] = side
             results.append(summary)
-        report["methods"][method] = {"sides": results, "ratios": compare(results)}
+        report["methods"][key] = {"sides": results, "ratios": compare(results), "max_length": settings.max_length}
+        (out / "bench.json").write_text(json.dumps(report, indent=2))  # what is measured so far survives a crash
 
     if args.sweep_length:
         from transformers import AutoTokenizer
@@ -333,7 +372,13 @@ def main(argv: list[str] | None = None) -> int:
                 settings = settings_for(
                     "sft", data, tool, steps=args.sweep_steps, warmup=1, batch_size=1, max_length=length + 64
                 )
-                summary = summarise(run_side(tool, settings, work), settings, peak, flops_per_token(str(model), "sft"))
+                try:
+                    result = run_side(tool, settings, work)
+                except SideFailed as exc:  # e.g. out of memory at the longest rows
+                    print(exc, flush=True)
+                    report.setdefault("errors", []).append({"case": f"sweep {length}", "side": tool, "error": str(exc)})
+                    continue
+                summary = summarise(result, settings, peak, flops_per_token(str(model), "sft"))
                 summary["length"] = length
                 sweep.append(summary)
         report["sweep"] = sweep

@@ -13,7 +13,7 @@ PEER_METHODS = ("sft", "dpo", "orpo", "simpo", "grpo")
 #: Methods whose peer trainer has a packed or padding-free variant.
 PEER_PACKED = ("sft", "dpo")
 #: The sides a run can compare (``--sides``): each tool at its defaults and packed.
-SIDES = ("lft", "lft-packed", "peer", "peer-packed")
+SIDES = ("lft", "lft-packed", "lft-packed-checkpointed", "peer", "peer-packed")
 FORMS = {"sft": "sft", "dpo": "pref", "orpo": "pref", "simpo": "pref", "grpo": "prompts", "ppo": "prompts"}
 
 

@@ -131,3 +131,18 @@ def test_harness_sweeps_sequence_length(tmp_path, lft_tiny_model):
     assert all(r["tokens_per_s"] > 0 for r in report["sweep"])
     assert set(report["memory_slope"]) == {"lft"} and (out / "sweep.png").stat().st_size > 0
     assert "Length sweep" in (out / "bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_harness_runs_the_real_shaped_data_and_the_packed_sides(tmp_path, lft_tiny_model):
+    out = tmp_path / "bench"
+    args = lft_side(lft_tiny_model, out, "--real-shaped", "--real-max-length", "256", "--real-steps", "2")
+    args[args.index("sft")] = "sft,dpo"
+    args[args.index("lft")] = "lft,lft-packed"
+    assert main(args) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert list(report["methods"]) == ["sft", "dpo", "sft (real-shaped)", "dpo (real-shaped)"]
+    for key, entry in report["methods"].items():
+        assert [s["tool"] for s in entry["sides"]] == ["lft", "lft-packed"], key
+        assert all(s["tokens_per_s"] > 0 for s in entry["sides"])
+    assert report["methods"]["dpo (real-shaped)"]["max_length"] == 256 and "errors" not in report
