@@ -27,17 +27,43 @@ def _lora_layers(model: Any) -> list | None:
             return None
         base = module.get_base_layer()
         if type(base) is not torch.nn.Linear or base.weight.dtype != torch.float32:
-            return None
+            return None  # a 16-bit base: the small update would round away in 16 bits
         layers.append((module, base, active))
     return layers
 
 
 @contextlib.contextmanager
-def sampling_weights(model: Any) -> Iterator[bool]:
+def low_precision_head(model: Any, dtype: torch.dtype | None) -> Iterator[bool]:
+    """For the duration, the output projection's weight is a ``dtype`` copy: under autocast to
+    ``dtype`` (``dtype`` given), the same values autocast would cast it to at every decoding step
+    (it is float32 when tied to the input embeddings), cast once. Yields whether it swapped."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if dtype is None or type(head) is not torch.nn.Linear or head.weight.dtype != torch.float32:
+        yield False
+        return
+    weight = head.weight
+    head.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    try:
+        yield True
+    finally:
+        head.weight = weight
+
+
+@contextlib.contextmanager
+def sampling_weights(model: Any, autocast_dtype: torch.dtype | None = None) -> Iterator[bool]:
     """For the duration, every LoRA layer runs as one linear layer whose weight is its base plus
     its adapters' update (``W + s B A``): generation then costs one matmul per layer instead of
     three, with the same function up to float32 rounding. The base weights themselves are not
-    touched (the folded weights are new tensors), so nothing drifts. Yields whether it folded."""
+    touched (the folded weights are new tensors), so nothing drifts. Under autocast
+    (``autocast_dtype``) the output projection is cast once (``low_precision_head``). Yields
+    whether it folded."""
+    with low_precision_head(model, autocast_dtype):
+        with _folded(model) as folded:
+            yield folded
+
+
+@contextlib.contextmanager
+def _folded(model: Any) -> Iterator[bool]:
     disable = getattr(model, "disable_adapter", None)
     layers = _lora_layers(model) if callable(disable) else None
     if not layers or disable is None:  # layers are only looked for when disable_adapter is callable

@@ -75,11 +75,13 @@ class DataConfig(Section):
         "restarting at each example and no example attending to another; trainer.batch_size then counts rows. "
         "For objectives that read packed rows (sft).",
     )
-    padding_free: bool = Field(
-        default=False,
+    padding_free: Union[bool, Literal["auto"]] = Field(
+        default="auto",
         description="Batches without padding: sft concatenates each batch's examples into one row (positions "
         "restarting at each example; no bin packing); dpo, orpo and simpo run each batch's chosen and rejected "
-        "sequences, and grpo and ppo their prompt + completion rows, as one row in every forward pass.",
+        "sequences, and grpo and ppo their prompt + completion rows, as one row in every forward pass. auto: "
+        "for each batch that is more than a quarter padding, where the objective supports it; the results are "
+        "the padded batch's either way.",
     )
 
 

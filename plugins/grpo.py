@@ -32,6 +32,10 @@ class GRPOOptions(OnlineOptions):
     )
 
 
+#: Consecutive steps with one reward for every sample in most groups, after which the run warns.
+NO_SIGNAL_STEPS = 5
+
+
 class GRPOObjective(RolloutObjective):
     """The GRPO update on a batch of grouped experience."""
 
@@ -39,6 +43,7 @@ class GRPOObjective(RolloutObjective):
 
     def __init__(self, opts: GRPOOptions, config: Any):
         super().__init__("grpo", opts, config, num_generations=opts.num_generations, needs_reference=opts.beta > 0)
+        self.quiet_steps = 0  # consecutive steps on which most groups had one reward for every sample
 
     def prepare(self, module: Any, exp: dict) -> dict:
         advantages = group_advantages(exp["rewards"], self.opts.num_generations, self.opts.scale_advantages)
@@ -70,7 +75,17 @@ class GRPOObjective(RolloutObjective):
     def step_metrics(self, exp: dict, update_s: float, step: int) -> dict:
         metrics = super().step_metrics(exp, update_s, step)
         grouped = exp["rewards"].view(-1, self.opts.num_generations)
-        metrics["groups_without_signal"] = (grouped.max(1).values == grouped.min(1).values).float().mean()
+        quiet = (grouped.max(1).values == grouped.min(1).values).float().mean()
+        metrics["groups_without_signal"] = quiet
+        self.quiet_steps = self.quiet_steps + 1 if float(quiet) > 0.5 else 0
+        if self.quiet_steps == NO_SIGNAL_STEPS:
+            self.note_warning(
+                f"no learning signal: in most groups every sample of a prompt got the same reward, for "
+                f"{NO_SIGNAL_STEPS} steps running ({float(quiet):.0%} of the groups at step {step}); GRPO learns "
+                "only from differences within a group. Check that the reward can score these completions "
+                "(lft generate on a few prompts), or raise grpo.temperature or grpo.num_generations",
+                kind="no-signal",
+            )
         return metrics
 
 

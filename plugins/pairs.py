@@ -90,10 +90,11 @@ def concatenated(batch: Mapping[str, Any], pad_id: int) -> tuple[torch.Tensor, t
 
 
 def pair_logps(
-    model: Any, batch: Mapping[str, Any], pad_id: int, chunk: int, padding_free: bool = False
+    model: Any, batch: Mapping[str, Any], pad_id: int, chunk: int, padding_free: bool | str = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and completion token counts, each (2B,): chosen rows first.
-    ``padding_free``: the 2B sequences go through the model as one row without padding."""
+    ``padding_free`` (``data.padding_free``): the 2B sequences go through the model as one row
+    without padding."""
     ids, mask, labels = concatenated(batch, pad_id)
     logps, scored = token_logprobs(model, ids, mask, labels, chunk, padding_free=padding_free)
     return logps.sum(-1), scored.sum(-1)

@@ -110,7 +110,7 @@ class PreferenceObjective(Objective):
         return {"pairs": batch["chosen_input_ids"].shape[0], "chosen_tokens": trained_tokens(batch["chosen_labels"])}
 
     def reference_logps(
-        self, model: Any, batch: Mapping[str, Any], pad_id: int, padding_free: bool = False
+        self, model: Any, batch: Mapping[str, Any], pad_id: int, padding_free: bool | str = False
     ) -> dict[str, torch.Tensor]:
         sums, _ = pair_logps(model, batch, pad_id, self.chunk, padding_free)
         size = batch["chosen_input_ids"].shape[0]

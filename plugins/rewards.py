@@ -2,8 +2,9 @@
 own, selected like any other (``--plugin exact_answer``), and implements ``lft_reward`` exactly as
 a third-party reward plugin would. When several are selected, lft adds up ``weight * scores``.
 
-* ``exact_answer``: 1 when the completion's answer equals the row's ``answer`` column, else 0
-  (the embedded task's checker, ``lft.data.task.score``);
+* ``exact_answer``: 1 when the completion's final answer equals the row's ``answer`` column, else
+  0: numbers as numbers, words and phrases as normalised text, ``\\boxed{}`` and "the answer is"
+  forms, and mathematical answers through math-verify when it is installed;
 * ``format``: 1 when the completion matches a regular expression, else 0;
 * ``reward_model``: the score of a reward model trained by ``lft run --plugin reward``.
 """
@@ -18,7 +19,6 @@ from pydantic import Field, field_validator
 
 import lft
 from lft.config import Section
-from lft.data import task
 
 
 class RewardPlugin:
@@ -36,16 +36,97 @@ class RewardPlugin:
 class ExactAnswerOptions(Section):
     column: str = Field("answer", description="The data column holding the expected answer.")
     weight: float = Field(1.0, description="Weight of this reward when several are active.")
+    math_verify: bool = Field(
+        True,
+        description="Compare mathematical answers (fractions, expressions, LaTeX) with the math-verify "
+        "package when it is installed (pip install math-verify); numbers and text are compared without it.",
+    )
+
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+_STATED = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*(.+?)(?:\.\s|\.$|\n|$)", re.IGNORECASE)
+_NUMERIC = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
+
+
+def boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (braces balanced), if any."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    depth, start = 1, starts[-1]
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    return None
+
+
+def normalise(text: str) -> str:
+    """Lower case, one space between words, no surrounding quotes, markup or final punctuation."""
+    text = re.sub(r"\s+", " ", text.replace("**", "").replace("$", "")).strip().lower()
+    return text.strip(" \"'`*_").rstrip(".!;:,").strip()
+
+
+def _number(text: str) -> float | None:
+    text = text.replace(",", "").strip()
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def answer_matches(completion: str, expected: Any, use_math_verify: bool = True) -> bool:
+    """Whether the completion's final answer is ``expected``: the last ``\\boxed{}``, else the
+    text after the last "answer is" / "answer:", else (a numeric answer) the last number, else
+    the completion's last line; compared as numbers when both are numbers, with math-verify for
+    other mathematical answers when it is installed, else as normalised text."""
+    expected = str(expected).strip()
+    stated = _STATED.findall(completion)
+    found = boxed(completion)
+    if found is None and stated:
+        found = stated[-1]
+    want = _number(expected)
+    if found is None and want is not None:
+        numbers = _NUMERIC.findall(completion)
+        found = numbers[-1] if numbers else None
+    if found is None:
+        lines = [line for line in completion.strip().splitlines() if line.strip()]
+        found = lines[-1] if lines else ""
+    got = _number(normalise(found))
+    if want is not None and got is None:  # "the answer is 23 apples"
+        numbers = _NUMERIC.findall(found)
+        got = _number(numbers[0]) if numbers else None
+    if want is not None and got is not None:
+        return abs(got - want) <= 1e-9 * max(1.0, abs(want))
+    if normalise(found) == normalise(expected):
+        return True
+    if use_math_verify and any(c.isdigit() or c in "\\^/" for c in expected):
+        return _math_equal(found, expected)
+    return False
+
+
+def _math_equal(found: str, expected: str) -> bool:
+    try:
+        import math_verify
+    except ImportError:
+        return False
+    try:
+        gold = math_verify.parse(expected if "$" in expected else f"${expected}$")
+        answer = math_verify.parse(found if "$" in found else f"${found}$")
+        return bool(gold and answer and math_verify.verify(gold, answer))
+    except Exception:  # an answer math-verify cannot parse is not a match
+        return False
 
 
 class ExactAnswer(RewardPlugin):
-    """Reward: 1.0 when the completion's final answer equals the data's answer, else 0.0."""
+    """Reward: 1.0 when the completion's final answer equals the data's answer (a number, a word
+    or a phrase, a ``\\boxed{}`` expression), else 0.0; see ``answer_matches``."""
 
     name = "exact_answer"
     options = ExactAnswerOptions
 
-    def score(self, completion: str, answer: Any) -> float:
-        return task.score(completion, str(answer))
+    def score(self, completion: str, answer: Any, use_math_verify: bool = True) -> float:
+        return float(answer_matches(completion, answer, use_math_verify))
 
     @lft.hookimpl
     def lft_reward(self, prompts: list, completions: list, batch: dict, config: Any) -> Any:
@@ -59,7 +140,7 @@ class ExactAnswer(RewardPlugin):
             )
         return {
             "name": self.name,
-            "scores": [self.score(c, a) for c, a in zip(completions, answers)],
+            "scores": [self.score(c, a, opts.math_verify) for c, a in zip(completions, answers)],
             "weight": opts.weight,
         }
 

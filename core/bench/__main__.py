@@ -158,28 +158,33 @@ def markdown(report: dict) -> str:
             lines.append(f"| {row['length']} | {row['tool']} | {row['tokens_per_s']:.0f} | {row['peak_rss_mb']:.0f} |")
         for tool, fit in report.get("memory_slope", {}).items():
             lines.append(
-                f"\n{tool}: peak RSS grows {fit['mb_per_1k_tokens']:.0f} MB per 1,000 tokens (least squares); "
-                f"the last step of the sweep costs {fit['last_over_first_step']:.2f}x the first per token "
-                "(1.00x is linear, 2x or more per doubling quadratic)."
+                f"\n{tool}: peak RSS grows {fit['mb_per_1k_tokens']:.0f} MB per 1,000 tokens (least squares); a "
+                f"quadratic term explains {fit['quadratic_share']:.0%} of the growth at the longest rows "
+                "(0% is linear growth)."
             )
     return "\n".join(lines) + "\n"
 
 
 def memory_slope(sweep: list[dict]) -> dict:
-    """Per tool: the least-squares slope of peak RSS against tokens per row, and how the cost per
-    token of the last step of the sweep compares with the first's (1.0 when memory is linear)."""
+    """Per tool: the least-squares slope of peak RSS against tokens per row, and the share of the
+    growth at the longest length that a quadratic term explains (``y = a + b x + c x^2`` fitted by
+    least squares: ``c x^2 / (y - a)`` at the longest ``x``; about 0 when memory is linear, about 1
+    when the attention matrices dominate)."""
+    import numpy as np
+
     out = {}
     for tool in sorted({r["tool"] for r in sweep}):
         rows = sorted((r for r in sweep if r["tool"] == tool), key=lambda r: r["length"])
         if len(rows) < 3:
             continue
-        xs, ys = [r["length"] for r in rows], [r["peak_rss_mb"] for r in rows]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-        per_token = [(ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
+        xs = np.array([r["length"] for r in rows], dtype=float)
+        ys = np.array([r["peak_rss_mb"] for r in rows], dtype=float)
+        slope = np.polyfit(xs, ys, 1)[0]
+        c, b, a = np.polyfit(xs, ys, 2)
+        grown = c * xs[-1] ** 2 + b * xs[-1]
         out[tool] = {
-            "mb_per_1k_tokens": slope * 1000,
-            "last_over_first_step": per_token[-1] / per_token[0] if per_token[0] > 0 else float("nan"),
+            "mb_per_1k_tokens": float(slope * 1000),
+            "quadratic_share": float(c * xs[-1] ** 2 / grown) if grown > 0 else float("nan"),
         }
     return out
 

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sized, cast
 import lightning as L
 from torch.utils.data import DataLoader
 
-from lft.data.packing import concatenate
+from lft.data.packing import concatenate, drops_padding, packable
 from lft.errors import DataError
 
 #: The key under which a training batch carries the unit counts of its optimizer step (taken off
@@ -171,12 +171,18 @@ class LftDataModule(L.LightningDataModule):
         self._train_loader: ResumableLoader | None = None
 
     def collate(self, features: list[dict]) -> dict:
-        if self.config.data.padding_free and self.objective.reads_packed_rows:  # one row, no padding
+        if self.objective.reads_packed_rows and self._drops_padding(features):  # one row, no padding
             features = [concatenate(features)]
         batch = self.hook.lft_collate(features=features, tokenizer=self.tokenizer, config=self.config)
         if batch is None:
             raise DataError("no selected plugin could collate a batch")
         return batch
+
+    def _drops_padding(self, features: list[dict]) -> bool:
+        setting = self.config.data.padding_free
+        if setting == "auto" and (self.config.data.packing or len(features) < 2 or not packable(features)):
+            return False
+        return drops_padding(setting, lengths=[len(f["input_ids"]) for f in features])
 
     def train_dataloader(self) -> ResumableLoader:
         if self._train_loader is None:

@@ -12,7 +12,7 @@ exactly the trained tokens, the loss and the gradients of the same examples unpa
 * ``pack``: best-fit-decreasing bin packing of a set of examples into rows of at most
   ``max_length`` tokens (``data.packing``);
 * ``concatenate``: one row from a batch's examples, no bin packing and no pad token
-  (``data.padding_free``).
+  (``data.padding_free``; ``drops_padding`` says when, for ``auto``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,23 @@ from lft.losses.logprobs import IGNORE_INDEX
 
 #: The keys a packable example has; anything else cannot be concatenated meaningfully.
 KEYS = ("input_ids", "labels")
+#: ``data.padding_free=auto`` drops the padding of a batch that is more than this share padding.
+AUTO_PADDING_SHARE = 0.25
+
+
+def drops_padding(setting: Any, attention_mask: Any = None, lengths: Sequence[int] | None = None) -> bool:
+    """Whether a batch goes through the model without its padding under ``data.padding_free``:
+    always (true), never (false), or (auto) when more than ``AUTO_PADDING_SHARE`` of it is padding,
+    judged from its ``attention_mask`` or from its rows' ``lengths``."""
+    if setting is True or setting is False:
+        return setting
+    if attention_mask is not None:
+        total, real = attention_mask.numel(), int(attention_mask.sum())
+    elif lengths:
+        total, real = max(lengths) * len(lengths), sum(lengths)
+    else:
+        return False
+    return total > 0 and 1 - real / total > AUTO_PADDING_SHARE
 
 
 def packable(features: Sequence[dict[str, Any]]) -> bool:

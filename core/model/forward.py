@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 import torch
 
+from lft.data.packing import drops_padding
 from lft.losses.logprobs import IGNORE_INDEX, entropy_from_logits, logprobs_from_logits, shifted_logprobs
 
 # Config attributes of models whose logits are more than ``lm_head(hidden)``.
@@ -88,7 +89,7 @@ def token_logprobs(
     labels: torch.Tensor,
     chunk: int = 1024,
     position_ids: torch.Tensor | None = None,
-    padding_free: bool = False,
+    padding_free: bool | str = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the labelled next tokens, shape (B, T-1), and their mask.
 
@@ -98,7 +99,7 @@ def token_logprobs(
     result is the padded batch's, within float tolerance.
     Full-vocabulary logits are never formed for the whole batch when the model allows it.
     """
-    if padding_free and attention_mask is not None and position_ids is None:
+    if attention_mask is not None and position_ids is None and drops_padding(padding_free, attention_mask):
         row = Unpadded(attention_mask)
         logps, mask = token_logprobs(
             model, row.flat(input_ids), None, row.labels(labels), chunk, position_ids=row.position_ids
@@ -132,7 +133,7 @@ def token_stats(
     entropy: bool = False,
     hidden: bool = False,
     position_ids: torch.Tensor | None = None,
-    padding_free: bool = False,
+    padding_free: bool | str = False,
 ) -> dict[str, torch.Tensor]:
     """``token_logprobs`` of the distribution at ``temperature``, from one forward pass, plus on
     request the entropy (no gradient) at each scored position and the final hidden states.
@@ -142,7 +143,7 @@ def token_stats(
     :return: ``{"logps", "mask"}`` of shape (B, T-1), ``"entropy"`` (B, T-1) when asked, and
         ``"hidden"`` (B, T, H) when asked (what an output head or a value head reads).
     """
-    if padding_free:
+    if drops_padding(padding_free, attention_mask):
         row = Unpadded(attention_mask)
         flat = token_stats(
             model,
@@ -211,7 +212,7 @@ def completion_stats(
     hidden: bool = False,
     position_ids: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
-    padding_free: bool = False,
+    padding_free: bool | str = False,
 ) -> dict[str, torch.Tensor]:
     """``token_stats`` of the completion tokens of prompt + completion rows: ``"logps"``,
     ``"mask"`` (and ``"entropy"``) of shape (B, C) for the ``C = T - prompt_length`` completion
@@ -225,6 +226,7 @@ def completion_stats(
     ``padding_free`` instead runs every row whole, all of them as one row without padding.
     """
     start = prompt_length - 1
+    padding_free = drops_padding(padding_free, attention_mask)
     parts = split_head(model)
     shared = (
         parts is not None

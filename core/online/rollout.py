@@ -94,7 +94,7 @@ class RolloutSettings:
     generation_batch_size: int = 0
     #: Score the prompt + completion rows as one row without padding (``data.padding_free``)
     #: instead of encoding each prompt once for its samples.
-    padding_free: bool = False
+    padding_free: bool | str = False
 
 
 def samples_in_float32(device_type: str, autocast_dtype: Any = None) -> bool:
@@ -161,8 +161,10 @@ def generate_tokens(
     step = max(1, (settings.generation_batch_size or prompt_ids.shape[0] * group) // group)  # prompts per call
     parts = []
     device = prompt_ids.device.type
-    precision = torch.autocast(device, enabled=False) if samples_in_float32(device) else contextlib.nullcontext()
-    with eval_mode(model), sampling_weights(model), precision, torch.inference_mode():
+    in_float32 = samples_in_float32(device)
+    precision = torch.autocast(device, enabled=False) if in_float32 else contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) and not in_float32 else None
+    with eval_mode(model), sampling_weights(model, dtype), precision, torch.inference_mode():
         for start in range(0, prompt_ids.shape[0], step):
             ids, mask = prompt_ids[start : start + step], prompt_mask[start : start + step]
             extra = _shared_prefix(model, ids, mask, group) if group > 1 and ids.shape[1] > 1 else {}

@@ -306,8 +306,8 @@ class Run:
         """The training examples packed into rows (``data.packing``), checked for packing when
         ``data.padding_free`` concatenates each batch instead; as they are otherwise."""
         data = self.config.data
-        if not (data.packing or data.padding_free):
-            return train
+        if not (data.packing or data.padding_free is True):
+            return train  # auto drops the padding where the objective and the examples allow it
         key = "data.packing" if data.packing else "data.padding_free"
         if not data.packing and self.objective.runs_padding_free and not self.objective.reads_packed_rows:
             return train  # its forward passes drop the padding themselves

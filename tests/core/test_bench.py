@@ -94,14 +94,14 @@ def test_sized_rows_have_the_asked_length(tmp_path, lft_tiny_model):
 def test_memory_slope_tells_linear_from_quadratic_growth():
     from lft.bench.__main__ import memory_slope
 
-    lengths = [256, 512, 1024, 2048]
+    lengths = [256, 512, 1024, 2048, 4096]
     sweep = [{"tool": "linear", "length": n, "peak_rss_mb": 1000 + 0.5 * n} for n in lengths]
-    sweep += [{"tool": "quadratic", "length": n, "peak_rss_mb": 1000 + n * n / 1000} for n in lengths]
+    sweep += [{"tool": "quadratic", "length": n, "peak_rss_mb": 1000 + 0.1 * n + n * n / 1000} for n in lengths]
     fits = memory_slope(sweep)
     assert fits["linear"]["mb_per_1k_tokens"] == pytest.approx(500)
-    assert fits["linear"]["last_over_first_step"] == pytest.approx(1.0)
-    # per-token cost of the steps 256->512 and 1024->2048: (512+256)/1000 and (2048+1024)/1000, 4x
-    assert fits["quadratic"]["last_over_first_step"] == pytest.approx(4.0)
+    assert fits["linear"]["quadratic_share"] == pytest.approx(0.0, abs=1e-6)
+    # at 4096 tokens: 16777 MB from the square term, 410 from the linear one
+    assert fits["quadratic"]["quadratic_share"] == pytest.approx(16777.216 / (16777.216 + 409.6))
 
 
 def test_each_lft_side_is_compared_with_the_peer_at_its_defaults_and_its_best():

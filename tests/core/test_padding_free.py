@@ -97,6 +97,15 @@ def test_padding_free_completion_stats_equal_the_shared_prompt_ones(model):
     assert whole["hidden"].shape == (*ids.shape, model.config.hidden_size)
 
 
+def test_auto_drops_the_padding_of_batches_that_are_mostly_padding():
+    from lft.data.packing import drops_padding
+
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])  # 1/8 padding
+    assert not drops_padding("auto", mask) and drops_padding(True, mask) and not drops_padding(False, mask)
+    assert drops_padding("auto", torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]]))  # 3/8 padding
+    assert drops_padding("auto", lengths=[10, 3, 2]) and not drops_padding("auto", lengths=[10, 9])
+
+
 def trajectory(lft_tiny_model, data, tmp_path, name, plugins, *extra):
     """The per-step losses of a short run (an online run is rewarded by its completions' lengths,
     which a tiny random model varies, where an exact answer would score 0 throughout)."""
@@ -124,7 +133,7 @@ def test_a_padding_free_run_trains_along_the_padded_runs_trajectory(
     data = lft_pref_data["train"] if method == "dpo" else lft_prompt_data["train"]
     plugins = [method, "lora"]
     extra = ["grpo.num_generations=2", "grpo.max_new_tokens=8", "trainer.eval_every=0"] if method == "grpo" else []
-    padded = trajectory(lft_tiny_model, data, tmp_path, "padded", plugins, *extra)
+    padded = trajectory(lft_tiny_model, data, tmp_path, "padded", plugins, *extra, "data.padding_free=false")
     flat = trajectory(lft_tiny_model, data, tmp_path, "flat", plugins, *extra, "data.padding_free=true")
     assert len(flat) == len(padded) == 4
     assert len(set(padded)) > 1  # the losses differ from step to step: the weights moved

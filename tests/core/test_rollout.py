@@ -281,3 +281,23 @@ def test_disabled_adapters_are_not_folded(lft_tiny_model):
     model = apply_lora(AutoModelForCausalLM.from_pretrained(lft_tiny_model), 4, 8, 0.0, "attention")
     with model.disable_adapter(), sampling.sampling_weights(model) as folded:
         assert not folded
+
+
+def test_the_head_is_cast_once_for_sampling_under_autocast(lft_tiny_model):
+    """Under bf16 autocast a float32 output projection is cast at every decoding step; for
+    sampling it is cast once instead: the same logits bit for bit, and the same tensor after."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(lft_tiny_model).eval()
+    head = model.get_output_embeddings()
+    weight = head.weight
+    ids = torch.randint(3, 100, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids).logits
+        with sampling.low_precision_head(model, torch.bfloat16) as swapped:
+            assert swapped and head.weight.dtype == torch.bfloat16
+            got = model(input_ids=ids).logits
+    assert torch.equal(got, want)
+    assert head.weight is weight and weight.dtype == torch.float32
+    with sampling.low_precision_head(model, None) as swapped:  # sampling in float32: nothing to cast
+        assert not swapped

@@ -28,6 +28,54 @@ def test_exact_answer_reads_the_answer_column():
     assert result == {"name": "exact_answer", "scores": [1.0, 0.0, 1.0, 0.0], "weight": 1.0}
 
 
+@pytest.mark.parametrize(
+    "completion, answer, score",
+    [
+        ("The answer is River.", "river", 1.0),  # a word, case-normalised
+        ("It flows into the sea.\n  river ", "river", 1.0),  # the last line
+        ("The answer is lake.", "river", 0.0),
+        ("Answer:   Yes!", "yes", 1.0),
+        ("The final answer is very positive.", "very positive", 1.0),  # a phrase, whitespace-normalised
+        ("so the total is \\boxed{42}, not 41", "42", 1.0),
+        ("\\boxed{\\text{north}}", "\\text{north}", 1.0),
+        ("The answer is 1,000 apples.", "1000", 1.0),  # numbers compared as numbers
+        ("The answer is 2.50", "2.5", 1.0),
+        ("no answer here", "river", 0.0),
+    ],
+)
+def test_exact_answer_compares_words_phrases_boxed_and_numbers(completion, answer, score):
+    hook, config = selection("exact_answer")
+    (result,) = hook.lft_reward(prompts=["q"], completions=[completion], batch={"answer": [answer]}, config=config)
+    assert result["scores"] == [score]
+
+
+def test_exact_answer_uses_math_verify_for_mathematical_answers():
+    pytest.importorskip("math_verify")  # installed with the test extra
+    hook, config = selection("exact_answer")
+    completions = ["so x = \\boxed{\\frac{2}{4}}", "the answer is 0.5", "\\boxed{\\frac{1}{3}}"]
+    (result,) = hook.lft_reward(
+        prompts=["q"] * 3, completions=completions, batch={"answer": ["\\frac{1}{2}"] * 3}, config=config
+    )
+    assert result["scores"] == [1.0, 1.0, 0.0]
+    off = selection("exact_answer", exact_answer={"math_verify": False})
+    (result,) = off[0].lft_reward(
+        prompts=["q"] * 3, completions=completions, batch={"answer": ["\\frac{1}{2}"] * 3}, config=off[1]
+    )
+    assert result["scores"] == [0.0, 0.0, 0.0]
+
+
+def test_exact_answer_agrees_with_the_task_metric_on_the_embedded_task():
+    """The reward and the held-out task accuracy score the embedded task's answers alike."""
+    from lft.data import task
+    from lft.plugins.rewards import answer_matches
+
+    rows = [json.loads(line) for line in task.path("pref", "train").read_text().splitlines()]
+    for row in rows:
+        answer = task.extract_answer(row["chosen"])
+        for text in (row["chosen"], row["rejected"], f"The answer is {answer} apples."):
+            assert answer_matches(text, answer) == bool(task.score(text, answer)), text
+
+
 def test_exact_answer_without_its_column_is_one_line():
     hook, config = selection("exact_answer", exact_answer={"column": "solution"})
     with pytest.raises(lft.DataError, match="exact_answer needs a 'solution' column in the data"):
@@ -171,3 +219,24 @@ def test_sft_adapter_becomes_the_ppo_policy_and_reference(
     by_hand = PeftModel.from_pretrained(merged, ppo.final).merge_and_unload()
     with torch.no_grad():
         assert torch.allclose(chained.eval()(ids).logits, by_hand.eval()(ids).logits, atol=1e-5)
+
+
+def test_grpo_warns_when_no_group_has_a_learning_signal(lft_run, lft_prompt_data):
+    """A reward no sample can earn (the tiny random model never states the answer) gives every
+    sample of every prompt the same reward: the run says so once, and says what to check."""
+    summary = lft_run(
+        "--plugin",
+        "grpo",
+        "--plugin",
+        "exact_answer",
+        "trainer.max_steps=6",
+        "trainer.batch_size=2",
+        "trainer.eval_every=0",
+        "grpo.num_generations=2",
+        "grpo.max_new_tokens=4",
+        "guards.enabled=false",
+        data=lft_prompt_data["train"],
+        eval_data=False,
+    )
+    warnings = [w for w in summary["warnings"] if w.startswith("no learning signal")]
+    assert len(warnings) == 1 and "every sample of a prompt got the same reward, for 5 steps running" in warnings[0]
