@@ -117,7 +117,7 @@ SIDE_SETTINGS = {
 def markdown(report: dict) -> str:
     lines = [
         f"Machine: {report['machine']}; precision {report['precision']}; batch {report['batch_size']} "
-        f"(packed sft: {report.get('packed_batch_size', report['batch_size'])} rows of up to max length); "
+        f"(packed sft: {report.get('packed_batch_size', report['batch_size'])} row(s) of up to the max length); "
         f"max length {report.get('max_length')}; "
         f"LoRA r={report['lora_r']} on {', '.join(report['targets'])}; {report['steps']} steps "
         f"({report['warmup']} warm-up); data {report.get('data', 'the embedded task')}; "
@@ -131,9 +131,9 @@ def markdown(report: dict) -> str:
         "",
         "Sides: " + "; ".join(f"`{k}` {v}" for k, v in SIDE_SETTINGS.items() if k in report.get("sides", [])) + ".",
         "",
-        "| method | side | s/step | tokens/s | peak RSS (MB) | MFU | final loss | tokens/s vs peer | memory vs peer "
-        "| tokens/s vs peer's best | memory vs peer's best |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | side | s/step | tokens/s | peak RSS (MB) | MFU | final loss | tokens/s vs peer | steps/s vs peer "
+        "| memory vs peer | tokens/s vs peer's best | memory vs peer's best |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731
     for method, entry in report["methods"].items():
@@ -145,7 +145,8 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {method} | {side['tool']} | {side['median_step_s']:.2f} | {side['tokens_per_s']:.0f} | "
                 f"{side['peak_rss_mb']:.0f} | {fmt(side['mfu'], '{:.1%}')} | {fmt(side['final_loss'], '{:.4f}')} | "
-                f"{fmt(default.get('tokens_per_s'), '{:.2f}x')} | {fmt(default.get('peak_rss'), '{:.2f}x')} | "
+                f"{fmt(default.get('tokens_per_s'), '{:.2f}x')} | {fmt(default.get('steps_per_s'), '{:.2f}x')} | "
+                f"{fmt(default.get('peak_rss'), '{:.2f}x')} | "
                 f"{fmt(best.get('tokens_per_s'), '{:.2f}x')}{best_name} | {fmt(best.get('peak_rss'), '{:.2f}x')} |"
             )
     for error in report.get("errors", []):
