@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(settings, key, value)
         return settings
 
-    cases = []  # (report key, method, data file, changes to the settings)
+    cases: list[tuple[str, str, Path, dict]] = []  # (report key, method, data file, changes to the settings)
     for method in methods:
         data = Path(args.data).resolve() if args.data else write_data(method, work)
         cases.append((method, method, data, {}))
