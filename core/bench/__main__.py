@@ -389,7 +389,11 @@ def main(argv: list[str] | None = None) -> int:
                 sweep.append(summary)
         report["sweep"] = sweep
         report["memory_slope"] = memory_slope(sweep)
-        plot(sweep, out / "sweep.png")
+        try:
+            plot(sweep, out / "sweep.png")
+        except ImportError:
+            report["plot"] = "no plot: matplotlib is not installed (pip install -e '.[bench]')"
+            print(report["plot"], flush=True)
 
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
