@@ -43,7 +43,9 @@ def _err_console() -> Console:
 
 
 def _error(message: str) -> int:
-    _err_console().print(f"[bold red]error:[/] {message}")
+    from rich.markup import escape
+
+    _err_console().print(f"[bold red]error:[/] {escape(message)}")  # a message's [brackets] are text
     return 2
 
 

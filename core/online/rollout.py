@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -223,8 +223,15 @@ def repeat_columns(batch: Mapping[str, Any], times: int) -> dict:
     return out
 
 
-def experience(module: Any, batch: Mapping[str, Any], settings: RolloutSettings) -> dict:
-    """Generate and score one batch of experience with ``module.model`` (see the module docstring)."""
+def experience(
+    module: Any,
+    batch: Mapping[str, Any],
+    settings: RolloutSettings,
+    generate: Callable[..., torch.Tensor] | None = None,
+) -> dict:
+    """Generate and score one batch of experience with ``module.model`` (see the module docstring).
+    ``generate`` samples the completions instead of ``generate_tokens``, with its arguments and
+    its result (an engine such as vLLM: ``lft.plugins.vllm_rollout``); the scoring is the same."""
     model, tokenizer, config = module.model, module.tokenizer, module.config
     missing = [k for k in PROMPT_KEYS if k not in batch]
     if missing:
@@ -239,7 +246,7 @@ def experience(module: Any, batch: Mapping[str, Any], settings: RolloutSettings)
     width = prompt_ids.shape[1]
 
     started = time.perf_counter()
-    completion_ids = generate_tokens(model, prompt_ids, prompt_mask, settings, stop_ids, pad_id)
+    completion_ids = (generate or generate_tokens)(model, prompt_ids, prompt_mask, settings, stop_ids, pad_id)
     generated = time.perf_counter()
     prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
