@@ -201,3 +201,36 @@ def test_inspect_shows_the_packed_rows_with_their_boundaries(capsys, lft_tiny_mo
     assert "+" in first["where"]  # the row holds several examples, named by their lines
     starts = [t for t in first["parts"]["input_ids"] if t["starts_example"]]
     assert len(starts) == first["where"].count("+") and not any(t["trained"] for t in starts)
+
+
+@pytest.mark.parametrize("segment", [True, False])
+def test_training_switches_to_segment_attention_and_back(tmp_path, lft_tiny_model, lft_sft_data, segment):
+    import lightning as L
+
+    seen = []
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(pl_module.model.config._attn_implementation)
+
+    class Plugin:
+        name, kind = "test-watch-attention", "extension"
+
+        @lft.hookimpl
+        def lft_callbacks(self, config):
+            return [Watch()]
+
+    overrides = dict(item.split("=", 1) for item in FAST)
+    config = {
+        "model.path": str(lft_tiny_model),
+        "data.train": str(lft_sft_data["train"]),
+        "data.packing": True,
+        "output": str(tmp_path / "o"),
+        "trainer.max_steps": 2,
+        "trainer.segment_attention": segment,
+        "guards.enabled": False,
+        **overrides,
+    }
+    result = lft.run(config, plugins=[Plugin()], quiet=True)
+    assert seen == ["lft_sdpa" if segment else "sdpa"] * 2
+    assert result.history and lft.load(str(tmp_path / "o" / "final")).model.config._attn_implementation == "sdpa"
