@@ -60,6 +60,7 @@ def grpo_loss(
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
     max_completion_length: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The clipped surrogate with per-sequence advantages, an optional ``beta * k3`` KL term per
     token, reduced as the variant says:
@@ -76,6 +77,8 @@ def grpo_loss(
     :param old_logps: the same under the policy that sampled them (no gradient), (B, T).
     :param advantages: one per sequence, (B,).
     :param mask: real completion tokens, (B, T).
+    :param weights: per-token weights of the loss (KL term included), (B, T), such as the
+        importance-sampling correction of ``lft.losses.sampling``; the reductions are unchanged.
     :return: ``(loss, metrics)`` with the clip fraction and, when ``beta`` > 0, the mean k3 KL.
     """
     losses, clipped, _ = clipped_policy_loss(logps, old_logps, advantages[:, None], mask, clip_eps, clip_eps_high)
@@ -86,6 +89,8 @@ def grpo_loss(
         kl = kl_estimate(logps, ref_logps, "k3")
         losses = losses + beta * kl * mask.to(losses.dtype)
         metrics["kl_token"] = masked_mean(kl, mask).detach()
+    if weights is not None:
+        losses = losses * weights.to(losses.dtype)
     mask_f = mask.to(losses.dtype)
     if variant == "grpo":
         per_sequence = losses.sum(-1) / mask_f.sum(-1).clamp(min=1)

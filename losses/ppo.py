@@ -130,15 +130,23 @@ def clipped_policy_loss(
 
 
 def ppo_policy_loss(
-    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The clipped surrogate averaged over the batch's tokens, with its clip fraction and the
-    approximate KL from the rollout policy (k3 of the ratio).
+    approximate KL from the rollout policy (k3 of the ratio). ``weights`` (B, T) weight each
+    token's loss (the importance-sampling correction of ``lft.losses.sampling``).
 
     The two tokens of the ``clipped_policy_loss`` example with A = 1: (-1 + -1.2) / 2 = -1.1;
     clip fraction 1/2.
     """
     losses, clipped, ratio = clipped_policy_loss(logps, old_logps, advantages, mask, clip_eps)
+    if weights is not None:
+        losses = losses * weights.to(losses.dtype)
     with torch.no_grad():
         approx_kl = masked_mean(kl_estimate(logps, old_logps, "k3"), mask)
         clip_fraction = masked_mean(clipped.float(), mask)

@@ -59,7 +59,7 @@ class GRPOObjective(RolloutObjective):
     def loss(self, module: Any, exp: dict, rows: Any) -> tuple[Any, dict]:
         opts = self.opts
         stats = self.policy_stats(module, exp, rows)
-        return grpo_loss(
+        loss, metrics = grpo_loss(
             stats["logps"],
             stats["old_logps"],
             exp["advantages"][rows],
@@ -70,7 +70,9 @@ class GRPOObjective(RolloutObjective):
             opts.beta,
             exp["ref_logps"][rows] if opts.beta > 0 else None,
             opts.max_new_tokens,
+            weights=stats.get("weights"),
         )
+        return loss, {**metrics, **stats.get("sampling_metrics", {})}
 
     def step_metrics(self, exp: dict, update_s: float, step: int) -> dict:
         metrics = super().step_metrics(exp, update_s, step)

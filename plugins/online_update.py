@@ -17,6 +17,7 @@ from pydantic import Field
 import lft
 from lft.config import Section
 from lft.losses.ppo import kl_estimate, masked_mean
+from lft.losses.sampling import SamplingCorrection, correction_weights
 from lft.model.forward import completion_stats
 from lft.objective import OnlineObjective, RowTexts
 from lft.online.rewards import reward_plugins
@@ -143,7 +144,10 @@ class RolloutObjective(OnlineObjective):
     def policy_stats(self, module: Any, exp: dict, rows: torch.Tensor, hidden: bool = False) -> dict:
         """Log-probs (with gradient) of the completion tokens of ``rows``, shape (n, C), and the
         rollout policy's (``old_logps``). When the rollout did not score the tokens (one update
-        per batch), they are this pass's own, detached, and the entropy comes from this pass too."""
+        per batch), they are this pass's own, detached, and the entropy comes from this pass too.
+        When another engine sampled the tokens (``sampling_logps``, e.g. vLLM), ``weights`` holds
+        the importance-sampling correction per token (``lft.losses.sampling``) for the loss to
+        apply, and ``sampling_metrics`` how far the engine's log-probs were from the policy's."""
         fresh = "logps" not in exp
         stats = completion_stats(
             module.model,
@@ -166,6 +170,14 @@ class RolloutObjective(OnlineObjective):
                 exp.setdefault(key, value.new_zeros(exp["completion_mask"].shape))[rows] = value
         if hidden:
             out["hidden"] = stats["hidden"]
+        if "sampling_logps" in exp:
+            correction = exp.get("sampling_correction") or SamplingCorrection("off")
+            measure = correction if correction.mode != "off" else SamplingCorrection()
+            weights, out["sampling_metrics"] = correction_weights(
+                out["old_logps"], exp["sampling_logps"][rows], exp["completion_mask"][rows], measure
+            )
+            if correction.mode != "off":
+                out["weights"] = weights
         return out
 
     def prepare(self, module: Any, exp: dict) -> dict:
@@ -255,6 +267,8 @@ class RolloutObjective(OnlineObjective):
             "rollout_s": rollout_s,
             "update_s": update_s,
             "generation_tokens_per_s": timing["generated_tokens"] / max(timing["generation_s"], 1e-9),
+            "generation_s": timing["generation_s"],
+            "generated_tokens": timing["generated_tokens"],
         }
         entropy, logps = exp.get("entropy", exp.get("update_entropy")), exp.get("logps", exp.get("update_logps"))
         if entropy is not None:

@@ -126,8 +126,9 @@ class PPOObjective(RolloutObjective):
         stats = self.policy_stats(module, exp, rows, hidden=shared)
         values = self.values(module, exp, rows, stats.get("hidden")).float()
         policy_loss, metrics = ppo_policy_loss(
-            stats["logps"], stats["old_logps"], exp["advantages"][rows], mask, opts.clip_eps
+            stats["logps"], stats["old_logps"], exp["advantages"][rows], mask, opts.clip_eps, stats.get("weights")
         )
+        metrics.update(stats.get("sampling_metrics", {}))
         value_loss, value_clipped = clipped_value_loss(
             values, exp["old_values"][rows], exp["returns"][rows], mask, opts.value_clip
         )

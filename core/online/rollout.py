@@ -22,7 +22,9 @@ one prompt are consecutive) and ``C`` the longest completion:
   at ``max_new_tokens``;
 * ``logps``, ``entropy`` (N, C): the sampling policy's log-prob of each generated token and the
   entropy of its distribution there (unless ``policy_logps`` is off); ``ref_logps`` (N, C) when
-  the reference was asked for;
+  the reference was asked for; ``sampling_logps`` (N, C): the sampling engine's own log-prob of
+  each token, when another engine than the policy sampled (``generate`` returned them), with
+  ``sampling_correction`` (``lft.losses.sampling.SamplingCorrection``) saying how to correct for it;
   ``hidden`` (N, C, H) the policy's final hidden state before each token, when asked for;
 * ``rewards`` (N,): the weighted sum; ``reward_scores`` and ``reward_weights``: per function;
 * every other column of the data, repeated per sample (e.g. ``answer``);
@@ -63,6 +65,8 @@ RESERVED = (
     "completion_mask",
     "logps",
     "entropy",
+    "sampling_logps",
+    "sampling_correction",
     "ref_logps",
     "hidden",
     "rewards",
@@ -227,11 +231,16 @@ def experience(
     module: Any,
     batch: Mapping[str, Any],
     settings: RolloutSettings,
-    generate: Callable[..., torch.Tensor] | None = None,
+    generate: Callable[..., Any] | None = None,
+    correction: Any = None,
 ) -> dict:
     """Generate and score one batch of experience with ``module.model`` (see the module docstring).
     ``generate`` samples the completions instead of ``generate_tokens``, with its arguments and
-    its result (an engine such as vLLM: ``lft.plugins.vllm_rollout``); the scoring is the same."""
+    its result (an engine such as vLLM: ``lft.plugins.vllm_rollout``); the scoring is the same.
+    Such a ``generate`` may also return the engine's log-prob of each token, as
+    ``(completion_ids, sampling_logps)``; they are kept as ``sampling_logps``, with
+    ``correction`` (a ``lft.losses.sampling.SamplingCorrection``; none: no correction) as
+    ``sampling_correction``, for the update's importance-sampling correction."""
     model, tokenizer, config = module.model, module.tokenizer, module.config
     missing = [k for k in PROMPT_KEYS if k not in batch]
     if missing:
@@ -246,7 +255,8 @@ def experience(
     width = prompt_ids.shape[1]
 
     started = time.perf_counter()
-    completion_ids = (generate or generate_tokens)(model, prompt_ids, prompt_mask, settings, stop_ids, pad_id)
+    sampled = (generate or generate_tokens)(model, prompt_ids, prompt_mask, settings, stop_ids, pad_id)
+    completion_ids, sampling_logps = sampled if isinstance(sampled, tuple) else (sampled, None)
     generated = time.perf_counter()
     prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
@@ -262,6 +272,11 @@ def experience(
     chunk = config.trainer.logits_chunk
     temperature = settings.temperature if settings.temperature > 0 else 1.0
     exp: dict[str, Any] = repeat_columns(batch, group)
+    if sampling_logps is not None:
+        exp.update(
+            sampling_logps=sampling_logps.masked_fill(~completion_mask, 0.0),
+            sampling_correction=correction,
+        )
     if settings.policy_logps or settings.hidden:
         with eval_mode(model):
             stats = completion_stats(

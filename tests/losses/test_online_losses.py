@@ -195,3 +195,59 @@ def test_entropy_hand_worked_and_chunked():
     expected = entropy_from_logits(hidden @ weight.t() + bias)
     _, entropy = linear_logprobs(hidden, weight, torch.zeros(7, dtype=torch.long), bias, chunk=3, entropy=True)
     assert entropy.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+# -- importance-sampling correction of an engine's samples (lft.losses.sampling) -----------------------------------
+
+
+def sampler_case():
+    """Two real tokens with policy/engine log-ratios ln 2 and ln 4, one padding position."""
+    logps = torch.tensor([[math.log(2), math.log(4), 5.0]])
+    return logps, torch.zeros(1, 3), torch.tensor([[True, True, False]])
+
+
+@pytest.mark.parametrize(
+    "mode, weights, clipped",
+    [
+        ("token_truncate", [2.0, 3.0, 0.0], 0.5),  # ratios 2, 4; 4 truncated at 3
+        ("token_mask", [1.0, 0.0, 0.0], 0.5),  # 4 is outside [0, 3]: masked
+        ("sequence_truncate", [3.0, 3.0, 0.0], 1.0),  # the sequence's ratio 2 x 4 = 8, truncated
+        ("sequence_mask", [0.0, 0.0, 0.0], 1.0),
+    ],
+)
+def test_sampling_correction_hand_worked(mode, weights, clipped):
+    from lft.losses.sampling import SamplingCorrection, correction_weights
+
+    logps, sampled, mask = sampler_case()
+    got, metrics = correction_weights(logps, sampled, mask, SamplingCorrection(mode, clip_max=3.0))
+    assert got[0].tolist() == pytest.approx(weights)
+    assert float(metrics["is_clipped"]) == pytest.approx(clipped)
+    assert float(metrics["sampler_logp_diff"]) == pytest.approx((math.log(2) + math.log(4)) / 2)
+    expected_mean = 8.0 if mode.startswith("sequence") else 3.0
+    assert float(metrics["is_ratio_mean"]) == pytest.approx(expected_mean)
+
+
+def test_sampling_correction_lower_bound_and_no_gradient():
+    from lft.losses.sampling import SamplingCorrection, correction_weights
+
+    logps = torch.tensor([[math.log(0.25), 0.0]], requires_grad=True)
+    got, _ = correction_weights(
+        logps, torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), SamplingCorrection("token_truncate", 3.0, 0.5)
+    )
+    assert got[0].tolist() == pytest.approx([0.5, 1.0]) and not got.requires_grad  # 0.25 raised to 0.5
+    masked, _ = correction_weights(
+        logps, torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), SamplingCorrection("token_mask", 3.0, 0.5)
+    )
+    assert masked.tolist() == [[0.0, 1.0]]
+
+
+def test_grpo_and_ppo_weight_each_tokens_loss():
+    """Ratios 1, advantage 1: token losses -1, -1; weights [2, 0.5] give grpo mean(-2, -0.5) = -1.25
+    over one sequence, and PPO's token mean the same -1.25."""
+    logps = torch.tensor([[-1.0, -1.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    weights = torch.tensor([[2.0, 0.5]])
+    loss, _ = grpo_loss(logps, logps, torch.tensor([1.0]), mask, "grpo", weights=weights)
+    assert float(loss) == pytest.approx(-1.25)
+    policy, _ = ppo_policy_loss(logps, logps, torch.ones(1, 2), mask, 0.2, weights)
+    assert float(policy) == pytest.approx(-1.25)

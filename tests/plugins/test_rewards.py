@@ -240,35 +240,3 @@ def test_grpo_warns_when_no_group_has_a_learning_signal(lft_run, lft_prompt_data
     )
     warnings = [w for w in summary["warnings"] if w.startswith("no learning signal")]
     assert len(warnings) == 1 and "every sample of a prompt got the same reward, for 5 steps running" in warnings[0]
-
-
-def test_the_vllm_plugin_without_vllm_says_what_to_install(capsys, lft_tiny_model, lft_prompt_data, tmp_path):
-    import importlib.util
-
-    from lft.cli.main import main
-    from lft.plugin.testing import FAST
-
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vLLM is installed here: tests/plugins/test_vllm.py runs it")
-    code = main(
-        [
-            "run",
-            "--plugin",
-            "grpo",
-            "--plugin",
-            "exact_answer",
-            "--plugin",
-            "vllm",
-            "--model",
-            str(lft_tiny_model),
-            "--data",
-            str(lft_prompt_data["train"]),
-            "--output",
-            str(tmp_path / "o"),
-            "trainer.max_steps=1",
-            "guards.enabled=false",
-            *FAST,
-        ]  # fmt: skip
-    )
-    err = capsys.readouterr().err
-    assert code == 2 and 'needs vLLM: pip install -e ".[vllm]"' in err and len(err.strip().splitlines()) == 1
