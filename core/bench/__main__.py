@@ -180,8 +180,9 @@ def markdown(report: dict) -> str:
     if online:
         lines += [
             "",
-            "Online methods, the step split (generation: sampling the completions; the rest: scoring, rewards, "
-            "the update):",
+            f"Online methods ({report.get('batch_size')} completions a step, "
+            f"{report.get('num_generations')} per prompt, up to {report.get('max_new_tokens')} new tokens), the step "
+            "split (generation: sampling the completions; the rest: scoring, rewards, the update):",
             "",
             "| method | side | steps/s | rollout tokens/s | generation s/step | rest s/step |",
             "|---|---|---|---|---|---|",
@@ -268,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument(
+        "--num-generations", type=int, default=4, help="online methods: completions per prompt (grpo's group)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="online methods: longest completion")
+    parser.add_argument(
         "--packed-batch-size", type=int, default=1, help="rows per step of the packed sft sides (default 1)"
     )
     parser.add_argument("--max-length", type=int, default=512)
@@ -332,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "precision": args.precision,
         "batch_size": args.batch_size,
         "packed_batch_size": args.packed_batch_size,
+        "num_generations": args.num_generations,
+        "max_new_tokens": args.max_new_tokens,
         "max_length": args.max_length,
         "lora_r": args.lora_r,
         "data": args.data or "the embedded task",
@@ -371,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             lft_overrides=lft_overrides,
             packed=packed,
             vllm=side.endswith("-vllm"),
+            num_generations=args.num_generations,
+            max_new_tokens=args.max_new_tokens,
         )
         for key, value in changes.items():
             setattr(settings, key, value)

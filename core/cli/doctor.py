@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -368,7 +369,14 @@ def history_numbers(output: Path, peak: float, per_token: float) -> dict:
     settings = Settings(method="sft", model="", data="", warmup=SMOKE_WARMUP)
     summary = summarise({"tool": "lft", "steps": steps, "peak_rss_mb": 0.0}, settings, peak, per_token)
     keep = ("steps", "tokens_per_s", "median_step_s", "mfu", "final_loss")
-    return {key: summary[key] for key in keep}
+    numbers = {key: summary[key] for key in keep}
+    online = [r for r in rows if "generation_tokens_per_s" in r][SMOKE_WARMUP:]
+    if online:  # an online method: its rollouts, and how far a sampling engine's log-probs were
+        numbers["rollout_tokens_per_s"] = statistics.median(r["generation_tokens_per_s"] for r in online)
+        diffs = [r["sampler_logp_diff"] for r in online if "sampler_logp_diff" in r]
+        if diffs:
+            numbers["sampler_logp_diff_max"] = max(diffs)
+    return numbers
 
 
 def lft_run_part(model: str, output: Path, *keys: str, plugins: tuple = ()) -> list[str]:
@@ -441,6 +449,7 @@ def gpu_parts(
         ("bench-sft", 120, bench("sft")),
         ("bench-dpo", 120, bench("dpo")),
         ("qlora", 60, training("qlora", bf16, plugins=("qlora",))),
+        ("vllm-grpo", 120, training("vllm-grpo", bf16, plugins=("grpo", "exact_answer", "vllm"), needs="vllm")),
         ("packing-sdpa", 45, training("packing-sdpa", bf16, "data.packing=true", "model.attn_implementation=sdpa")),
         (
             "packing-flash-attention-2",

@@ -315,3 +315,46 @@ def test_two_processes_share_one_server_and_only_the_first_sends_weights(
     records = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "sampler_logp_diff" in r]
     assert len(steps) == 3 and all(r["sampler_logp_diff"] < 1e-2 for r in steps)
+
+
+def test_a_third_party_online_objective_samples_through_the_plugin(tmp_path, vllm_tiny_model, lft_prompt_data, target):
+    """REINFORCE with a group-mean baseline, written as a user would on the shared bases: the plugin
+    samples its rollouts, and it applies the correction weights the experience brings."""
+    from lft.plugins.online import OnlineMethod
+    from lft.plugins.online_update import OnlineOptions, RolloutObjective
+
+    seen = []
+
+    class ReinforceObjective(RolloutObjective):
+        def __init__(self, opts, config):
+            super().__init__("reinforce", opts, config, num_generations=4)
+
+        def prepare(self, module, exp):
+            seen.append(sorted(exp))
+            grouped = exp["rewards"].view(-1, 4)
+            return {"advantages": (grouped - grouped.mean(1, keepdim=True)).view(-1)}
+
+        def loss(self, module, exp, rows):
+            stats = self.policy_stats(module, exp, rows)
+            mask = exp["completion_mask"][rows].float()
+            weights = stats.get("weights", torch.ones_like(mask))
+            per_token = -exp["advantages"][rows][:, None] * stats["logps"] * weights * mask
+            return per_token.sum() / mask.sum().clamp(min=1), dict(stats.get("sampling_metrics", {}))
+
+    class Reinforce(OnlineMethod):
+        name = "reinforce"
+        options = OnlineOptions
+        objective_class = ReinforceObjective
+
+    config = online_config(
+        vllm_tiny_model,
+        lft_prompt_data,
+        tmp_path / "reinforce",
+        "reinforce",
+        **{"plugins": ["vllm"], "trainer.max_steps": 12, "trainer.lr": 3e-2},
+    )
+    result = lft.run(config, plugins=[Reinforce(), CountToken(target)], quiet=True)
+    history = rewards(result)
+    assert sum(history[-3:]) / 3 > sum(history[:3]) / 3 + 0.5, history
+    assert all("sampling_logps" in keys and "sampling_correction" in keys for keys in seen)
+    assert result.history[-1]["sampler_logp_diff"] < 1e-2
