@@ -85,6 +85,25 @@ class DataConfig(Section):
     )
 
 
+Tracker = Literal["csv", "tensorboard", "mlflow", "wandb"]
+
+
+class TrackerOptions(Section):
+    """One experiment tracker of ``trainer.loggers`` and where its run goes (``lft.train.trackers``)."""
+
+    name: Tracker = Field(description="csv, tensorboard, mlflow or wandb.")
+    run_name: str | None = Field(None, description="The run's name in the tracker; empty: the output folder's name.")
+    project: str | None = Field(
+        None, description="TensorBoard: the log sub-folder; MLflow: the experiment; W&B: the project. Empty: lft."
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow: the tracking URI (a folder, a file: or sqlite: URI, or a server); TensorBoard and "
+        "W&B: the folder to write to. Empty: inside the output folder.",
+    )
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags of the run (W&B: KEY=VALUE labels).")
+
+
 class TrainerConfig(Section):
     max_steps: int = Field(default=-1, ge=-1, description="Optimizer steps to train; -1 means use `epochs`.")
     epochs: int = Field(default=1, gt=0, description="Passes over the data when max_steps is -1.")
@@ -115,6 +134,12 @@ class TrainerConfig(Section):
         default=100, ge=0, description="Save a checkpoint every N optimizer steps; 0 only at the end."
     )
     eval_every: int = Field(default=0, ge=0, description="Compute eval loss every N optimizer steps; 0 disables.")
+    loggers: list[Union[Tracker, TrackerOptions]] = Field(
+        default_factory=lambda: list[Union[Tracker, TrackerOptions]](["csv"]),
+        description="Experiment trackers that get every metrics.jsonl record, the config and the summary: csv, "
+        "tensorboard, mlflow, wandb; each a name or {name, run_name, project, tracking_uri, tags}. "
+        'tensorboard, mlflow and wandb need their extra: pip install -e ".[tensorboard]" (or mlflow, wandb).',
+    )
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass to save memory."
     )

@@ -100,6 +100,7 @@ class RunMonitor(L.Callback):
         self.quiet = quiet
         self.print_every = print_every
         self.history: list[dict] = []
+        self.loggers: list[Any] = []  # the trainer's trackers, which get every record too
         self._pending: list[dict] = []
         self._progress: Any = None
         self._task: Any = None
@@ -112,6 +113,7 @@ class RunMonitor(L.Callback):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.loggers = list(trainer.loggers)
         self._started = time.perf_counter()
         self._step_started = self._started
         self._first_step = self._last_step = trainer.global_step
@@ -196,6 +198,9 @@ class RunMonitor(L.Callback):
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(clean) + "\n")
+        from lft.train.trackers import publish
+
+        publish(self.loggers, record)
 
     def _forget_after(self, step: int) -> None:
         """On resume, drop the lines of steps after the checkpoint (they will be trained again)

@@ -348,7 +348,8 @@ class Run:
     def trainer(self, monitor: RunMonitor, stop: GracefulStop, manual: bool = False) -> Any:
         import lightning as L
         from lightning.pytorch.callbacks import ModelCheckpoint
-        from lightning.pytorch.loggers import CSVLogger
+
+        from lft.train import trackers
 
         tc = self.config.trainer
         callbacks: list[Any] = [monitor]
@@ -388,7 +389,7 @@ class Run:
             gradient_clip_val=None if manual else tc.max_grad_norm,
             callbacks=callbacks,
             plugins=[AtomicCheckpointIO()],
-            logger=CSVLogger(self.output, name="logs"),  # a new version_N per attempt; resume never deletes logs
+            logger=trackers.build(tc.loggers, self.output, resume=self.config.resume),
             log_every_n_steps=1,
             num_sanity_val_steps=0,
             enable_progress_bar=False,
@@ -492,6 +493,11 @@ class Run:
         monitor = RunMonitor(self.output, quiet=self.quiet, progress_metrics=objective.progress_metrics)
         stop = GracefulStop()
         trainer = self.trainer(monitor, stop, manual=not module.automatic_optimization)
+        if self.main:
+            from lft.train import trackers
+
+            trackers.hyperparameters(trainer.loggers, cfg)
+            trackers.remember(trainer.loggers, self.output)
         fit_started = time.perf_counter()
         stop.install()
         try:
@@ -546,6 +552,9 @@ class Run:
         if trainer.global_rank == 0:
             self.summary["report"] = [str(p) for p in write_report(self.output, self.summary, history, cfg)]
         write_summary(self.output, self.summary)
+        from lft.train import trackers
+
+        trackers.summarise(trainer.loggers, self.summary, trainer.global_step)
         if not self.quiet:
             print_summary(self.console, self.summary)
         return RunResult(self.output, final, self.summary, history, cfg)

@@ -125,10 +125,8 @@ class LftModule(L.LightningModule):
         metrics = {k: _scalar(v) for k, v in (metrics or {}).items()}
         metrics["loss"] = _scalar(logged)  # a NaN/Inf loss is handled by lft.train.numerics.NonFiniteGuard
         self.last_metrics = metrics
-        self.log("train/loss", metrics["loss"], prog_bar=False, logger=True, batch_size=1)
-        for key, value in metrics.items():
-            if key != "loss":
-                self.log(f"train/{key}", value, logger=True, batch_size=1)
+        # The trackers get the step's record from lft.train.callbacks.RunMonitor, as metrics.jsonl does.
+        self.log("train/loss", metrics["loss"], prog_bar=False, logger=False, batch_size=1)
         return loss
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
@@ -154,7 +152,7 @@ class LftModule(L.LightningModule):
         # Every process evaluates all the held-out rows (no distributed sampler), so nothing to reduce.
         loss = self._held_out.value()
         if loss is not None:
-            self.log("eval/loss", loss, on_epoch=True, on_step=False, batch_size=1)
+            self.log("eval/loss", loss, on_epoch=True, on_step=False, batch_size=1, logger=False)
 
     def configure_optimizers(self) -> Any:
         cfg = self.config.trainer
