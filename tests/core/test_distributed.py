@@ -72,7 +72,12 @@ def test_two_process_ddp_on_cpu_matches_one_process(tmp_path, lft_tiny_model, lf
         lft_tiny_model,
         lft_sft_data,
         ddp_out,
-        **{"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.batch_size": 2},
+        **{
+            "trainer.devices": 2,
+            "trainer.strategy": "ddp",
+            "trainer.batch_size": 2,
+            "trainer.loggers": ["csv", "tensorboard"],
+        },
     )
     proc = subprocess.run(
         [sys.executable, str(script), json.dumps(config), str(tmp_path / "probe")],
@@ -99,6 +104,13 @@ def test_two_process_ddp_on_cpu_matches_one_process(tmp_path, lft_tiny_model, lf
     assert ddp_summary["after"]["eval_loss"] == pytest.approx(single.metrics["after"]["eval_loss"], rel=1e-5)
     assert ddp_summary["after"]["eval_loss"] < 0.98 * ddp_losses[0]["loss"]
     assert [p.name for p in (ddp_out / "logs").iterdir()] == ["version_0"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list((ddp_out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len({f.name.split(".")[4] for f in files}) == 1  # one process wrote them (the pid is in the name)
+    events = EventAccumulator(str(files[0].parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
     assert (ddp_out / "final" / "adapter_model.safetensors").is_file()
     probes = [json.loads((tmp_path / f"probe-{rank}").read_text()) for rank in (0, 1)]
     assert probes == [{"calls": 6, "rank": 0}, {"calls": 6, "rank": 1}]  # generation ran in both processes
