@@ -21,11 +21,29 @@ def bnb_config(bits: int, quant_type: str = "nf4", double_quant: bool = True, co
         return BitsAndBytesConfig(load_in_8bit=True)
     if bits != 4:
         raise ValueError(f"bitsandbytes quantizes to 4 or 8 bits, not {bits}")
+    _note_cpu_kernel()
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=_DTYPES[compute_dtype],
+    )
+
+
+def _note_cpu_kernel() -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes' fast 4-bit matmul comes from the optional
+    ``kernels`` package; say so once when a run quantizes without it (lft drops bitsandbytes' own
+    warning, which every run printed)."""
+    import importlib.util
+    import logging
+
+    if torch.cuda.is_available() or importlib.util.find_spec("kernels") is not None:
+        return
+    if getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")() not in ("AVX512", "AMX"):
+        return
+    logging.getLogger("lft").warning(
+        "note: bitsandbytes' fast CPU 4-bit matmul needs the kernels package (pip install kernels); "
+        "without it 4-bit layers take its slower path"
     )
 
 

@@ -12,12 +12,26 @@ The public names:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from lft.errors import ConfigError, DataError, LftError, ModelError, PluginError
 from lft.plugin.manager import hookimpl
 
 __version__ = "0.1.0"
+
+
+class _QuietBitsandbytes(logging.Filter):
+    """``import peft`` imports bitsandbytes (peft/helpers.py), whose CPU backend then warns that
+    its optional fast 4-bit kernel (the ``kernels`` package) is missing: on every run, LoRA runs
+    included. The warning is dropped here; a run that quantizes on a CPU says it itself
+    (``lft.adapters.quantize.bnb_config``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_QuietBitsandbytes())
 
 __all__ = [
     "ConfigError",

@@ -14,7 +14,8 @@ from rich.console import Console
 from lft.errors import ConfigError, DataError
 
 GENERATE_EXAMPLES = """examples:
-  lft generate --prompt "Tom has 3 apples and gets 4 more. How many?"
+  lft generate "Tom has 3 apples and gets 4 more. How many?"
+  lft generate --model runs/lft/final "first prompt" "second prompt"
   lft generate --adapter runs/lft/final --prompts questions.txt --out answers.jsonl
   lft generate --adapter support=runs/a/final --adapter code=runs/b/final --prompt "Hi"
 """
@@ -30,7 +31,8 @@ def add_commands(cli: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _model_args(generate)
-    source = generate.add_mutually_exclusive_group(required=True)
+    generate.add_argument("texts", nargs="*", metavar="PROMPT", help="prompts to complete (as --prompt)")
+    source = generate.add_mutually_exclusive_group()
     source.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
     source.add_argument(
         "--prompts",
@@ -193,7 +195,13 @@ def read_prompts(spec: str) -> list[dict]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
-    rows = [{"prompt": p} for p in args.prompt] if args.prompt else read_prompts(args.prompts)
+    texts = list(args.texts) + list(args.prompt or [])
+    if args.prompts and texts:
+        raise ConfigError("lft generate: give prompts as arguments or --prompt, or a file with --prompts, not both")
+    if not args.prompts and not texts:
+        raise ConfigError('lft generate: no prompt; give one: lft generate "TEXT" (or --prompt TEXT, --prompts FILE)')
+    args.prompt = texts
+    rows = [{"prompt": p} for p in texts] if texts else read_prompts(args.prompts)
     loaded = _load(args)
     names = args.use or loaded.names or ["base"]
     results = []

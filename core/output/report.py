@@ -9,6 +9,7 @@ written atomically.
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,8 +25,22 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def svg_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, x_label: str = "step") -> str:
-    """A small line chart: each series is ``(name, [(x, y), ...])``; single points are drawn as dots."""
+def spans_decades(series: list[tuple[str, list[tuple[float, float]]]]) -> bool:
+    """Whether every value is positive and the largest is more than 10 times the smallest: a
+    linear axis then flattens everything after the first steps."""
+    ys = [y for _, pts in series for _, y in pts]
+    return bool(ys) and min(ys) > 0 and max(ys) > 10 * min(ys)
+
+
+def svg_chart(
+    series: list[tuple[str, list[tuple[float, float]]]], title: str, x_label: str = "step", log: bool = False
+) -> str:
+    """A small line chart: each series is ``(name, [(x, y), ...])``; single points are drawn as
+    dots. ``log`` draws the y axis on a log scale (the labels stay the values)."""
+    if log:
+        series = [(name, [(x, math.log10(y)) for x, y in pts]) for name, pts in series]
+        title = f"{title} (log scale)"
+    label = (lambda v: _fmt(10**v)) if log else _fmt
     points = [p for _, pts in series for p in pts]
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1 = min(xs), max(xs)
@@ -35,7 +50,8 @@ def svg_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, x
     if y1 == y0:
         y0, y1 = y0 - abs(y0) * 0.1 - 1e-3, y1 + abs(y1) * 0.1 + 1e-3
     span = y1 - y0
-    y0, y1 = (y0 - 0.05 * span if y0 - 0.05 * span >= 0 or y0 < 0 else 0.0), y1 + 0.05 * span
+    bottom_value = y0 - 0.05 * span
+    y0, y1 = (bottom_value if log or bottom_value >= 0 or y0 < 0 else 0.0), y1 + 0.05 * span
     left, right, top, bottom = PAD + 8, WIDTH - 12, 26, HEIGHT - 28
 
     def px(x: float) -> float:
@@ -54,7 +70,7 @@ def svg_chart(series: list[tuple[str, list[tuple[float, float]]]], title: str, x
         value = y0 + frac * (y1 - y0)
         y = py(value)
         out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{_fmt(value)}</text>')
+        out.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{label(value)}</text>')
     for value, anchor in ((x0, "start"), (x1, "end")):
         out.append(f'<text x="{px(value):.1f}" y="{bottom + 14}" text-anchor="{anchor}">{_fmt(value)}</text>')
     out.append(
@@ -89,7 +105,7 @@ def charts(
     evals = ([(0, float(eval_before))] if eval_before is not None else []) + series("eval_loss")
     loss = [(name, pts) for name, pts in (("train loss", series("loss")), ("eval loss", evals)) if pts]
     if loss:
-        out.append(("loss", svg_chart(loss, "loss")))
+        out.append(("loss", svg_chart(loss, "loss", log=spans_decades(loss))))
     keys = sorted({k for h in history for k in h if isinstance(h.get(k), (int, float))})
     for family in families:
         members = [k for k in keys if any(part.startswith(family) for part in k.replace("/", "_").split("_"))]

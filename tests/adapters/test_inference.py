@@ -111,6 +111,10 @@ def test_generate_cli_writes_jsonl_per_named_adapter(tmp_path, capsys, lft_tiny_
     capsys.readouterr()
     assert main(["generate", "--adapter", str(adapters["a"]), "--prompt", PROMPTS[0], "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out.strip() == both.generate(PROMPTS[0], adapter="a", max_new_tokens=10).strip()
+    # The prompt as a positional argument, as llm and ollama run take it; a "=" in it stays text.
+    assert main(["generate", "--adapter", str(adapters["a"]), PROMPTS[0], "2+2=?", "--max-new-tokens", "10"]) == 0
+    want = [c.strip() for c in both.generate([PROMPTS[0], "2+2=?"], adapter="a", max_new_tokens=10)]
+    assert capsys.readouterr().out.strip().splitlines() == "\n".join(want).splitlines()
 
 
 def test_chat_streams_replies_and_switches_adapters(monkeypatch, capsys, lft_tiny_model, adapters):
@@ -186,6 +190,15 @@ def one_line_error(capsys, argv):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     return err
+
+
+def test_generate_without_a_prompt_or_with_two_sources_says_so(tmp_path, capsys, lft_tiny_model):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    err = one_line_error(capsys, ["generate", "--model", str(lft_tiny_model)])
+    assert 'no prompt; give one: lft generate "TEXT"' in err
+    err = one_line_error(capsys, ["generate", "--model", str(lft_tiny_model), "hi", "--prompts", str(prompts)])
+    assert "not both" in err
 
 
 def test_bad_adapters_are_one_line_errors(tmp_path, capsys, lft_tiny_model):

@@ -81,3 +81,13 @@ def test_every_subpackage_imports_from_the_wheel(wheel):
     )
     result = subprocess.run([sys.executable, "-c", code, str(wheel)], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_importing_lft_drops_bitsandbytes_missing_kernel_warning():
+    """peft imports bitsandbytes, whose CPU backend warns about an optional kernel on every run
+    (CPUs with AVX512-BF16 only); lft drops that warning."""
+    bare = subprocess.run([sys.executable, "-c", "import peft"], capture_output=True, text=True)
+    if "gemm_4bit_forward" not in bare.stderr:
+        pytest.skip("bitsandbytes does not warn on this machine")
+    quiet = subprocess.run([sys.executable, "-c", "import lft, peft"], capture_output=True, text=True)
+    assert quiet.returncode == 0 and "gemm_4bit_forward" not in quiet.stderr

@@ -41,6 +41,17 @@ def test_svg_chart_scales_points_into_the_plot_area():
     assert svg.count("<circle") == 3
 
 
+def test_a_loss_spanning_more_than_a_factor_of_ten_is_drawn_on_a_log_scale():
+    # loss 100 -> 1: log10 2 -> 0, padded 5% each side (-0.1..2.1) inside 26..172; so 100 is at
+    # 172 - 2.1/2.2*146 = 32.6 and 1 at 172 - 0.1/2.2*146 = 165.4, and the middle label is 10^1 = 10.
+    steep = [{"step": 0, "loss": 100.0}, {"step": 10, "loss": 1.0}]
+    svg = dict(charts(steep))["loss"]
+    assert "loss (log scale)" in svg and '<polyline points="58.0,32.6 508.0,165.4"' in svg
+    assert ">10</text>" in svg
+    gentle = dict(charts([{"step": 0, "loss": 9.0}, {"step": 10, "loss": 1.0}]))["loss"]
+    assert "log scale" not in gentle  # within a factor of 10: linear
+
+
 def test_charts_for_loss_and_every_reward_kl_metric():
     names = [name for name, _ in charts(HISTORY, families=("reward", "kl", "margin", "accuracy"))]
     assert names == ["loss", "reward", "kl"]
