@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -80,6 +81,22 @@ def resolve(path: str | None, gguf_file: str | None = None) -> tuple[str, str | 
     return path, gguf_file  # a hub id
 
 
+def _note_gguf_source(source: Path, target: Path) -> None:
+    """Keep the GGUF file's tokenizer.ggml.pre beside the conversion: ``lft export`` writes it
+    back, and transformers' folder does not carry it."""
+    note = target / "lft-gguf-source.json"
+    if note.is_file():
+        return
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(source)).fields.get("tokenizer.ggml.pre")
+        pre = str(field.contents()) if field is not None else "default"
+        note.write_text(json.dumps({"file": str(source), "pre": pre}) + "\n", encoding="utf-8")
+    except Exception:  # a note for export, never a reason for loading to fail
+        pass
+
+
 def converted_gguf(folder: str, gguf_file: str) -> Path:
     """The cache folder holding a GGUF model converted to a plain transformers model."""
     source = Path(folder) / gguf_file
@@ -87,6 +104,7 @@ def converted_gguf(folder: str, gguf_file: str) -> Path:
     digest = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
     target = cache_dir() / "gguf" / f"{source.stem}-{digest}"
     if (target / "config.json").is_file():
+        _note_gguf_source(source, target)
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -108,6 +126,7 @@ def converted_gguf(folder: str, gguf_file: str) -> Path:
         tokenizer.save_pretrained(tmp)
         try:
             os.replace(tmp, target)
+            _note_gguf_source(source, target)
         except OSError:  # another process converted it first
             if not (target / "config.json").is_file():
                 raise

@@ -64,9 +64,10 @@ class CorePlugin:
 
     @hookimpl
     def lft_add_commands(self, cli: Any) -> None:
-        from lft.cli import check, doctor, new_plugin, use
+        from lft.cli import check, doctor, export, new_plugin, use
 
         new_plugin.add_command(cli)
         check.add_commands(cli)
         use.add_commands(cli)
         doctor.add_command(cli)
+        export.add_command(cli)
