@@ -48,11 +48,22 @@ class ModelConfig(Section):
     attn_implementation: str | None = Field(default=None, description="e.g. sdpa, eager, flash_attention_2.")
 
 
+class DataSource(Section):
+    """One source of a training mixture (``data.train`` as a list)."""
+
+    path: str = Field(description="A .jsonl, .json, .parquet or .csv file, or a hub dataset id.")
+    weight: float = Field(1.0, gt=0, description="The source's share of the mixture, relative to the others'.")
+    split: str | None = Field(None, description="A hub dataset's split; empty: data.split.")
+    subset: str | None = Field(None, description="A hub dataset's subset (configuration name).")
+    revision: str | None = Field(None, description="A hub dataset's revision (branch, tag or commit).")
+
+
 class DataConfig(Section):
-    train: str | None = Field(
+    train: Union[str, list[Union[str, DataSource]], None] = Field(
         default=None,
-        description="Training data: .jsonl, .json, .parquet, .csv or a hub dataset id. "
-        "Empty means the embedded task data in the objective's format.",
+        description="Training data: .jsonl, .json, .parquet, .csv or a hub dataset id; or a list of sources, each "
+        "a path or {path, weight, split, subset, revision}, whose rows are drawn in proportion to the weights "
+        "(seeded; --data repeatable, PATH:WEIGHT). Empty means the embedded task data in the objective's format.",
     )
     eval: str | None = Field(default=None, description="Held-out data in the same format.")
     eval_split: float = Field(

@@ -23,7 +23,13 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
 
     _add_config_sources(parser, with_flags=False)
     parser.add_argument("--model", "-m", metavar="PATH_OR_ID", help="model whose tokenizer is used (default: embedded)")
-    parser.add_argument("--data", "-d", metavar="FILE", help="training data (default: the objective's embedded data)")
+    parser.add_argument(
+        "--data",
+        "-d",
+        action="append",
+        metavar="FILE[:WEIGHT]",
+        help="training data, repeatable for a weighted mixture (default: the objective's embedded data)",
+    )
     parser.add_argument("--eval-data", metavar="FILE", help="held-out data")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
@@ -176,14 +182,14 @@ def render(tokens: list[dict], colour: bool) -> Text:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from lft.data.files import read_rows
+    from lft.data.files import read_train, train_label
     from lft.data.packing import pack, packable
     from lft.errors import DataError
     from lft.guards.template import pairs
 
     out = Console(highlight=False)
     config, run, tokenizer = prepare(args, Console(stderr=True, highlight=False) if args.json else out)
-    rows = read_rows(config.data.train, config.data.split)
+    rows = read_train(config)
     max_length = config.data.max_length
     shown: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
@@ -228,7 +234,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "longest": longest and {"where": longest["where"], "length": longest["length"]},
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
-        "data": config.data.train,
+        "data": train_label(config),
     }
     if config.data.packing and packable(examples):  # show the rows training will see, boundaries marked
         packed, wheres = pack(examples, max_length, places)
@@ -251,7 +257,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         else Text("⟦trained⟧ masked")
     )
     out.print(
-        Text.assemble("lft inspect ", (config.data.train, "bold"), f"  objective {run.selection.objective}  ", legend)
+        Text.assemble("lft inspect ", (train_label(config), "bold"), f"  objective {run.selection.objective}  ", legend)
     )
     for example in shown:
         out.rule(f"{example['where']}" + ("  (truncated at data.max_length)" if example["truncated"] else ""))

@@ -67,7 +67,12 @@ def _add_config_sources(parser: argparse.ArgumentParser, with_flags: bool = True
             help="HF folder, hub id or .gguf file (default: embedded SmolLM2-135M-Instruct)",
         )
         parser.add_argument(
-            "--data", "-d", metavar="FILE", help="training data (.jsonl, .json, .parquet, .csv, hub id)"
+            "--data",
+            "-d",
+            action="append",
+            metavar="FILE[:WEIGHT]",
+            help="training data (.jsonl, .json, .parquet, .csv, hub id); repeat it for a mixture, each "
+            "source with its weight: --data a.jsonl:3 --data b.jsonl:1",
         )
         parser.add_argument("--eval-data", metavar="FILE", help="held-out data")
         parser.add_argument("--output", "-o", metavar="DIR", help="output folder (default runs/lft)")
@@ -92,7 +97,10 @@ def _resolve(args: argparse.Namespace) -> Any:
     from lft.train.engine import resolve
 
     data = cfgmod.read_yaml(args.config) if args.config else {}
+    from lft.data.files import data_flag
+
     flags: dict[str, Any] = {key: getattr(args, flag, None) for flag, key in RUN_FLAGS.items()}
+    flags["data.train"] = data_flag(getattr(args, "data", None))
     if getattr(args, "resume", False):
         flags["resume"] = True
     if getattr(args, "overwrite", False):

@@ -9,6 +9,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lft.errors import DataError
 
@@ -83,7 +84,9 @@ def _read_json(path: Path) -> Rows:
     return Rows(str(path), data, [f"{path}: row {i + 1}" for i in range(len(data))])
 
 
-def _read_with_datasets(spec: str, kind: str | None, split: str) -> Rows:
+def _read_with_datasets(
+    spec: str, kind: str | None, split: str, subset: str | None = None, revision: str | None = None
+) -> Rows:
     import logging
 
     import datasets
@@ -94,7 +97,7 @@ def _read_with_datasets(spec: str, kind: str | None, split: str) -> Rows:
         if kind is not None:
             table = datasets.load_dataset(kind, data_files=spec, split="train")
         else:
-            table = datasets.load_dataset(spec, split=split)
+            table = datasets.load_dataset(spec, subset, split=split, revision=revision)
     except Exception as exc:  # datasets raises many types; the user needs the root cause, in one line
         chain: list[BaseException] = [exc]
         while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
@@ -113,8 +116,9 @@ def _read_with_datasets(spec: str, kind: str | None, split: str) -> Rows:
     return Rows(spec, rows, [f"{spec}: row {i + 1}" for i in range(len(rows))])
 
 
-def read_rows(spec: str, split: str = "train") -> Rows:
-    """Read a data file (.jsonl, .json, .parquet, .csv) or a hub dataset id."""
+def read_rows(spec: str, split: str = "train", subset: str | None = None, revision: str | None = None) -> Rows:
+    """Read a data file (.jsonl, .json, .parquet, .csv) or a hub dataset id (with its split,
+    subset and revision)."""
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
     if path.is_dir():
@@ -123,7 +127,7 @@ def read_rows(spec: str, split: str = "train") -> Rows:
         looks_local = suffix in SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") != 1
         if looks_local:
             raise DataError(f"data file {spec} not found")
-        rows = _read_with_datasets(spec, None, split)
+        rows = _read_with_datasets(spec, None, split, subset, revision)
     elif suffix == ".jsonl":
         rows = _read_jsonl(path)
     elif suffix == ".json":
@@ -149,3 +153,75 @@ def split_rows(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return rows.subset(sorted(order[n_eval:])), rows.subset(sorted(order[:n_eval]))
+
+
+# -- mixtures of several sources ---------------------------------------------------------------
+
+
+def sources(train: Any) -> list[Any]:
+    """``data.train`` as a list of ``DataSource`` (one for a plain path)."""
+    from lft.config import DataSource
+
+    items = train if isinstance(train, list) else [train]
+    return [DataSource.model_validate({"path": item}) if isinstance(item, str) else item for item in items]
+
+
+def data_flag(values: list[str] | None) -> Any:
+    """``--data`` given once or more (``PATH`` or ``PATH:WEIGHT``) as ``data.train``'s value."""
+    if not values:
+        return None
+    items: list[Any] = []
+    for value in values:
+        path, sep, weight = value.rpartition(":")
+        try:
+            share = float(weight) if sep and path and not Path(value).exists() else None
+        except ValueError:
+            share = None
+        items.append({"path": path, "weight": share} if share is not None else value)
+    return items[0] if len(items) == 1 and isinstance(items[0], str) else items
+
+
+def train_label(config: Any) -> str:
+    return " + ".join(source.path for source in sources(config.data.train))
+
+
+def read_train(config: Any) -> Rows:
+    """The training rows as a run draws them: one source, or the mixture of several."""
+    mixture = sources(config.data.train)
+    parts = [read_source(source, config.data.split) for source in mixture]
+    if len(parts) == 1:
+        return parts[0]
+    return mix(parts, [source.weight for source in mixture], config.trainer.seed)[0]
+
+
+def read_source(source: Any, split: str) -> Rows:
+    return read_rows(source.path, source.split or split, source.subset, source.revision)
+
+
+def concat(parts: list[Rows]) -> Rows:
+    return Rows(
+        " + ".join(p.source for p in parts), [r for p in parts for r in p.rows], [w for p in parts for w in p.where]
+    )
+
+
+def mix(parts: list[Rows], weights: list[float], seed: int) -> tuple[Rows, list[int]]:
+    """One set of rows drawn from ``parts`` in proportion to ``weights``, and how many rows each
+    gave. The mixture has as many rows as the parts together; a part whose share is more than its
+    rows repeats them (each pass in a new seeded order), one whose share is less gives a seeded
+    sample. The order of the mixture is shuffled with ``seed``: the same seed, the same mixture."""
+    total, weight = sum(len(p) for p in parts), sum(weights)
+    counts = [round(total * w / weight) for w in weights]
+    counts = [max(1, c) for c in counts]
+    rng = random.Random(seed)
+    picked: list[tuple[int, int]] = []
+    for index, (part, count) in enumerate(zip(parts, counts)):
+        order: list[int] = []
+        while len(order) < count:
+            lap = list(range(len(part)))
+            rng.shuffle(lap)
+            order += lap
+        picked += [(index, row) for row in order[:count]]
+    rng.shuffle(picked)
+    rows = [parts[i].rows[r] for i, r in picked]
+    where = [parts[i].where[r] for i, r in picked]
+    return Rows(" + ".join(p.source for p in parts), rows, where), counts

@@ -261,14 +261,31 @@ class Run:
 
     def read_data(self, tokenizer: Any) -> tuple[list[dict], list[dict], dict]:
         cfg = self.config
-        train_spec, eval_spec = cfg.data.train, cfg.data.eval
-        train_rows = read_rows(train_spec, cfg.data.split)
-        if eval_spec:
-            eval_rows = read_rows(eval_spec, cfg.data.split)
-        elif cfg.data.eval_split > 0:
-            train_rows, eval_rows = split_rows(train_rows, cfg.data.eval_split, cfg.trainer.seed)
+        from lft.data.files import concat, mix, read_source, sources
+
+        eval_spec = cfg.data.eval
+        mixture = sources(cfg.data.train)
+        parts = [read_source(source, cfg.data.split) for source in mixture]
+        train_spec = " + ".join(source.path for source in mixture)
+        eval_rows = read_rows(eval_spec, cfg.data.split) if eval_spec else None
+        if eval_rows is None and cfg.data.eval_split > 0:  # held out of each source before any row repeats
+            held = []
+            for i, part in enumerate(parts):
+                parts[i], out = split_rows(part, cfg.data.eval_split, cfg.trainer.seed)
+                held.append(out)
+            eval_rows = concat(held)
+        drawn = [len(part) for part in parts]
+        if len(parts) == 1:
+            train_rows = parts[0]
         else:
-            eval_rows = None
+            train_rows, drawn = mix(parts, [source.weight for source in mixture], cfg.trainer.seed)
+            self.console.print(
+                "mixture: "
+                + "; ".join(
+                    f"{source.path} (weight {source.weight:g}): {drawn_rows} of {len(part)} rows"
+                    for source, part, drawn_rows in zip(mixture, parts, drawn)
+                )
+            )
         if eval_rows is not None and cfg.data.max_eval_rows and len(eval_rows) > cfg.data.max_eval_rows:
             eval_rows = eval_rows.subset(list(range(cfg.data.max_eval_rows)))
         train_rows = self.guards.preflight(tokenizer, train_rows, eval_rows)
@@ -277,7 +294,7 @@ class Run:
         evals, eval_stats = format_rows(eval_rows, self.hook, tokenizer, cfg) if eval_rows is not None else ([], None)
         examples = len(train)
         train = self.pack(train)
-        info = {
+        info: dict[str, Any] = {
             "train_file": train_spec,
             "eval_file": eval_spec or ("split" if evals else None),
             "train_examples": examples,
@@ -288,6 +305,11 @@ class Run:
             "longest": train_stats.longest,
             "trained_tokens": train_stats.trained_tokens,
         }
+        if len(parts) > 1:
+            info["sources"] = [
+                {"path": source.path, "weight": source.weight, "rows": len(part), "drawn": count}
+                for source, part, count in zip(mixture, parts, drawn)
+            ]
         if cfg.data.packing:
             info["packed_rows"] = len(train)
             self.console.print(
