@@ -75,6 +75,15 @@ class DataConfig(Section):
         default="truncate", description="What to do with an example longer than max_length."
     )
     split: str = Field(default="train", description="Split to read from a hub dataset.")
+    streaming: bool = Field(
+        default=False,
+        description="Read the training sources lazily (datasets' iterable datasets; JSONL line by line), so memory "
+        "does not grow with the data; needs trainer.max_steps. The held-out rows are the stream's first "
+        "data.max_eval_rows unless data.eval is given.",
+    )
+    streaming_sample: int = Field(
+        default=1000, gt=0, description="With data.streaming: the training rows the preflight guards check."
+    )
     group_by_length: bool = Field(
         default=False,
         description="Batch examples of similar length together (within groups of "

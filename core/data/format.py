@@ -48,46 +48,53 @@ def _trained(feature: dict) -> int:
     )
 
 
+def format_row(row: dict, where: str, hook: Any, tokenizer: Any, config: Any, stats: FormatStats) -> dict | None:
+    """``lft_format_example`` on one row, counted in ``stats``: the feature, or None for a row
+    left out (skipped by the hook, dropped at max_length, or with nothing left to train on)."""
+    try:
+        feature = hook.lft_format_example(example=row, tokenizer=tokenizer, config=config)
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{where}: cannot format this row ({type(exc).__name__}: {exc})") from None
+    if feature is None:
+        raise DataError(f"{where}: no selected plugin can format this row (columns: {', '.join(row)})")
+    if "skip" in feature:
+        stats.skipped += 1
+        if len(stats.notes) < 3:
+            stats.notes.append(f"{where}: skipped ({feature['skip']})")
+        return None
+    length = _length(feature)
+    if feature.pop("truncated", False) or length > config.data.max_length:
+        if config.data.truncation == "error":
+            raise DataError(f"{where}: example is longer than data.max_length={config.data.max_length} tokens")
+        if config.data.truncation == "drop":
+            stats.dropped += 1
+            return None
+        stats.truncated += 1
+    trained = _trained(feature)
+    if trained == 0 and any(k.endswith("labels") for k in feature):
+        stats.skipped += 1
+        if len(stats.notes) < 3:
+            stats.notes.append(f"{where}: skipped (no trained tokens left after truncation)")
+        return None
+    stats.longest = max(stats.longest, length)
+    stats.tokens += length
+    stats.trained_tokens += trained
+    stats.examples += 1
+    return feature
+
+
 def format_rows(rows: Rows, hook: Any, tokenizer: Any, config: Any) -> tuple[Examples, FormatStats]:
     """Run ``lft_format_example`` on every row. Rows the hook returns ``{"skip": reason}`` for
     are left out and counted; DataErrors get the row's location added."""
     stats = FormatStats(rows=len(rows))
     features, kept = [], []
-    policy = config.data.truncation
     for row, where in zip(rows.rows, rows.where):
-        try:
-            feature = hook.lft_format_example(example=row, tokenizer=tokenizer, config=config)
-        except DataError as exc:
-            raise DataError(f"{where}: {exc}") from None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"{where}: cannot format this row ({type(exc).__name__}: {exc})") from None
-        if feature is None:
-            raise DataError(f"{where}: no selected plugin can format this row (columns: {', '.join(row)})")
-        if "skip" in feature:
-            stats.skipped += 1
-            if len(stats.notes) < 3:
-                stats.notes.append(f"{where}: skipped ({feature['skip']})")
-            continue
-        length = _length(feature)
-        if feature.pop("truncated", False) or length > config.data.max_length:
-            if policy == "error":
-                raise DataError(f"{where}: example is longer than data.max_length={config.data.max_length} tokens")
-            if policy == "drop":
-                stats.dropped += 1
-                continue
-            stats.truncated += 1
-        trained = _trained(feature)
-        if trained == 0 and any(k.endswith("labels") for k in feature):
-            stats.skipped += 1
-            if len(stats.notes) < 3:
-                stats.notes.append(f"{where}: skipped (no trained tokens left after truncation)")
-            continue
-        stats.longest = max(stats.longest, length)
-        stats.tokens += length
-        stats.trained_tokens += trained
-        features.append(feature)
-        kept.append(where)
-    stats.examples = len(features)
+        feature = format_row(row, where, hook, tokenizer, config, stats)
+        if feature is not None:
+            features.append(feature)
+            kept.append(where)
     if not features:
         reason = f"; first: {stats.notes[0]}" if stats.notes else ""
         raise DataError(

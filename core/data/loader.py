@@ -159,16 +159,24 @@ class LftDataModule(L.LightningDataModule):
     """Holds formatted examples; batches them through ``lft_collate``."""
 
     def __init__(
-        self, train: list[dict], eval: list[dict] | None, hook: Any, tokenizer: Any, config: Any, objective: Any = None
+        self,
+        train: list[dict],
+        eval: list[dict] | None,
+        hook: Any,
+        tokenizer: Any,
+        config: Any,
+        objective: Any = None,
+        stream: dict | None = None,
     ):
         super().__init__()
+        self.stream = stream  # data.streaming: the sources to read as training goes (lft.data.stream)
         self.objective = objective  # counts the units of each optimizer step (``lft.objective``)
         self.train_features = train
         self.eval_features = eval or []
         self.hook = hook
         self.tokenizer = tokenizer
         self.config = config
-        self._train_loader: ResumableLoader | None = None
+        self._train_loader: Any = None
 
     def collate(self, features: list[dict]) -> dict:
         if self.objective.reads_packed_rows and self._drops_padding(features):  # one row, no padding
@@ -184,7 +192,19 @@ class LftDataModule(L.LightningDataModule):
             return False
         return drops_padding(setting, lengths=[len(f["input_ids"]) for f in features])
 
-    def train_dataloader(self) -> ResumableLoader:
+    def train_dataloader(self) -> Any:
+        if self.stream is not None:
+            if self._train_loader is None:
+                from lft.data.stream import StreamLoader
+
+                trainer = getattr(self, "trainer", None)
+                rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+                counted = self.objective is not None and not self.objective.steps_optimizer
+                self._train_loader = StreamLoader(
+                    self.stream, self.hook, self.tokenizer, self.config, self.collate,
+                    objective=self.objective if counted else None, rank=rank, world_size=world,
+                )  # fmt: skip
+            return self._train_loader
         if self._train_loader is None:
             cfg = self.config.trainer
             trainer = getattr(self, "trainer", None)

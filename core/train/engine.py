@@ -205,6 +205,7 @@ class Run:
         self.quiet = quiet or not self.main
         self.console = console or Console(quiet=self.quiet)
         self.output = Path(config.output).expanduser()
+        self.stream: dict | None = None  # data.streaming: what the training loader reads (read_stream)
         self.summary: dict[str, Any] = {
             "objective": selection.objective,
             "wrapper": selection.wrapper,
@@ -261,6 +262,8 @@ class Run:
 
     def read_data(self, tokenizer: Any) -> tuple[list[dict], list[dict], dict]:
         cfg = self.config
+        if cfg.data.streaming:
+            return self.read_stream(tokenizer)
         from lft.data.files import concat, mix, read_source, sources
 
         eval_spec = cfg.data.eval
@@ -323,6 +326,54 @@ class Run:
                 f"{train_stats.dropped} dropped at data.max_length={cfg.data.max_length}"
             )
         return train, evals, info
+
+    def read_stream(self, tokenizer: Any) -> tuple[list[dict], list[dict], dict]:
+        """``data.streaming``: the held-out rows and a bounded sample for the guards, read now; the
+        training rows later, as training takes them (``lft.data.stream``)."""
+        from lft.data.files import sources
+        from lft.data.stream import head, held_out
+
+        cfg = self.config
+        if cfg.trainer.max_steps <= 0:
+            raise ConfigError("data.streaming=true needs trainer.max_steps: a stream has no length to count epochs by")
+        if cfg.data.packing:
+            raise ConfigError(
+                "data.streaming=true cannot pack (data.packing needs every row at once); set data.packing=false"
+            )
+        mixture = sources(cfg.data.train)
+        heads, eval_rows = [0] * len(mixture), None
+        if cfg.data.eval:
+            eval_rows = read_rows(cfg.data.eval, cfg.data.split)
+        elif cfg.data.eval_split > 0:
+            eval_rows, heads = held_out(mixture, cfg.data.split, cfg.data.max_eval_rows or 100)
+        if eval_rows is not None and cfg.data.max_eval_rows and len(eval_rows) > cfg.data.max_eval_rows:
+            eval_rows = eval_rows.subset(list(range(cfg.data.max_eval_rows)))
+        sample = head(mixture, cfg.data.split, cfg.trainer.seed, heads, cfg.data.streaming_sample)
+        self.guards.preflight(tokenizer, sample, eval_rows)
+        features, stats = format_rows(sample, self.hook, tokenizer, cfg)
+        self.guards.formatted(stats)
+        evals = format_rows(eval_rows, self.hook, tokenizer, cfg)[0] if eval_rows is not None else []
+        self.stream = {"mixture": mixture, "heads": heads}
+        self.console.print(
+            f"[dim]streaming {' + '.join(s.path for s in mixture)}: the preflight guards checked the first "
+            f"{len(sample)} training rows"
+            + (f"; the first {', '.join(map(str, heads))} rows of each source are held out" if any(heads) else "")
+            + "[/]"
+        )
+        info: dict[str, Any] = {
+            "train_file": " + ".join(s.path for s in mixture),
+            "eval_file": cfg.data.eval or ("the sources' first rows" if any(heads) else None),
+            "streaming": True,
+            "train_examples": len(features),  # of the guards' sample; the stream itself has no count
+            "sampled_rows": len(sample),
+            "eval_examples": len(evals),
+            "truncated": stats.truncated,
+            "dropped": stats.dropped,
+            "skipped": stats.skipped,
+            "longest": stats.longest,
+            "trained_tokens": stats.trained_tokens,
+        }
+        return features, evals, info
 
     def pack(self, train: Examples) -> Examples:
         """The training examples packed into rows (``data.packing``), checked for packing when
@@ -501,7 +552,7 @@ class Run:
         trainable, total = trainable_parameters(wrapped)
         self.summary.update(trainable_params=trainable, total_params=total)
         module = LftModule(wrapped, tokenizer, objective, self.hook, cfg)
-        datamodule = LftDataModule(train, evals, self.hook, tokenizer, cfg, objective)
+        datamodule = LftDataModule(train, evals, self.hook, tokenizer, cfg, objective, stream=self.stream)
         task_rows = self.task_rows(data_info["train_file"])
         self.console.print(
             f"model {self.summary['model']} · trainable {trainable:,} of {total:,} parameters · "

@@ -106,6 +106,11 @@ class LftModule(L.LightningModule):
         from lft.objective import step_share
 
         step = batch.pop(STEP_KEY, None)
+        streamed = batch.pop("lft_stream_rows", None)  # lft.data.stream: how far this batch reached
+        if streamed is not None and self._trainer is not None:
+            mark = getattr(self.trainer.train_dataloader, "mark_trained", None)
+            if mark is not None:
+                mark(streamed)
         experience = self.hook.lft_rollout(module=self, batch=batch, config=self.config)
         if experience is not None:
             batch, step = experience, None  # the step's counts are those of the experience
