@@ -9,7 +9,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lft.errors import DataError
 
@@ -41,8 +41,8 @@ def _check_surrogates(row: dict, where: str) -> None:
         raise DataError(f"{where}: contains an unpaired surrogate escape ({bad}), which is not text") from None
 
 
-def _read_jsonl(path: Path) -> Rows:
-    rows, where = [], []
+def iter_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
+    """The rows of a JSONL file, one at a time, each with its ``file:line``."""
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, 1):
             try:
@@ -62,8 +62,14 @@ def _read_jsonl(path: Path) -> Rows:
                 raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
             if "\\u" in line.lower():
                 _check_surrogates(row, f"{path}:{lineno}")
-            rows.append(row)
-            where.append(f"{path}:{lineno}")
+            yield row, f"{path}:{lineno}"
+
+
+def _read_jsonl(path: Path) -> Rows:
+    rows, where = [], []
+    for row, place in iter_jsonl(path):
+        rows.append(row)
+        where.append(place)
     return Rows(str(path), rows, where)
 
 

@@ -16,7 +16,6 @@ with the data. Rows are read, drawn by weight, formatted and batched as training
 
 from __future__ import annotations
 
-import json
 import random
 from collections import deque
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset
 
-from lft.data.files import Rows, _check_surrogates
+from lft.data.files import Rows, iter_jsonl
 from lft.data.format import FormatStats, format_row
 from lft.data.loader import STEP_KEY
 from lft.errors import DataError
@@ -33,29 +32,6 @@ from lft.errors import DataError
 #: step takes it off and tells the loader (``mark_trained``), whose state is then the rows of the
 #: batches trained, not of any batch Lightning fetched ahead.
 STREAM_KEY = "lft_stream_rows"
-
-
-def iter_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
-    with path.open("rb") as handle:
-        for lineno, raw in enumerate(handle, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); re-encode the file as UTF-8"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
-            if "\\u" in line.lower():
-                _check_surrogates(row, where)
-            yield row, where
 
 
 def iter_source(source: Any, split: str) -> Iterator[tuple[dict, str]]:
