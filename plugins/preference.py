@@ -205,6 +205,11 @@ def precompute_callback(use_cache: bool = True) -> Any:
 
 def precompute_pairs(trainer: Any, module: Any, use_cache: bool = True) -> None:
     objective, reference, datamodule = module.objective, module.reference, trainer.datamodule
+    if getattr(datamodule, "stream", None) is not None:
+        raise lft.ConfigError(
+            "precompute_reference=true needs every training row before training, and "
+            "data.streaming=true reads them as training goes; set one of them to false"
+        )
     pad_id = module.tokenizer.pad_token_id
     cache = refmod.ReferenceCache() if use_cache else None
     parts = (

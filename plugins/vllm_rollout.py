@@ -90,8 +90,14 @@ def policy_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
     lora = {n: m for n, m in base.named_modules() if hasattr(m, "get_delta_weight") and hasattr(m, "lora_A")}
     with torch.no_grad():
         for name, param in base.named_parameters():
-            if ".lora_" in name:
-                continue
+            if ".lora_" in name or ".original_module." in name:
+                continue  # adapter factors, and the frozen copy of a module peft trains whole
+            if not param.dtype.is_floating_point:
+                raise lft.PluginError(
+                    f"--plugin vllm cannot send {name}: it is a quantized ({param.dtype}) weight; the engine "
+                    "needs the policy's full-precision weights (train with lora instead of qlora)"
+                )
+            name = name.replace(".modules_to_save.default.", ".")
             owner, sep, leaf = name.rpartition(".base_layer.")
             if sep and owner in lora and leaf == "weight":
                 module = lora[owner]
@@ -205,7 +211,7 @@ class Sampler:
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         unknown = [name for name, _ in weights if self.names and name not in self.names]
         if unknown:  # checked first: a reload that fails half-way leaves the engine without weights
-            raise ValueError(
+            raise lft.PluginError(
                 f"{len(unknown)} weight(s) the model at {self.info['model']} does not have, e.g. "
                 f"{', '.join(unknown[:3])}; the engine must serve the run's starting model"
             )

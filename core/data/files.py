@@ -192,7 +192,8 @@ def train_label(config: Any) -> str:
 
 
 def read_train(config: Any) -> Rows:
-    """The training rows as a run draws them: one source, or the mixture of several."""
+    """Every row of the training sources, one source or the mixture of several (a run takes its
+    held-out rows from each source first; this is what ``lft check`` and ``lft inspect`` read)."""
     mixture = sources(config.data.train)
     parts = [read_source(source, config.data.split) for source in mixture]
     if len(parts) == 1:
@@ -204,10 +205,15 @@ def read_source(source: Any, split: str) -> Rows:
     return read_rows(source.path, source.split or split, source.subset, source.revision)
 
 
-def concat(parts: list[Rows]) -> Rows:
-    return Rows(
-        " + ".join(p.source for p in parts), [r for p in parts for r in p.rows], [w for p in parts for w in p.where]
-    )
+def interleave(parts: list[Rows]) -> Rows:
+    """The rows of ``parts`` taken in turn, one from each (a part that ends drops out)."""
+    rows, where = [], []
+    for i in range(max((len(p) for p in parts), default=0)):
+        for part in parts:
+            if i < len(part):
+                rows.append(part.rows[i])
+                where.append(part.where[i])
+    return Rows(" + ".join(p.source for p in parts), rows, where)
 
 
 def mix(parts: list[Rows], weights: list[float], seed: int) -> tuple[Rows, list[int]]:

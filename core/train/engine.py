@@ -264,7 +264,7 @@ class Run:
         cfg = self.config
         if cfg.data.streaming:
             return self.read_stream(tokenizer)
-        from lft.data.files import concat, mix, read_source, sources
+        from lft.data.files import interleave, mix, read_source, sources
 
         eval_spec = cfg.data.eval
         mixture = sources(cfg.data.train)
@@ -276,7 +276,7 @@ class Run:
             for i, part in enumerate(parts):
                 parts[i], out = split_rows(part, cfg.data.eval_split, cfg.trainer.seed)
                 held.append(out)
-            eval_rows = concat(held)
+            eval_rows = interleave(held)  # so a cap on the held-out rows takes from every source
         drawn = [len(part) for part in parts]
         if len(parts) == 1:
             train_rows = parts[0]
@@ -339,6 +339,13 @@ class Run:
         if cfg.data.packing:
             raise ConfigError(
                 "data.streaming=true cannot pack (data.packing needs every row at once); set data.packing=false"
+            )
+        guards = cfg.section("guards")
+        if guards.enabled and (guards.contamination.drop or guards.forgetting.mix_ratio > 0):
+            key = "guards.contamination.drop" if guards.contamination.drop else "guards.forgetting.mix_ratio"
+            raise ConfigError(
+                f"data.streaming=true cannot apply {key}: it changes the training rows, which a stream reads "
+                "only as training takes them; turn it off, or train without streaming"
             )
         mixture = sources(cfg.data.train)
         heads, eval_rows = [0] * len(mixture), None
@@ -523,6 +530,9 @@ class Run:
         started = time.perf_counter()
         cfg = self.config
         distributed.validate(cfg.trainer)
+        from lft.train import trackers
+
+        trackers.check(cfg.trainer.loggers)  # before anything in the output folder changes
         resume_from = self.check_output()
         if cfg.trainer.release_freed_memory:
             from lft.train.memory import release_freed_memory

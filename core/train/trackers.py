@@ -9,7 +9,9 @@ the run's summary as summary metrics (``summary/...``) at the end. Only the firs
 
 A resumed run continues the same tracker run where the tracker can: MLflow and W&B by the run id
 kept in ``trackers.json`` in the output folder, TensorBoard in the same log folder. CSV starts a
-new ``logs/version_N`` per attempt, so nothing written before is overwritten.
+new ``logs/version_N`` per attempt, so nothing written before is overwritten. The steps trained
+again after a resume (those after the checkpoint) are logged again: MLflow and TensorBoard then
+hold two points for them, and W&B, which refuses a step below its last, keeps the first.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ def specs(loggers: list) -> list[TrackerOptions]:
     if twice:
         raise ConfigError(f"trainer.loggers: {', '.join(twice)} is listed more than once")
     return out
+
+
+def check(loggers: list) -> None:
+    """Every tracker listed once and its package installed: one-line errors, before the run starts."""
+    for spec in specs(loggers):
+        if spec.name != "csv":
+            _needs(spec.name)
 
 
 def _needs(name: str) -> None:

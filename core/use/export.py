@@ -236,18 +236,19 @@ def check(model: Any, tokenizer: Any, path: Path, outtype: str) -> dict:
 
 # -- Ollama ----------------------------------------------------------------------------------------
 
-#: ChatML in Ollama's template language (Go text/template).
-CHATML = (
-    "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-    "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-)
+#: ChatML in Ollama's template language (Go text/template). Ollama passes every message, a system
+#: one included, in ``.Messages``; the Modelfile's SYSTEM becomes a first system message when the
+#: conversation has none.
+CHATML = "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 
 
 def render_chatml(messages: list[dict], system: str | None) -> str:
-    """What Ollama renders from ``CHATML`` for ``messages``, to compare with the model's template."""
-    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    """What Ollama renders from ``CHATML`` for ``messages`` with the Modelfile's SYSTEM
+    ``system``, to compare with the model's own template."""
+    if system and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": system}, *messages]
     body = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return head + body + "<|im_start|>assistant\n"
+    return body + "<|im_start|>assistant\n"
 
 
 def default_system(tokenizer: Any) -> str | None:
@@ -271,10 +272,8 @@ def modelfile(tokenizer: Any, gguf_name: str) -> tuple[str, str]:
         {"role": "user", "content": "What is 2 + 3?"},
     ]
     for conversation in (talk, [{"role": "system", "content": "Be brief."}] + talk):
-        explicit = conversation[0]["content"] if conversation[0]["role"] == "system" else system
-        rest = conversation[1:] if conversation[0]["role"] == "system" else conversation
         want = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        if render_chatml(rest, explicit) != want:
+        if render_chatml(conversation, system) != want:
             lines.insert(0, "# The chat template did not translate exactly; Ollama reads the one in the GGUF file.")
             return "\n".join(lines) + "\n", "the GGUF file's own (translation did not match)"
     lines.append(f'TEMPLATE """{CHATML}"""')

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import lft
-from lft.data.files import Rows, data_flag, mix
+from lft.data.files import Rows, data_flag, interleave, mix
 
 
 def part(name, n):
@@ -26,6 +26,11 @@ def test_rows_are_drawn_in_proportion_to_the_weights():
     again, _ = mix([a, b], [3.0, 1.0], seed=0)
     other, _ = mix([a, b], [3.0, 1.0], seed=1)
     assert again.rows == mixed.rows and other.rows != mixed.rows
+
+
+def test_held_out_rows_are_taken_in_turn_from_each_source():
+    # so that capping the held-out rows at data.max_eval_rows still takes from every source
+    assert [r["text"] for r in interleave([part("a", 3), part("b", 1)]).rows] == ["a0", "b0", "a1", "a2"]
 
 
 def test_the_data_flag_reads_weights():

@@ -71,7 +71,11 @@ def test_a_bad_row_deep_in_the_stream_is_named_by_file_and_line(tmp_path, capsys
 
 @pytest.mark.parametrize(
     "extra, message",
-    [({"trainer.max_steps": -1}, "needs trainer.max_steps"), ({"data.packing": True}, "cannot pack")],
+    [
+        ({"trainer.max_steps": -1}, "needs trainer.max_steps"),
+        ({"data.packing": True}, "cannot pack"),
+        ({"guards.enabled": True, "guards.contamination.drop": True}, "cannot apply guards.contamination.drop"),
+    ],
 )
 def test_what_streaming_needs_is_a_config_error(tmp_path, lft_tiny_model, lft_sft_data, extra, message):
     with pytest.raises(lft.ConfigError, match=message):

@@ -3,6 +3,7 @@ tracker's own reader: TensorBoard's EventAccumulator, MLflow's client on a local
 folder of an offline W&B run. Every metrics.jsonl record arrives under the same name and step."""
 
 import json
+import time
 
 import pytest
 
@@ -124,6 +125,11 @@ def test_wandb_offline_run_file_holds_every_record(tmp_path, monkeypatch, lft_ti
     (folder,) = (output / "wandb").glob("offline-run-*")
     (run_file,) = folder.glob("run-*.wandb")
     assert json.loads((output / "trackers.json").read_text())["wandb_id"] in run_file.name
+    deadline = time.monotonic() + 30  # W&B's own process writes the file; finish() waits for it, this is a margin
+    while (
+        "summary/after/eval_loss" not in {k for r in wandb_history(run_file) for k in r} and time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
     rows = wandb_history(run_file)
     losses = [(r["trainer/global_step"], r["loss"]) for r in rows if "loss" in r]
     assert losses == [(s, pytest.approx(v, rel=1e-6)) for s, v in series(output, "loss")]
@@ -138,9 +144,13 @@ def test_a_tracker_without_its_package_names_the_extra(tmp_path, capsys, monkeyp
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    argv = ["run", "-q", "--model", str(lft_tiny_model), "--data", str(lft_sft_data["train"]), "--output",
-            str(tmp_path / "o"), "trainer.max_steps=1", "trainer.loggers=[csv,wandb]", *FAST]  # fmt: skip
+    earlier = tmp_path / "o" / "summary.json"  # an earlier run's output, which --overwrite would replace
+    earlier.parent.mkdir()
+    earlier.write_text("{}")
+    argv = ["run", "-q", "--model", str(lft_tiny_model), "--data", str(lft_sft_data["train"]), "--overwrite",
+            "--output", str(tmp_path / "o"), "trainer.max_steps=1", "trainer.loggers=[csv,wandb]", *FAST]  # fmt: skip
     assert main(argv) == 2
+    assert earlier.read_text() == "{}"  # the error came before anything in the output folder changed
     err = capsys.readouterr().err
     assert 'trainer.loggers: wandb needs the wandb package: pip install -e ".[wandb]"' in err
     assert len(err.strip().splitlines()) == 1

@@ -148,7 +148,7 @@ def test_server_mode_on_loopback_syncs_and_samples_as_the_policy(server, vllm_ti
     assert sampled_agree(remote, policy, 1.0) < 2e-3
     with pytest.raises(
         lft.PluginError,
-        match="refused /weights: ValueError: 1 weight.s. the model at .* does not have, e.g. no_such.weight",
+        match="refused /weights: PluginError: 1 weight.s. the model at .* does not have, e.g. no_such.weight",
     ):
         remote.sampler.load([("no_such.weight", torch.zeros(2))])
     assert sampled_agree(remote, policy, 1.0) < 2e-3  # the server kept serving
