@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from lft.losses.grpo import group_advantages, grpo_loss
 from lft.plugins.online import OnlineMethod
@@ -22,11 +22,21 @@ class GRPOOptions(OnlineOptions):
     beta: float = Field(0.0, ge=0, description="Weight of the k3 KL penalty to the reference; 0 needs no reference.")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the probability ratio.")
     clip_eps_high: float | None = Field(
-        None, gt=0, description="Upper clip range (DAPO clip-higher); empty means clip_eps."
+        None,
+        gt=0,
+        validation_alias=AliasChoices("clip_eps_high", "epsilon_high"),
+        description="Upper clip range, two-sided clipping as in DAPO (clip-higher, e.g. 0.28); also grpo.epsilon_high. "
+        "Empty means clip_eps.",
     )
-    loss: Literal["grpo", "dr_grpo", "dapo"] = Field(
-        "grpo", description="Token normalisation: per-sequence mean (grpo), constant (dr_grpo) or per-token (dapo)."
+    loss: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"] = Field(
+        "grpo",
+        description="grpo: per-sequence mean; dr_grpo: constant normaliser; dapo and bnpo: token mean over the batch "
+        "(the same in lft, whose batch is the optimizer step); cispo: REINFORCE with the capped ratio as a constant "
+        "weight; sapo: a soft sigmoid gate instead of the clip (lft.losses.grpo).",
     )
+    cispo_max: float = Field(5.0, gt=0, description="cispo: the cap of the importance ratio (ScaleRL's epsilon_max).")
+    sapo_temperature_pos: float = Field(1.0, gt=0, description="sapo: the gate's temperature where the advantage > 0.")
+    sapo_temperature_neg: float = Field(1.05, gt=0, description="sapo: the gate's temperature elsewhere.")
     scale_advantages: Literal["group", "batch", "none"] = Field(
         "group", description="Divide advantages by the reward std of the group, of the batch, or not at all."
     )
@@ -50,9 +60,9 @@ class GRPOObjective(RolloutObjective):
         return {"advantages": advantages}
 
     def rows_units(self, exp: dict, rows: Any) -> dict:
-        """dapo averages over completion tokens; grpo (a mean of per-sequence means) and dr_grpo
-        (each sequence's sum over a constant length) over sequences."""
-        if self.opts.loss == "dapo":
+        """dapo, bnpo and cispo average over completion tokens; grpo and sapo (a mean of
+        per-sequence means) and dr_grpo (each sequence's sum over a constant length) over sequences."""
+        if self.opts.loss in ("dapo", "bnpo", "cispo"):
             return {"tokens": exp["completion_mask"][rows].sum()}
         return {"sequences": len(rows)}
 
@@ -71,6 +81,8 @@ class GRPOObjective(RolloutObjective):
             exp["ref_logps"][rows] if opts.beta > 0 else None,
             opts.max_new_tokens,
             weights=stats.get("weights"),
+            cispo_max=opts.cispo_max,
+            sapo_temperatures=(opts.sapo_temperature_pos, opts.sapo_temperature_neg),
         )
         return loss, {**metrics, **stats.get("sampling_metrics", {})}
 

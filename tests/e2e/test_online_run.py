@@ -126,6 +126,17 @@ def test_grpo_learns_to_emit_the_rewarded_token_through_the_cli(lft_run, lft_pro
     assert (summary["output"] / "final" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["bnpo", "cispo", "sapo"])
+def test_the_newer_grpo_losses_learn_the_rewarded_token(lft_run, lft_prompt_data, count_token, variant):
+    summary = lft_run(
+        "--plugin", "grpo", "--plugin", "count_token", "trainer.max_steps=16", "trainer.lr=3e-2",
+        "grpo.num_generations=4", "grpo.max_new_tokens=8", f"grpo.loss={variant}", "grpo.epsilon_high=0.28",
+        *ONLINE_FAST, data=lft_prompt_data["train"], eval_data=lft_prompt_data["eval"],
+    )  # fmt: skip
+    rises(steps(summary["output"]), by=0.8)
+
+
 def ppo_config(model, data, output, **extra):
     config = {
         "model.path": str(model),

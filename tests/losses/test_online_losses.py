@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import lft
 from lft.losses.grpo import group_advantages, grpo_loss
 from lft.losses.logprobs import entropy_from_logits, linear_logprobs
 from lft.losses.ppo import (
@@ -251,3 +252,44 @@ def test_grpo_and_ppo_weight_each_tokens_loss():
     assert float(loss) == pytest.approx(-1.25)
     policy, _ = ppo_policy_loss(logps, logps, torch.ones(1, 2), mask, 0.2, weights)
     assert float(policy) == pytest.approx(-1.25)
+
+
+def test_cispo_caps_the_ratio_as_a_constant_weight_hand_worked():
+    """Two tokens of one sequence, A = 1, logp = -1 each; the first sampled at old = -1.5
+    (ratio e^0.5 = 1.6487, capped at 1.5), the second at old = -1 (ratio 1). Token losses
+    -w * A * logp = 1.5 and 1.0; token mean 1.25. The weight has no gradient, so
+    d loss / d logp = -w / 2 = -0.75 and -0.5."""
+    logps = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -1.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, metrics = grpo_loss(logps, old, torch.tensor([1.0]), mask, "cispo", cispo_max=1.5)
+    assert float(loss) == pytest.approx(1.25)
+    loss.backward()
+    assert logps.grad.tolist() == [pytest.approx([-0.75, -0.5])]
+    assert float(metrics["clip_fraction"]) == pytest.approx(0.5)  # the first token hit the cap
+
+
+def test_sapo_soft_gate_hand_worked():
+    """On policy (r = 1) the gate is sigmoid(0) = 0.5: the token loss is -(4 / tau) * 0.5 * A, so
+    -2 for A = +1 (tau 1) and +4 / 1.05 * 0.5 = 1.90476 for A = -1 (tau 1.05); one token each,
+    mean 0.5 * (-2 + 1.90476) = -0.04762. Its gradient there is the plain policy gradient:
+    (4 / tau) * sigmoid'(0) * tau * r = 1 per unit of A, so d loss / d logp = -A / 2 per sequence."""
+    logps = torch.tensor([[-1.0], [-2.0]], requires_grad=True)
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    loss, _ = grpo_loss(logps, logps.detach(), torch.tensor([1.0, -1.0]), mask, "sapo", sapo_temperatures=(1.0, 1.05))
+    assert float(loss) == pytest.approx(0.5 * (-2 + 4 / 1.05 * 0.5), rel=1e-5)  # float32
+    loss.backward()
+    assert logps.grad[:, 0].tolist() == pytest.approx([-0.5, 0.5])
+
+
+def test_bnpo_is_the_token_mean_over_the_batch():
+    """The example of grpo_loss's docstring: (-1 - 1 + 1) / 3 = -1/3, as dapo."""
+    logps = torch.zeros(2, 2)
+    mask = torch.tensor([[True, True], [True, False]])
+    loss, _ = grpo_loss(logps, logps, torch.tensor([1.0, -1.0]), mask, "bnpo")
+    assert float(loss) == pytest.approx(-1 / 3)
+
+
+def test_grpo_epsilon_high_is_the_clip_higher_option():
+    config = lft.load_config(overrides=["plugins=[grpo]", "grpo.epsilon_high=0.28"])
+    assert config.section("grpo").clip_eps_high == 0.28
