@@ -263,7 +263,7 @@ def test_cispo_caps_the_ratio_as_a_constant_weight_hand_worked():
     old = torch.tensor([[-1.5, -1.0]])
     mask = torch.ones(1, 2, dtype=torch.bool)
     loss, metrics = grpo_loss(logps, old, torch.tensor([1.0]), mask, "cispo", cispo_max=1.5)
-    assert float(loss) == pytest.approx(1.25)
+    assert loss.item() == pytest.approx(1.25)
     loss.backward()
     assert logps.grad.tolist() == [pytest.approx([-0.75, -0.5])]
     assert float(metrics["clip_fraction"]) == pytest.approx(0.5)  # the first token hit the cap
@@ -277,7 +277,7 @@ def test_sapo_soft_gate_hand_worked():
     logps = torch.tensor([[-1.0], [-2.0]], requires_grad=True)
     mask = torch.ones(2, 1, dtype=torch.bool)
     loss, _ = grpo_loss(logps, logps.detach(), torch.tensor([1.0, -1.0]), mask, "sapo", sapo_temperatures=(1.0, 1.05))
-    assert float(loss) == pytest.approx(0.5 * (-2 + 4 / 1.05 * 0.5), rel=1e-5)  # float32
+    assert loss.item() == pytest.approx(0.5 * (-2 + 4 / 1.05 * 0.5), rel=1e-5)  # float32
     loss.backward()
     assert logps.grad[:, 0].tolist() == pytest.approx([-0.5, 0.5])
 
