@@ -35,17 +35,22 @@ class SamplingCorrection:
 
 
 def correction_weights(
-    logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, correction: SamplingCorrection
-) -> tuple[torch.Tensor, dict]:
+    logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, correction: SamplingCorrection | None
+) -> tuple[torch.Tensor | None, dict]:
     """Per-token weights (B, T), without gradient, for the loss of completions whose tokens have
     log-probs ``logps`` under the policy the update starts from and ``sampling_logps`` under the
     engine that sampled them; and metrics: the ratios' mean, min and max over the real tokens (or
     sequences), the share of them truncated or masked, and the mean absolute log-prob difference.
+    With no correction (None, or mode ``off``) the weights are None and the metrics are those the
+    default correction would see: how far the engine is from the policy is reported either way.
 
     Two tokens, log-ratios ln 2 and ln 4, cap 3: ``token_truncate`` gives [2, 3] (one truncated);
     ``token_mask`` gives [1, 0]; the sequence's ratio is 2 x 4 = 8, so ``sequence_truncate`` gives
     [3, 3] and ``sequence_mask`` [0, 0]. Masked-out positions get weight 0.
     """
+    off = correction is None or correction.mode == "off"
+    if correction is None or off:
+        correction = SamplingCorrection()
     mask_b = mask.bool()
     diff = (logps.detach().float() - sampling_logps.float()).masked_fill(~mask_b, 0.0)
     low = correction.clip_min if correction.clip_min is not None else 0.0
@@ -71,4 +76,4 @@ def correction_weights(
         "is_clipped": cut.mean() if cut.numel() else one * 0,
         "sampler_logp_diff": masked_mean(diff.abs(), mask_b),
     }
-    return weights, metrics
+    return (None if off else weights), metrics

@@ -17,7 +17,7 @@ from pydantic import Field
 import lft
 from lft.config import Section
 from lft.losses.ppo import kl_estimate, masked_mean
-from lft.losses.sampling import SamplingCorrection, correction_weights
+from lft.losses.sampling import correction_weights
 from lft.model.forward import completion_stats
 from lft.objective import OnlineObjective, RowTexts
 from lft.online.rewards import reward_plugins
@@ -147,7 +147,8 @@ class RolloutObjective(OnlineObjective):
         per batch), they are this pass's own, detached, and the entropy comes from this pass too.
         When another engine sampled the tokens (``sampling_logps``, e.g. vLLM), ``weights`` holds
         the importance-sampling correction per token (``lft.losses.sampling``) for the loss to
-        apply, and ``sampling_metrics`` how far the engine's log-probs were from the policy's."""
+        apply (None with the correction off), and ``sampling_metrics`` how far the engine's
+        log-probs were from the policy's."""
         fresh = "logps" not in exp
         stats = completion_stats(
             module.model,
@@ -171,13 +172,9 @@ class RolloutObjective(OnlineObjective):
         if hidden:
             out["hidden"] = stats["hidden"]
         if "sampling_logps" in exp:
-            correction = exp.get("sampling_correction") or SamplingCorrection("off")
-            measure = correction if correction.mode != "off" else SamplingCorrection()
-            weights, out["sampling_metrics"] = correction_weights(
-                out["old_logps"], exp["sampling_logps"][rows], exp["completion_mask"][rows], measure
+            out["weights"], out["sampling_metrics"] = correction_weights(
+                out["old_logps"], exp["sampling_logps"][rows], exp["completion_mask"][rows], exp["sampling_correction"]
             )
-            if correction.mode != "off":
-                out["weights"] = weights
         return out
 
     def prepare(self, module: Any, exp: dict) -> dict:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import lft
-from lft.plugins.vllm_rollout import INSTALL, Sampler
+from lft.plugins.vllm_engine import INSTALL, Sampler
 
 DEFAULT_PORT = 8765
 

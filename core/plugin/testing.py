@@ -97,6 +97,23 @@ def save_tiny_model(directory: Path, seed: int = 0, **sizes: Any) -> Path:
     return directory
 
 
+def likeliest_first_token(model_dir: Path, prompt_file: Path) -> int:
+    """The token a model finds most likely, on average, to start its answer to the prompts of a
+    prompt/answer JSONL file: a reward that counts it gives an online method a signal at once."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lft.data import chat
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in prompt_file.read_text().splitlines()]
+    tokenizer.padding_side = "left"
+    texts = [chat.prompt_text(tokenizer, r["prompt"]) for r in rows]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        return int(model(**enc).logits[:, -1].softmax(-1).mean(0).argmax())
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

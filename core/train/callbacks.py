@@ -15,6 +15,7 @@ import torch
 
 from lft.output.files import atomic_write_text
 from lft.train.checkpoint import AtomicCheckpointIO
+from lft.train.trackers import publish
 
 __all__ = ["AtomicCheckpointIO", "GracefulStop", "RunMonitor", "Summarizes"]
 
@@ -198,8 +199,6 @@ class RunMonitor(L.Callback):
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(clean) + "\n")
-        from lft.train.trackers import publish
-
         publish(self.loggers, record)
 
     def _forget_after(self, step: int) -> None:

@@ -127,15 +127,13 @@ def remember(loggers: list[Any], output: Path) -> None:
         atomic_write_text(output / STATE, json.dumps(state, indent=2) + "\n", "tracker state")
 
 
-def numbers(record: dict, prefix: str = "") -> dict[str, float]:
+def numbers(record: dict) -> dict[str, float]:
     """The finite numbers of a record (nested dicts flattened with ``/``), for ``log_metrics``."""
-    out: dict[str, float] = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out.update(numbers(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[f"{prefix}{key}"] = float(value)
-    return out
+    return {
+        key: float(value)
+        for key, value in flatten(record, sep="/").items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
 
 
 def publish(loggers: list[Any], record: dict) -> None:
@@ -164,14 +162,14 @@ def hyperparameters(loggers: list[Any], config: Any) -> None:
         logger.save()
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(data: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
     """``{"trainer": {"lr": 1e-4}}`` -> ``{"trainer.lr": 1e-4}``; lists as text (trackers take scalars)."""
     out: dict[str, Any] = {}
     if isinstance(data, dict):
         for key, value in data.items():
-            out.update(flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}{sep}", sep))
         return out
-    key = prefix[:-1]
+    key = prefix[: -len(sep)]
     out[key] = data if isinstance(data, (int, float, str, bool)) or data is None else json.dumps(data)
     return out
 

@@ -25,11 +25,7 @@ def config(model, train, output, **extra):
         "data.streaming": True,
         "guards.enabled": False,
     }
-    for item in FAST:
-        key, value = item.split("=")
-        out.setdefault(key, {"true": True, "false": False}.get(value, value))
-    out.update(extra)
-    return out
+    return {**dict(item.split("=", 1) for item in FAST), **out, **extra}
 
 
 def test_the_held_out_rows_are_left_out_of_every_pass(lft_sft_data):

@@ -25,11 +25,7 @@ def config(model, data, output, loggers, **extra):
         "trainer.loggers": loggers,
         "guards.enabled": False,
     }
-    for item in FAST:
-        key, value = item.split("=")
-        out.setdefault(key, {"true": True, "false": False}.get(value, value))
-    out.update(extra)
-    return out
+    return {**dict(item.split("=", 1) for item in FAST), **out, **extra}
 
 
 def records(output):

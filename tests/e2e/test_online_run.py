@@ -8,13 +8,11 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 import lft
 import lft.train.checkpoint
 from lft.cli.main import main
-from lft.data import chat
-from lft.plugin.testing import FAST, install_fake_distribution
+from lft.plugin.testing import FAST, install_fake_distribution, likeliest_first_token
 
 COUNT_TOKEN = textwrap.dedent('''
     import lft
@@ -38,22 +36,7 @@ COUNT_TOKEN = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def target(lft_tiny_model, lft_prompt_data):
     """The token the untrained tiny model finds most likely to start an answer (about 2%)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model, tokenizer = (
-        AutoModelForCausalLM.from_pretrained(lft_tiny_model),
-        AutoTokenizer.from_pretrained(lft_tiny_model),
-    )
-    rows = [json.loads(line) for line in lft_prompt_data["train"].read_text().splitlines()]
-    tokenizer.padding_side = "left"
-    enc = tokenizer(
-        [chat.prompt_text(tokenizer, r["prompt"]) for r in rows],
-        return_tensors="pt",
-        padding=True,
-        add_special_tokens=False,
-    )
-    with torch.no_grad():
-        return int(model(**enc).logits[:, -1].softmax(-1).mean(0).argmax())
+    return likeliest_first_token(lft_tiny_model, lft_prompt_data["train"])
 
 
 @pytest.fixture

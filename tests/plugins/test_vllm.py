@@ -172,20 +172,9 @@ class CountToken:
 @pytest.fixture(scope="module")
 def target(vllm_tiny_model, lft_prompt_data):
     """The token the untrained model finds most likely to start an answer, as in tests/e2e."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lft.plugin.testing import likeliest_first_token
 
-    from lft.data import chat
-
-    model, tokenizer = (
-        AutoModelForCausalLM.from_pretrained(vllm_tiny_model),
-        AutoTokenizer.from_pretrained(vllm_tiny_model),
-    )
-    rows = [json.loads(line) for line in lft_prompt_data["train"].read_text().splitlines()]
-    tokenizer.padding_side = "left"
-    texts = [chat.prompt_text(tokenizer, r["prompt"]) for r in rows]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.no_grad():
-        return int(model(**enc).logits[:, -1].softmax(-1).mean(0).argmax())
+    return likeliest_first_token(vllm_tiny_model, lft_prompt_data["train"])
 
 
 def online_config(model, data, output, method, **extra):
@@ -337,7 +326,7 @@ def test_a_third_party_online_objective_samples_through_the_plugin(tmp_path, vll
         def loss(self, module, exp, rows):
             stats = self.policy_stats(module, exp, rows)
             mask = exp["completion_mask"][rows].float()
-            weights = stats.get("weights", torch.ones_like(mask))
+            weights = stats["weights"] if stats.get("weights") is not None else torch.ones_like(mask)
             per_token = -exp["advantages"][rows][:, None] * stats["logps"] * weights * mask
             return per_token.sum() / mask.sum().clamp(min=1), dict(stats.get("sampling_metrics", {}))
 
