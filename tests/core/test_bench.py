@@ -146,3 +146,36 @@ def test_harness_runs_the_real_shaped_data_and_the_packed_sides(tmp_path, lft_ti
         assert [s["tool"] for s in entry["sides"]] == ["lft", "lft-packed"], key
         assert all(s["tokens_per_s"] > 0 for s in entry["sides"])
     assert report["methods"]["dpo (real-shaped)"]["max_length"] == 256 and "errors" not in report
+
+
+def test_the_rollout_summary_splits_online_steps():
+    from lft.bench.__main__ import rollout_summary
+
+    steps = [
+        {"time": 3.0, "tokens": 10, "generation_s": 2.0, "generated_tokens": 100},
+        {"time": 5.0, "tokens": 10, "generation_s": 3.0, "generated_tokens": 200},
+    ]
+    # 300 tokens in 5 s of generation; medians of generation (2.5) and of the rest (1 and 2: 1.5)
+    assert rollout_summary(steps) == {
+        "rollout_tokens_per_s": 60.0,
+        "generation_s_per_step": 2.5,
+        "rest_s_per_step": 1.5,
+    }
+    assert rollout_summary([{"time": 1.0, "tokens": 5}]) == {}  # an offline method has no rollout
+
+
+@pytest.mark.slow
+def test_harness_reports_grpo_rollouts_and_skips_vllm_where_absent(tmp_path, lft_tiny_model, capsys):
+    import importlib.util
+
+    out = tmp_path / "bench"
+    args = lft_side(lft_tiny_model, out)
+    args[args.index("sft")] = "grpo"
+    args[args.index("lft")] = "lft,lft-vllm"
+    assert main([*args, "--batch-size", "4", "--num-generations", "2", "--max-new-tokens", "4"]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    sides = {s["tool"]: s for s in report["methods"]["grpo"]["sides"]}
+    assert sides["lft"]["rollout_tokens_per_s"] > 0 and sides["lft"]["generation_s_per_step"] > 0
+    assert "| grpo | lft |" in (out / "bench.md").read_text().split("Online methods")[1]
+    if importlib.util.find_spec("vllm") is None:
+        assert set(sides) == {"lft"} and "lft-vllm: vLLM is not installed here" in capsys.readouterr().out
