@@ -2,6 +2,7 @@
 transformers."""
 
 from lft.losses.bradley_terry import BradleyTerryLoss
+from lft.losses.cpo import CPOLoss
 from lft.losses.dpo import DPOLoss, HingeDPOLoss, IPOLoss, RobustDPOLoss
 from lft.losses.logprobs import linear_logprobs, logprobs_from_logits, shifted_logprobs
 from lft.losses.orpo import ORPOLoss
@@ -11,6 +12,7 @@ from lft.losses.simpo import SimPOLoss
 
 __all__ = [
     "BradleyTerryLoss",
+    "CPOLoss",
     "DPOLoss",
     "HingeDPOLoss",
     "IPOLoss",

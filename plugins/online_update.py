@@ -63,8 +63,11 @@ class RolloutObjective(OnlineObjective):
     gradient) and ``loss(module, exp, rows) -> (loss, metrics)`` on the rows of one minibatch.
     """
 
-    progress_metrics = ("reward", "kl")
+    progress_metrics: tuple[str, ...] = ("reward", "kl")
     runs_padding_free = True
+    #: Consecutive experience rows the loss reads together (online DPO's samples of one prompt):
+    #: minibatches and micro-batches never split them.
+    rows_together = 1
     summary_metrics = ("reward",)
     reward_metric = "reward"
 
@@ -201,7 +204,9 @@ class RolloutObjective(OnlineObjective):
         from lft.objective import add_units, as_units, reduce_units, step_share
 
         optimizer = module.optimizers()
-        micro = [part for part in torch.tensor_split(rows, min(self.config.trainer.grad_accum, len(rows))) if len(part)]
+        g = self.rows_together
+        parts = torch.tensor_split(rows.view(-1, g), min(self.config.trainer.grad_accum, len(rows) // g))
+        micro = [part.flatten() for part in parts if len(part)]
         counts = [as_units(self.rows_units(exp, part)) for part in micro]
         strategy = module.trainer.strategy if module._trainer is not None else None
         world = module.trainer.world_size if module._trainer is not None else 1
@@ -228,11 +233,11 @@ class RolloutObjective(OnlineObjective):
     def training_step(self, module: Any, exp: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         started = time.perf_counter()
         exp.update(self.prepare(module, exp))
-        n = exp["completion_ids"].shape[0]
-        size = -(-n // self.opts.minibatches)
+        n, g, device = exp["completion_ids"].shape[0], self.rows_together, exp["completion_ids"].device
+        size = -(-n // g // self.opts.minibatches) * g
         losses, collected = [], []
         for _ in range(self.opts.epochs):
-            order = torch.randperm(n, device=exp["completion_ids"].device)
+            order = (torch.randperm(n // g, device=device)[:, None] * g + torch.arange(g, device=device)).flatten()
             for start in range(0, n, size):
                 if self.finished(module):
                     break

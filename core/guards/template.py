@@ -182,22 +182,22 @@ def _check_end_of_turn(
     features = [{k: v for k, v in f.items() if k != "truncated"} for _, _, f in sample]
     truncated = [bool(f.get("truncated")) for _, _, f in sample]
     missing, checked, trained_eot = [], 0, set()
-    for start in range(0, len(features), 8):
-        batch = hook.lft_collate(features=features[start : start + 8], tokenizer=tokenizer, config=config)
+    for index, feature in enumerate(features):  # one at a time: a row may collate into several sequences
+        if truncated[index]:
+            continue
+        batch = hook.lft_collate(features=[feature], tokenizer=tokenizer, config=config)
         for key, labels in (batch or {}).items():
             if not key.endswith("labels") or not hasattr(labels, "shape") or labels.dim() != 2:
                 continue
-            for b in range(labels.shape[0]):
-                if truncated[start + b]:
-                    continue
-                trained = {int(t) for t in labels[b][labels[b] != IGNORE_INDEX].tolist()}
+            for row in labels:
+                trained = {int(t) for t in row[row != IGNORE_INDEX].tolist()}
                 if not trained:
                     continue
                 checked += 1
                 found = trained & eot
                 trained_eot |= found
                 if not found:
-                    missing.append(sample[start + b][1])
+                    missing.append(sample[index][1])
     if missing:
         names = ", ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in sorted(eot)) or "none known"
         finding.raise_to(

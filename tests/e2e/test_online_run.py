@@ -120,6 +120,37 @@ def test_the_newer_grpo_losses_learn_the_rewarded_token(lft_run, lft_prompt_data
     rises(steps(summary["output"]), by=0.8)
 
 
+@pytest.mark.parametrize("reduce", ["token", "sequence"])
+def test_rloo_learns_the_rewarded_token_with_its_kl_in_the_reward(lft_run, lft_prompt_data, count_token, reduce):
+    summary = lft_run(
+        "--plugin", "rloo", "--plugin", "count_token", "trainer.max_steps=12", "trainer.lr=3e-2",
+        "rloo.num_generations=4", "rloo.max_new_tokens=8", f"rloo.reduce={reduce}", "eval.before=true",
+        *ONLINE_FAST, data=lft_prompt_data["train"], eval_data=lft_prompt_data["eval"],
+    )  # fmt: skip
+    assert summary["objective"] == "rloo"
+    history = steps(summary["output"])
+    rises(history, by=1.0)
+    assert {"kl", "reward_kl_penalty", "groups_without_signal", "clip_fraction"} <= set(history[-1])
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-3) and history[-1]["kl"] > 0  # the reference is the start
+    assert summary["after"]["eval_reward_count_token"] > summary["before"]["eval_reward_count_token"]
+
+
+def test_online_dpo_learns_the_rewarded_token_from_its_own_ranked_pairs(lft_run, lft_prompt_data, count_token):
+    summary = lft_run(
+        "--plugin", "online_dpo", "--plugin", "count_token", "trainer.max_steps=12", "trainer.lr=3e-2",
+        "online_dpo.num_generations=4", "online_dpo.max_new_tokens=8", "online_dpo.minibatches=2",
+        "trainer.grad_accum=2", "eval.before=true", *ONLINE_FAST, data=lft_prompt_data["train"],
+        eval_data=lft_prompt_data["eval"],
+    )  # fmt: skip
+    assert summary["objective"] == "online_dpo"
+    history = steps(summary["output"])
+    rises(history, by=1.0)
+    assert {"margin", "accuracy", "ranked_pairs", "score_gap", "kl"} <= set(history[-1])
+    assert sum(h["margin"] for h in history[-3:]) > 0  # chosen samples gained log-ratio over rejected ones
+    assert all(h["score_gap"] > 0 for h in history if "score_gap" in h)  # chosen always out-scored rejected
+    assert summary["after"]["eval_reward_count_token"] > summary["before"]["eval_reward_count_token"]
+
+
 def ppo_config(model, data, output, **extra):
     config = {
         "model.path": str(model),

@@ -1,4 +1,4 @@
-"""End to end: reward, dpo, orpo and simpo through `lft run` on the tiny model."""
+"""End to end: reward, dpo, orpo, simpo and cpo through `lft run` on the tiny model."""
 
 import json
 
@@ -35,6 +35,7 @@ STEP_METRICS = {"rewards_chosen", "rewards_rejected", "margin", "accuracy"}
         ("dpo", "eval_preference_accuracy"),
         ("orpo", "eval_preference_accuracy"),
         ("simpo", "eval_preference_accuracy"),
+        ("cpo", "eval_preference_accuracy"),
         ("reward", "eval_accuracy"),
     ],
 )

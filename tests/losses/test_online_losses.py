@@ -293,3 +293,45 @@ def test_bnpo_is_the_token_mean_over_the_batch():
 def test_grpo_epsilon_high_is_the_clip_higher_option():
     config = lft.load_config(overrides=["plugins=[grpo]", "grpo.epsilon_high=0.28"])
     assert config.section("grpo").clip_eps_high == 0.28
+
+
+def test_leave_one_out_advantages_hand_worked():
+    """Group [1, 0, 0, 0]: the first sample's baseline is the mean of (0, 0, 0) = 0, advantage 1; each
+    other's is the mean of (1, 0, 0) = 1/3, advantage -1/3. Group [2, 4]: baselines 4 and 2, advantages
+    -2 and +2. Each is k / (k - 1) times the plain centred reward (4/3 * 0.75 = 1)."""
+    from lft.losses.rloo import leave_one_out_advantages
+
+    advantages = leave_one_out_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4)
+    assert advantages.tolist() == pytest.approx([1.0, -1 / 3, -1 / 3, -1 / 3])
+    assert leave_one_out_advantages(torch.tensor([2.0, 4.0]), 2).tolist() == [-2.0, 2.0]
+    scaled = leave_one_out_advantages(torch.tensor([2.0, 4.0]), 2, scale=True)
+    assert scaled.tolist() == pytest.approx([-2 / math.sqrt(8), 2 / math.sqrt(8)])  # std of (-2, 2) = sqrt(8)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        leave_one_out_advantages(torch.tensor([1.0]), 1)
+
+
+def test_rloo_reductions_and_gradient_hand_worked():
+    """Sequence A (2 tokens, advantage +1), B (1 token, advantage -1), ratios 1: token losses -1, -1, +1.
+    token: -1/3; sequence (REINFORCE on each sequence's log-prob): (-2 + 1) / 2 = -0.5. With ratio 1 the
+    gradient of -A * r on a token is -A: d/d logp = -1/2 on each of A's tokens, +1/2 on B's (sequence)."""
+    from lft.losses.rloo import rloo_loss
+
+    logps = torch.tensor([[-1.0, -1.0], [-2.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False]])
+    advantages = torch.tensor([1.0, -1.0])
+    token, _ = rloo_loss(logps, logps.detach(), advantages, mask, "token")
+    assert token.item() == pytest.approx(-1 / 3)
+    sequence, metrics = rloo_loss(logps, logps.detach(), advantages, mask, "sequence")
+    assert sequence.item() == pytest.approx(-0.5) and metrics["clip_fraction"].item() == 0.0
+    sequence.backward()
+    assert logps.grad.flatten().tolist() == pytest.approx([-0.5, -0.5, 0.5, 0.0])
+
+
+def test_online_dpo_ranks_best_against_worst_by_hand():
+    """Rewards [0, 1, 1, 0 | 2, 2, 2, 2] in groups of 4: prompt 0's pair is row 1 (its first best) against
+    row 0 (its first worst); prompt 1 has no pair, every sample scoring 2."""
+    from lft.plugins.online_dpo import rank_pairs
+
+    chosen, rejected, ranked = rank_pairs(torch.tensor([0.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0]), 4)
+    assert ranked.tolist() == [True, False]
+    assert (chosen[0].item(), rejected[0].item()) == (1, 0)

@@ -7,6 +7,7 @@ import torch
 
 from lft.losses import (
     BradleyTerryLoss,
+    CPOLoss,
     DPOLoss,
     HingeDPOLoss,
     IPOLoss,
@@ -199,6 +200,38 @@ def test_simpo_is_length_normalised():
     assert a.item() == pytest.approx(b.item())
 
 
+def test_cpo_sigmoid_with_its_nll_by_hand():
+    """No reference: h = pi_c - pi_r = -10 - (-12) = 2; beta = 0.1: -log sigmoid(0.2) = 0.598139 (as DPO's
+    first test, whose log-ratio margin is also 2). NLL of the chosen answer: 10 nats over 2 tokens = 5.
+    loss = 0.598139 + 5 = 5.598139. d/d pi_c = -0.1 * sigmoid(-0.2) - 1/2 = -0.0450166 - 0.5 = -0.5450166;
+    d/d pi_r = +0.0450166. Rewards beta * pi: -1.0 and -1.2."""
+    logps = pair(chosen=-10, rejected=-12, chosen_tokens=2)
+    loss = WithChosenNLL(CPOLoss(beta=0.1), 1.0)
+    assert not loss.needs_reference
+    out = loss(logps)
+    assert out.terms["pairs"].item() == pytest.approx(0.598139, abs=1e-6)
+    assert out.terms["chosen_tokens"].item() == pytest.approx(5.0)
+    assert out.loss.item() == pytest.approx(5.598139, abs=1e-6)
+    assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((-1.0, -1.2))
+    assert grads(logps, out.loss) == pytest.approx((-0.5450166, 0.0450166), abs=1e-6)
+
+
+def test_cpo_hinge_ipo_and_smoothing_by_hand():
+    """hinge: max(0, 1 - 0.1 * 2) = 0.8, and with beta = 1, max(0, 1 - 2) = 0.
+    ipo on per-token means: chosen -10 / 2 = -5, rejected -12 / 1 = -12, margin 7; beta = 0.1 puts the
+    target at 1 / 0.2 = 5: (7 - 5)^2 = 4; rewards 0.1 * (-5) = -0.5 and 0.1 * (-12) = -1.2.
+    Smoothing 0.1: 0.9 * 0.598139 + 0.1 * (0.598139 + 0.2) = 0.618139."""
+    logps = dict(chosen=-10, rejected=-12, chosen_tokens=2)
+    assert CPOLoss(0.1, "hinge")(pair(**logps)).loss.item() == pytest.approx(0.8)
+    assert CPOLoss(1.0, "hinge")(pair(**logps)).loss.item() == 0.0
+    ipo = CPOLoss(0.1, "ipo")(pair(**logps))
+    assert ipo.loss.item() == pytest.approx(4.0)
+    assert (ipo.chosen_rewards.item(), ipo.rejected_rewards.item()) == pytest.approx((-0.5, -1.2))
+    assert CPOLoss(0.1, label_smoothing=0.1)(pair(**logps)).loss.item() == pytest.approx(0.618139, abs=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing applies to the sigmoid form"):
+        CPOLoss(0.1, "hinge", label_smoothing=0.1)
+
+
 def test_bradley_terry_by_hand():
     """r_c = 1, r_r = -0.5: -log sigmoid(1.5) = log(1 + e^-1.5) = log(1.223130) = 0.201413;
     d/dr_c = -sigmoid(-1.5) = -0.182426, d/dr_r = +0.182426.
@@ -245,3 +278,36 @@ def test_plugins_build_their_losses_from_options():
     assert ORPO().loss(ORPOOptions(odds_ratio_weight=0.2)).weight == 0.2
     with pytest.raises(ValueError, match="label_smoothing applies to loss=sigmoid or robust"):
         DPOOptions(loss="ipo", label_smoothing=0.1)
+
+
+def test_kto_by_hand():
+    """policy [-1, -3], reference [-2, -2]: rewards r = [1, -1]. Mismatched pairs: policy [-2, -2], reference
+    [-2.5, -1.5], log-ratios [0.5, -0.5], mean 0, so z0 = 0. beta = 1: desirable value sigmoid(1 - 0) =
+    0.731059, undesirable sigmoid(0 - (-1)) = 0.731059; loss = mean(1 - 0.731059, 1 - 0.731059) = 0.268941.
+    d loss / d policy[0] = -(1/2) sigmoid'(1) = -(1/2)(0.196612) = -0.098306; policy[1]: +0.098306."""
+    from lft.losses.kto import KTOLoss
+
+    loss = KTOLoss(beta=1.0)
+    z0 = loss.reference_point(torch.tensor([-2.0, -2.0]), torch.tensor([-2.5, -1.5]))
+    assert z0.item() == 0.0
+    policy = torch.tensor([-1.0, -3.0], requires_grad=True)
+    value, rewards = loss(policy, torch.tensor([-2.0, -2.0]), torch.tensor([True, False]), z0)
+    assert value.item() == pytest.approx(1 - 1 / (1 + math.exp(-1)), abs=1e-6)
+    assert rewards.tolist() == [1.0, -1.0]
+    value.backward()
+    assert policy.grad.tolist() == pytest.approx([-0.098306, 0.098306], abs=1e-6)
+
+
+def test_kto_reference_point_and_weights_by_hand():
+    """Mismatched log-ratios [2, 4]: z0 = 3, with no gradient. r = [3, 3] (one desirable, one not), beta = 0.5,
+    lambda_D = 2, lambda_U = 1: desirable value 2 sigmoid(0) = 1, undesirable sigmoid(0) = 0.5;
+    loss = mean(2 - 1, 1 - 0.5) = 0.75. A negative KL estimate gives z0 = 0."""
+    from lft.losses.kto import KTOLoss
+
+    kl_policy = torch.tensor([2.0, 4.0], requires_grad=True)
+    z0 = KTOLoss.reference_point(kl_policy, torch.tensor([0.0, 0.0]))
+    assert z0.item() == 3.0 and not z0.requires_grad
+    loss = KTOLoss(beta=0.5, desirable_weight=2.0, undesirable_weight=1.0)
+    value, _ = loss(torch.tensor([3.0, 3.0]), torch.tensor([0.0, 0.0]), torch.tensor([True, False]), z0)
+    assert value.item() == pytest.approx(0.75)
+    assert KTOLoss.reference_point(torch.tensor([-5.0]), torch.tensor([0.0])).item() == 0.0

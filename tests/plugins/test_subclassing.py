@@ -125,14 +125,14 @@ def test_overriding_the_formatting_of_one_example(tmp_path, lft_tiny_model, lft_
     assert published.SystemDPO.seen and set(published.SystemDPO.seen) == {"Answer with a number."}
 
 
-def doc_cpo() -> str:
-    """The CPO plugin exactly as docs/writing-a-plugin.md shows it ("A shorter route")."""
+def doc_rrhf() -> str:
+    """The RRHF plugin exactly as docs/writing-a-plugin.md shows it ("A shorter route")."""
     page = (Path(__file__).resolve().parents[2] / "docs" / "writing-a-plugin.md").read_text(encoding="utf-8")
     section = page[page.index("## A shorter route") :]
     return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
 
 
-CPO = doc_cpo() + textwrap.dedent('''
+RRHF = doc_rrhf() + textwrap.dedent('''
 
 
     class BadOptions(Preference):
@@ -154,7 +154,7 @@ def test_a_reference_free_subclass_with_its_own_options_trains_from_the_cli(
 
     monkeypatch.delenv("LFT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     monkeypatch.delenv("LFT_PLUGINS", raising=False)
-    root = install_fake_distribution(tmp_path / "dist", "lft-cpo", {"cpo": "lft_cpo:CPO"}, {"lft_cpo": CPO})
+    root = install_fake_distribution(tmp_path / "dist", "lft-rrhf", {"rrhf": "lft_rrhf:RRHF"}, {"lft_rrhf": RRHF})
     monkeypatch.syspath_prepend(str(root))
     importlib.invalidate_caches()
     try:
@@ -165,8 +165,8 @@ def test_a_reference_free_subclass_with_its_own_options_trains_from_the_cli(
                     lft_pref_data,
                     tmp_path / "c",
                     "--plugin",
-                    "cpo",
-                    "cpo.beta=0.2",
+                    "rrhf",
+                    "rrhf.nll_weight=0.5",
                     "--eval-data",
                     str(lft_pref_data["eval"]),
                     "eval.before=true",
@@ -177,31 +177,31 @@ def test_a_reference_free_subclass_with_its_own_options_trains_from_the_cli(
             == 0
         )
         summary = json.loads((tmp_path / "c" / "summary.json").read_text())
-        assert summary["objective"] == "cpo"
-        assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]  # the held-out CPO loss fell
-        assert main(["config", "show", "--plugin", "cpo"]) == 0
+        assert summary["objective"] == "rrhf"
+        assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]  # the held-out RRHF loss fell
+        assert main(["config", "show", "--plugin", "rrhf"]) == 0
         import yaml
 
-        section = yaml.safe_load(capsys.readouterr().out)["cpo"]  # its own options and the shared ones, no others
+        section = yaml.safe_load(capsys.readouterr().out)["rrhf"]  # its own options and the shared ones, no others
         assert section == {
             "bad_pairs": "skip",
             "use_chat_template": True,
             "chat_template": None,
-            "beta": 0.1,
             "nll_weight": 1.0,
         }
-        module = importlib.import_module("lft_cpo")
-        # by hand: -log sigmoid(0.1 * (-1 - -2)) = log(1 + e^-0.1) = 0.644397, NLL of 1 nat over 2 tokens = 0.5
+        module = importlib.import_module("lft_rrhf")
+        # by hand: chosen -3 over 2 tokens (mean -1.5), rejected -2 over 2 (mean -1): max(0, -1 - -1.5) = 0.5;
+        # the NLL of 3 nats over 2 tokens = 1.5
         import torch
 
         from lft.losses.preference import PairLogps
 
-        loss = module.CPO().loss(module.CPOOptions())
+        loss = module.RRHF().loss(module.RRHFOptions())
         assert not getattr(loss, "needs_reference", False)  # reference-free: the run keeps no reference
-        out = loss(PairLogps(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([2.0]), torch.tensor([2.0])))
-        assert out.terms["pairs"].item() == pytest.approx(0.644397, abs=1e-6)
-        assert out.terms["chosen_tokens"].item() == pytest.approx(0.5)
-        assert out.loss.item() == pytest.approx(1.144397, abs=1e-6)
+        out = loss(PairLogps(torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([2.0]), torch.tensor([2.0])))
+        assert out.terms["pairs"].item() == pytest.approx(0.5)
+        assert out.terms["chosen_tokens"].item() == pytest.approx(1.5)
+        assert out.loss.item() == pytest.approx(2.0)
 
         class NotPreference(BaseModel):
             beta: float = 0.1
@@ -214,7 +214,7 @@ def test_a_reference_free_subclass_with_its_own_options_trains_from_the_cli(
         # the embedded default data's suggested settings land in the subclass's own section
         from lft.plugins.dpo import DPO
 
-        assert module.CPO().lft_default_data()["settings"] == {
+        assert module.RRHF().lft_default_data()["settings"] == {
             "trainer.max_steps": 40,
             "trainer.batch_size": 4,
             "trainer.lr": 5e-4,
@@ -226,7 +226,7 @@ def test_a_reference_free_subclass_with_its_own_options_trains_from_the_cli(
         assert MyDPO().lft_default_data()["settings"]["my_dpo.nll_weight"] == 1.0
         assert not any(key.startswith("dpo.") for key in MyDPO().lft_default_data()["settings"])
     finally:
-        sys.modules.pop("lft_cpo", None)
+        sys.modules.pop("lft_rrhf", None)
 
 
 def test_every_public_name_has_a_docstring():
