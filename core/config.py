@@ -219,6 +219,16 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(default=32, gt=0)
     batch_size: int = Field(default=32, gt=0)
     before: bool = Field(default=True, description="Also measure the model before training.")
+    baseline: bool = Field(
+        default=True,
+        description="With a task metric and eval.before: also measure the base model with a system prompt and "
+        "with eval.shots examples in the prompt, and warn when fine-tuning does not beat the better of them.",
+    )
+    system_prompt: str | None = Field(
+        default=None,
+        description="The prompting baseline's system prompt (default: the training data's own, else the task's).",
+    )
+    shots: int = Field(default=3, ge=1, description="Solved training examples in the prompting baseline's prompt.")
 
 
 class RunConfigBase(Section):

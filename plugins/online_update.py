@@ -69,7 +69,7 @@ class RolloutObjective(OnlineObjective):
     #: minibatches and micro-batches never split them.
     rows_together = 1
     summary_metrics = ("reward",)
-    reward_metric = "reward"
+    reward_metric: str | None = "reward"
 
     def row_texts(self, row: Mapping[str, Any]) -> RowTexts:
         """Only the prompt: the policy writes its own answers (other columns are for the rewards)."""

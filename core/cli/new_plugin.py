@@ -386,7 +386,7 @@ def add_command(cli: object) -> None:
         "commented hooks for the chosen kind, a test and a README. It installs and its test "
         "passes as generated.",
     )
-    parser.add_argument("name", help="plugin name, e.g. kto (used as `lft run --plugin NAME`)")
+    parser.add_argument("name", help="plugin name, e.g. bco (used as `lft run --plugin NAME`)")
     parser.add_argument("--kind", choices=KINDS, default="objective", help="what the plugin is (default objective)")
     parser.add_argument("--dir", default=".", help="where to create the package folder (default: here)")
     parser.set_defaults(handler=_run_command)

@@ -91,6 +91,14 @@ def add_commands(cli: Any) -> None:
         metavar="N",
         help="rows used per file (default data.max_eval_rows of the adapter's run, as `lft run` uses)",
     )
+    evaluate.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also measure the base model with a system prompt and with solved examples in the prompt (the "
+        "prompting baseline of `lft run`) on the task metric",
+    )
+    evaluate.add_argument("--system-prompt", metavar="TEXT", help="the baseline's system prompt (default: the task's)")
+    evaluate.add_argument("--shots", type=int, metavar="K", help="solved examples in the baseline's prompt (default 3)")
     evaluate.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
     evaluate.set_defaults(handler=cmd_eval)
 
@@ -295,7 +303,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loaded = _load(args)
     names = ([BASE] if args.base or not loaded.names else []) + loaded.names
     prepared = loaded.eval_data(args.data, args.task, args.max_rows)
+    if args.baseline:
+        names = [BASE] + [n for n in names if n != BASE]
     results = {name: loaded.evaluate(adapter=name, prepared=prepared) for name in names}
+    if args.baseline:
+        results = {**prompting_baselines(loaded, prepared, args), **results}
+        names = list(results)
     title = f"lft eval · {loaded.label}" + (f" ({loaded.quantization})" if loaded.quantization else "")
     table = Table(title=title, header_style="bold")
     table.add_column("")
@@ -320,6 +333,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
             },
         )
     return 0
+
+
+def prompting_baselines(loaded: Any, prepared: dict, args: argparse.Namespace) -> dict:
+    """The base model's task accuracy with a system prompt and with solved examples (``lft.guards.baseline``)."""
+    from lft.data import task
+    from lft.guards import baseline
+    from lft.use import evaluate
+    from lft.use.loaded import BASE
+
+    if not prepared["task_rows"]:
+        raise ConfigError("--baseline compares task accuracies: give prompt/answer rows with --data, or --task arith")
+    config = loaded.config
+    if args.shots is not None and args.shots < 1:
+        raise ConfigError(f"--shots must be at least 1, got {args.shots}")
+    system = args.system_prompt or config.eval.system_prompt or task.INSTRUCTION
+    shots = baseline.shot_examples([], None, args.shots or config.eval.shots, config.trainer.seed)
+    with loaded.using(BASE):
+        measured = baseline.measure(
+            loaded.model, loaded.tokenizer, prepared["task_rows"], system, shots,
+            evaluate.Settings.from_config(config),
+        )  # fmt: skip
+    return {
+        "base + system prompt": measured["system_prompt"],
+        f"base + {len(shots)} examples": {"task_accuracy": measured["shots"]["task_accuracy"]},
+    }
 
 
 # -- merge -----------------------------------------------------------------------------------------

@@ -32,6 +32,11 @@ QUESTIONS = {
     "mul": "{n} has {a} bags with {b} {it} in each bag. How many {it} does {n} have in total?",
 }
 SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
+#: The task's instruction: the system prompt of the prompting baseline (``lft.guards.baseline``).
+INSTRUCTION = (
+    "Solve the arithmetic word problem. Write the calculation, then end with 'The answer is N.', "
+    "for example: 3 + 4 = 7. The answer is 7."
+)
 _ANSWER = re.compile(r"answer is\s*(-?\d+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+")
 

@@ -18,6 +18,7 @@ TITLES = {
     "repetition": "repetition",
     "forgetting": "forgetting",
     "rank": "LoRA rank",
+    "baseline": "prompting baseline",
 }
 
 

@@ -79,6 +79,9 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
                 else key.replace("_", " ")
             )
             table.add_row(label, f"{fmt(before.get(key))} -> {fmt(after.get(key))}")
+    for name, baseline in (summary.get("baselines") or {}).items():
+        how = "a system prompt" if name == "system_prompt" else f"{baseline.get('shots')} examples in the prompt"
+        table.add_row(f"task accuracy, base with {how}", fmt(baseline.get("task_accuracy")))
     table.add_row("tokens/s", fmt(summary.get("tokens_per_s")))
     guard_time = (
         f"; guards measured the model for {fmt(summary['guards_measure_time_s'])} s of it"

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import torch
 
 from lft import config as cfgmod
+from lft.data import task
 from lft.data.files import read_rows, split_rows
 from lft.data.format import Examples, format_rows
 from lft.data.loader import LftDataModule
@@ -292,6 +293,7 @@ class Run:
         if eval_rows is not None and cfg.data.max_eval_rows and len(eval_rows) > cfg.data.max_eval_rows:
             eval_rows = eval_rows.subset(list(range(cfg.data.max_eval_rows)))
         train_rows = self.guards.preflight(tokenizer, train_rows, eval_rows)
+        self.baseline_source = train_rows.rows[:2000]  # the prompting baseline's system prompt and examples
         train, train_stats = format_rows(train_rows, self.hook, tokenizer, cfg)
         self.guards.formatted(train_stats)
         evals, eval_stats = format_rows(eval_rows, self.hook, tokenizer, cfg) if eval_rows is not None else ([], None)
@@ -424,6 +426,19 @@ class Run:
         if task_rows:
             out.update(evaluate.task_measure(module.model, module.tokenizer, task_rows, settings))
         return out
+
+    def measure_baselines(self, module: LftModule, task_rows: list[dict]) -> None:
+        """The base model with a system prompt and with solved examples on the task's prompts."""
+        from lft.guards import baseline
+
+        cfg = self.config
+        source = getattr(self, "baseline_source", [])
+        system = cfg.eval.system_prompt or baseline.system_prompt_of(source) or task.INSTRUCTION
+        shots = baseline.shot_examples(source, self.objective.row_texts, cfg.eval.shots, cfg.trainer.seed)
+        self.console.print("[dim]measuring the prompting baselines...[/]")
+        settings = evaluate.Settings.from_config(cfg)  # as the task metric before and after training
+        self.summary["baselines"] = baseline.measure(module.model, module.tokenizer, task_rows, system, shots, settings)
+        self.summary["baseline_rows"] = len(task_rows)
 
     def trainer(self, monitor: RunMonitor, stop: GracefulStop, manual: bool = False) -> Any:
         import lightning as L
@@ -572,6 +587,8 @@ class Run:
         if cfg.eval.before and resume_from is None and self.main:
             self.console.print("[dim]measuring the model before training...[/]")
             self.summary["before"] = self.measure(module, datamodule, task_rows)
+            if cfg.eval.baseline and task_rows:
+                self.measure_baselines(module, task_rows)
         self.prepare_output()
         monitor = RunMonitor(self.output, quiet=self.quiet, progress_metrics=objective.progress_metrics)
         stop = GracefulStop()
@@ -626,6 +643,11 @@ class Run:
             final=str(final) if final else None,
         )
         self.guards.finish(self.summary)
+        if self.summary.get("baselines"):
+            from lft.guards import baseline
+            from lft.guards.findings import add_to_summary
+
+            add_to_summary(self.summary, [baseline.verdict(self.summary)])
         for callback in trainer.callbacks:  # a callback may add its results (guards, monitors) to the summary
             if isinstance(callback, Summarizes):
                 callback.summarize(self.summary)

@@ -46,8 +46,8 @@ def test_relative_links_resolve():
 def test_tutorial_shows_the_example_package_word_for_word():
     page = (DOCS / "writing-a-plugin.md").read_text(encoding="utf-8")
     shown = dict(re.findall(r"File `([^`]+)`:\n\n```\w+\n(.*?)```\n", page, flags=re.S))
-    example = DOCS / "examples" / "lft-kto"
-    assert set(shown) == {"pyproject.toml", "lft_kto/loss.py", "lft_kto/__init__.py", "tests/test_kto.py"}
+    example = DOCS / "examples" / "lft-bco"
+    assert set(shown) == {"pyproject.toml", "lft_bco/loss.py", "lft_bco/__init__.py", "tests/test_bco.py"}
     for relative, text in shown.items():
         assert (example / relative).read_text(encoding="utf-8") == text, f"tutorial copy of {relative} is stale"
 

@@ -1,9 +1,10 @@
-"""Third-party packages, installed for real: the KTO example from the plugin tutorial, and
+"""Third-party packages, installed for real: the BCO example from the plugin tutorial, and
 freshly scaffolded packages of every kind. Each is installed with pip into a temporary folder,
 found by lft through its entry point (not a fixture), and its own tests run, training with it."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from lft.cli import new_plugin
 
 ROOT = Path(__file__).resolve().parents[2]
-KTO = ROOT / "docs" / "examples" / "lft-kto"
+BCO = ROOT / "docs" / "examples" / "lft-bco"
 
 
 def pip_install(package: Path, target: Path) -> None:
@@ -65,12 +66,15 @@ def run_tests(package: Path, site: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
 
-def test_kto_example_installs_lists_and_passes_its_tests(tmp_path):
+def test_bco_example_installs_lists_and_passes_its_tests(tmp_path):
+    # Built from a copy, so that no build/ or egg-info folder is left in the docs.
+    leftovers = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    package = shutil.copytree(BCO, tmp_path / "lft-bco", ignore=leftovers)
     site = tmp_path / "site"
-    pip_install(KTO, site)
+    pip_install(package, site)
     plugins = listed_plugins(site)
-    assert plugins["kto"]["package"] == "lft-kto" and plugins["kto"]["kind"] == "objective"
-    run_tests(KTO, site)
+    assert plugins["bco"]["package"] == "lft-bco" and plugins["bco"]["kind"] == "objective"
+    run_tests(package, site)
 
 
 @pytest.mark.parametrize("kind", new_plugin.KINDS)

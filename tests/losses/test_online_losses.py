@@ -335,3 +335,25 @@ def test_online_dpo_ranks_best_against_worst_by_hand():
     chosen, rejected, ranked = rank_pairs(torch.tensor([0.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0]), 4)
     assert ranked.tolist() == [True, False]
     assert (chosen[0].item(), rejected[0].item()) == (1, 0)
+
+
+def test_gkd_divergences_hand_worked():
+    """Two tokens, teacher P = (1, 0), student Q = (1/2, 1/2). Forward KL(P || Q) = log 2 = 0.693147. JSD(0.5):
+    M = (3/4, 1/4), KL(P || M) = log(4/3) = 0.287682, KL(Q || M) = 1/2 log(2/3) + 1/2 log 2 = 0.143841, so
+    0.5 * 0.287682 + 0.5 * 0.143841 = 0.215762. Teacher P = (1/2, 1/2) and student Q = (3/4, 1/4): reverse
+    KL(Q || P) = 3/4 log(3/2) + 1/4 log(1/2) = 0.130812. The mean skips masked positions; the gradient
+    pulls the student's logit of the teacher's token up."""
+    from lft.losses.gkd import gkd_loss, token_divergence
+
+    certain, even = torch.tensor([[0.0, -math.inf]]), torch.tensor([[0.0, 0.0]])
+    assert token_divergence(even, certain, 0.0).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert token_divergence(even, certain, 0.5).item() == pytest.approx(0.215762, abs=1e-6)
+    skewed = torch.tensor([[math.log(3.0), 0.0]])
+    assert token_divergence(skewed, even, 1.0).item() == pytest.approx(0.130812, abs=1e-6)
+    student = torch.tensor([[[0.0, 0.0], [5.0, 0.0]]], requires_grad=True)
+    loss = gkd_loss(student, torch.stack([certain, even], 1), torch.tensor([[True, False]]), beta=0.0)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    loss.backward()
+    assert student.grad[0, 0, 0] < 0 and student.grad[0, 1].abs().sum() == 0
+    with pytest.raises(ValueError, match="beta must be in"):
+        token_divergence(even, even, 1.5)
