@@ -21,7 +21,7 @@ from lft.losses.gkd import gkd_loss
 from lft.model.forward import completion_stats, eval_mode, split_head
 from lft.online.rewards import reward_plugins
 from lft.online.rollout import experience
-from lft.plugins.online import OnlineMethod
+from lft.plugins.online import EMBEDDED_ROLLOUT, OnlineMethod
 from lft.plugins.online_update import OnlineOptions, RolloutObjective
 
 
@@ -129,12 +129,4 @@ class GKD(OnlineMethod):
     name = "gkd"
     options = GKDOptions
     objective_class = GKDObjective
-    default_settings = {
-        "trainer.max_steps": 40,
-        "trainer.batch_size": 8,
-        "trainer.lr": 5e-4,
-        "trainer.warmup_steps": 0,
-        "trainer.schedule": "constant",
-        "data.max_eval_rows": 32,
-        "{name}.max_new_tokens": 32,
-    }
+    default_settings = {**EMBEDDED_ROLLOUT, "trainer.max_steps": 40}

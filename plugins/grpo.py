@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field
 
 from lft.losses.grpo import group_advantages, grpo_loss
-from lft.plugins.online import OnlineMethod
+from lft.plugins.online import EMBEDDED_ROLLOUT, OnlineMethod
 from lft.plugins.online_update import OnlineOptions, RolloutObjective
 
 
@@ -112,13 +112,7 @@ class GRPO(OnlineMethod):
     # On the embedded task from the instruct model: 8 prompts x 8 samples at T=0.7 for 50 steps took
     # held-out accuracy from 0.12 to 0.49 (docs/methods/grpo.md); at T=1 too few samples are right.
     default_settings = {
-        "trainer.max_steps": 50,
-        "trainer.batch_size": 8,
-        "trainer.lr": 5e-4,
-        "trainer.warmup_steps": 0,
-        "trainer.schedule": "constant",
-        "data.max_eval_rows": 32,
-        "{name}.max_new_tokens": 32,
+        **EMBEDDED_ROLLOUT,
         "{name}.num_generations": 8,
         "{name}.temperature": 0.7,
     }

@@ -17,6 +17,18 @@ from lft.data.format import pad_collate
 from lft.online.rollout import RESERVED
 from lft.plugins.online_update import OnlineOptions, RolloutObjective
 
+#: What the online methods' default jobs on the embedded task's prompts share: 8 prompts a step,
+#: a constant rate, 32 new tokens, 32 held-out prompts. Each method adds its own samples per prompt.
+EMBEDDED_ROLLOUT: dict = {
+    "trainer.max_steps": 50,
+    "trainer.batch_size": 8,
+    "trainer.lr": 5e-4,
+    "trainer.warmup_steps": 0,
+    "trainer.schedule": "constant",
+    "data.max_eval_rows": 32,
+    "{name}.max_new_tokens": 32,
+}
+
 
 class OnlineMethod:
     """Base of the online objective plugins: prompt data, collation and the embedded defaults."""

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from lft.losses.dpo import VARIANTS
 from lft.losses.preference import PairLogps
-from lft.plugins.online import OnlineMethod
+from lft.plugins.online import EMBEDDED_ROLLOUT, OnlineMethod
 from lft.plugins.online_update import OnlineOptions, RolloutObjective
 from lft.plugins.preference import pair_accuracy
 
@@ -123,13 +123,7 @@ class OnlineDPO(OnlineMethod):
     objective_class = OnlineDPOObjective
     # The embedded task's prompts: 8 prompts x 4 samples at T=0.7, best against worst.
     default_settings = {
-        "trainer.max_steps": 50,
-        "trainer.batch_size": 8,
-        "trainer.lr": 5e-4,
-        "trainer.warmup_steps": 0,
-        "trainer.schedule": "constant",
-        "data.max_eval_rows": 32,
-        "{name}.max_new_tokens": 32,
+        **EMBEDDED_ROLLOUT,
         "{name}.num_generations": 4,
         "{name}.temperature": 0.7,
     }

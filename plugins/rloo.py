@@ -14,7 +14,7 @@ from pydantic import Field
 
 from lft.losses.ppo import kl_estimate
 from lft.losses.rloo import leave_one_out_advantages, rloo_loss
-from lft.plugins.online import OnlineMethod
+from lft.plugins.online import EMBEDDED_ROLLOUT, OnlineMethod
 from lft.plugins.online_update import OnlineOptions, RolloutObjective
 
 
@@ -87,13 +87,7 @@ class RLOO(OnlineMethod):
     objective_class = RLOOObjective
     # The embedded task's prompts, as GRPO's default job: 8 prompts x 8 samples at T=0.7.
     default_settings = {
-        "trainer.max_steps": 50,
-        "trainer.batch_size": 8,
-        "trainer.lr": 5e-4,
-        "trainer.warmup_steps": 0,
-        "trainer.schedule": "constant",
-        "data.max_eval_rows": 32,
-        "{name}.max_new_tokens": 32,
+        **EMBEDDED_ROLLOUT,
         "{name}.num_generations": 8,
         "{name}.temperature": 0.7,
     }
