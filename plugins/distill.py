@@ -21,7 +21,7 @@ from lft.errors import ConfigError, DataError, PluginError
 #: Columns of a prompt row that an SFT row would read before prompt + completion: not copied.
 SHADOWING = ("messages", "text", "completion")
 #: The command's options that the report records.
-SETTINGS = ("num_samples", "temperature", "top_p", "max_new_tokens", "max_prompts", "seed", "keep", "drop_unfinished")
+SETTINGS = "num_samples temperature top_p max_new_tokens max_prompts seed keep unique drop_unfinished".split()
 
 
 class Distill:
@@ -77,6 +77,7 @@ def add_command(cli: Any) -> None:
     parser.add_argument(
         "--keep", choices=["all", "best"], default="all", help="all passing answers, or the best one per prompt"
     )
+    parser.add_argument("--unique", action="store_true", help="drop an answer that repeats a kept one of its prompt")
     parser.add_argument("--drop-unfinished", action="store_true", help="drop answers cut off at --max-new-tokens")
     parser.add_argument("--train", action="store_true", help="then train a student on the kept rows (SFT)")
     parser.add_argument("--student", metavar="PATH", help="the student (default: the embedded SmolLM2)")
@@ -253,6 +254,8 @@ def choose(args: argparse.Namespace, sampled: dict, prompts: int) -> tuple[list[
             idx = [i for i in idx if rewards[i] >= threshold - 1e-9]
             if args.keep == "best" and idx:
                 idx = [max(idx, key=lambda i: (rewards[i], -i))]
+        if args.unique:  # the first of each distinct answer
+            idx = sorted({sampled["completions"][i].strip(): i for i in reversed(idx)}.values())
         kept.append(idx)
     return kept, threshold
 

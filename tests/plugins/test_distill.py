@@ -73,6 +73,12 @@ def test_without_a_reward_every_answer_is_kept(tmp_path, lft_tiny_model, lft_pro
     assert "kept 24 of 24 answers (100%) from 6 prompts" in capsys.readouterr().out
 
 
+def test_unique_keeps_one_of_identical_answers(tmp_path, lft_tiny_model, lft_prompt_data):
+    out = tmp_path / "traces.jsonl"  # greedy: the 4 samples of a prompt are one answer
+    assert distill(lft_tiny_model, lft_prompt_data["train"], out, *QUICK, "--temperature", "0", "--unique", "-q") == 0
+    assert report_of(out)["per_prompt_kept"] == [1] * 6 and len(read(out)) == 6
+
+
 def test_a_reward_keeps_only_the_answers_it_passes(tmp_path, lft_tiny_model, lft_prompt_data, even_length):
     out, best = tmp_path / "traces.jsonl", tmp_path / "best.jsonl"
     assert distill(lft_tiny_model, lft_prompt_data["train"], out, *QUICK, "--plugin", even_length, "--quiet") == 0
