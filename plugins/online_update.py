@@ -172,6 +172,7 @@ class RolloutObjective(OnlineObjective):
         if fresh:  # kept for the step's metrics
             for key, value in (("update_logps", logps.detach()), ("update_entropy", stats["entropy"])):
                 exp.setdefault(key, value.new_zeros(exp["completion_mask"].shape))[rows] = value
+            exp.setdefault("update_scored", torch.zeros_like(exp["stopped"], dtype=torch.bool))[rows] = True
         if hidden:
             out["hidden"] = stats["hidden"]
         if "sampling_logps" in exp:
@@ -273,13 +274,17 @@ class RolloutObjective(OnlineObjective):
             "generated_tokens": timing["generated_tokens"],
         }
         entropy, logps = exp.get("entropy", exp.get("update_entropy")), exp.get("logps", exp.get("update_logps"))
+        scored = exp.get("update_scored") if "logps" not in exp else None
+        if scored is not None:  # only the rows this step's update scored (online DPO's pairs)
+            mask = mask & scored[:, None].to(mask.device)
         if entropy is not None:
             metrics["entropy"] = masked_mean(entropy, mask)
         for name, scores in exp["reward_scores"].items():
             metrics[f"reward_{name}"] = scores.mean()
             metrics[f"reward_{name}_std"] = scores.std() if scores.numel() > 1 else 0.0
         if "ref_logps" in exp and logps is not None:
-            kl = (kl_estimate(logps, exp["ref_logps"], self.opts.kl_estimator) * mask).sum(-1).mean()
+            per_row = (kl_estimate(logps, exp["ref_logps"], self.opts.kl_estimator) * mask).sum(-1)
+            kl = per_row[scored].mean() if scored is not None and bool(scored.any()) else per_row.mean()
             metrics["kl"] = kl
             if self.opts.kl_warning and float(kl) > self.opts.kl_warning:
                 self.note_warning(

@@ -148,6 +148,7 @@ def test_online_dpo_learns_the_rewarded_token_from_its_own_ranked_pairs(lft_run,
     assert {"margin", "accuracy", "ranked_pairs", "score_gap", "kl"} <= set(history[-1])
     assert sum(h["margin"] for h in history[-3:]) > 0  # chosen samples gained log-ratio over rejected ones
     assert all(h["score_gap"] > 0 for h in history if "score_gap" in h)  # chosen always out-scored rejected
+    assert history[0]["kl"] < 0.5  # over the scored pairs only, which start at the reference
     assert summary["after"]["eval_reward_count_token"] > summary["before"]["eval_reward_count_token"]
 
 
