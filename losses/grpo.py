@@ -24,6 +24,13 @@ Scaling = Literal["group", "batch", "none"]
 Variant = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"]
 
 
+def tied_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group of ``group_size`` consecutive rewards, whether all are equal (the group carries no
+    signal for a group-relative method). Rewards [0, 1 | 2, 2]: [False, True]."""
+    grouped = rewards.view(-1, group_size)
+    return grouped.max(1).values == grouped.min(1).values
+
+
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale: Scaling = "group", eps: float = 1e-4
 ) -> torch.Tensor:

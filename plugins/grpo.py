@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, Field
 
-from lft.losses.grpo import group_advantages, grpo_loss
+from lft.losses.grpo import group_advantages, grpo_loss, tied_groups
 from lft.plugins.online import EMBEDDED_ROLLOUT, OnlineMethod
 from lft.plugins.online_update import OnlineOptions, RolloutObjective
 
@@ -88,8 +88,7 @@ class GRPOObjective(RolloutObjective):
 
     def step_metrics(self, exp: dict, update_s: float, step: int) -> dict:
         metrics = super().step_metrics(exp, update_s, step)
-        grouped = exp["rewards"].view(-1, self.opts.num_generations)
-        quiet = (grouped.max(1).values == grouped.min(1).values).float().mean()
+        quiet = tied_groups(exp["rewards"], self.opts.num_generations).float().mean()
         metrics["groups_without_signal"] = quiet
         self.quiet_steps = self.quiet_steps + 1 if float(quiet) > 0.5 else 0
         if self.quiet_steps == NO_SIGNAL_STEPS:

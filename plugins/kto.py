@@ -27,7 +27,7 @@ from lft.losses.kto import KTOLoss
 from lft.losses.logprobs import IGNORE_INDEX
 from lft.model.forward import token_logprobs
 from lft.objective import Objective, RowTexts
-from lft.plugins.pairs import _split_prompt, pair_texts
+from lft.plugins.pairs import is_empty, pair_texts, split_prompt
 
 #: The key of a formatted row: its completions, each ``(input_ids, labels)``, and their labels.
 SEQUENCES, DESIRABLE = "kto_sequences", "kto_desirable"
@@ -53,12 +53,6 @@ def _label(value: Any) -> bool:
     raise lft.DataError(f"'label' must be true (desirable) or false (undesirable), got {value!r}")
 
 
-def _is_empty(completion: Any) -> bool:
-    if isinstance(completion, str):
-        return not completion.strip()
-    return not completion
-
-
 def format_kto(example: Mapping[str, Any], tokenizer: Any, options: KTOOptions, max_length: int) -> dict:
     """One row as its completions (one, or two for a preference pair), each tokenized after the
     prompt with the prompt masked, and whether each is desirable."""
@@ -71,7 +65,7 @@ def format_kto(example: Mapping[str, Any], tokenizer: Any, options: KTOOptions, 
             )
         items = [(example["prompt"], example["completion"], _label(example["label"]))]
     elif "chosen" in example or "rejected" in example:
-        prompt, chosen, rejected = _split_prompt(dict(example))
+        prompt, chosen, rejected = split_prompt(dict(example))
         items = [(prompt, chosen, True), (prompt, rejected, False)]
     else:
         raise lft.DataError(
@@ -80,7 +74,7 @@ def format_kto(example: Mapping[str, Any], tokenizer: Any, options: KTOOptions, 
         )
     sequences, desirable, truncated = [], [], False
     for prompt, completion, label in items:
-        if _is_empty(completion):
+        if is_empty(completion):
             raise lft.DataError("the completion is empty")
         ids, labels = chat.tokenize_prompt_completion(tokenizer, prompt, completion, options.use_chat_template)
         ids, labels, cut = chat.truncate(ids, labels, max_length)

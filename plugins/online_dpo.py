@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 
 from lft.losses.dpo import VARIANTS
+from lft.losses.grpo import tied_groups
 from lft.losses.preference import PairLogps
 from lft.plugins.online import EMBEDDED_ROLLOUT, OnlineMethod
 from lft.plugins.online_update import OnlineOptions, RolloutObjective
@@ -44,7 +45,7 @@ def rank_pairs(rewards: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.T
     grouped = rewards.view(-1, group)
     best, worst = grouped.argmax(1), grouped.argmin(1)
     offset = torch.arange(grouped.shape[0], device=rewards.device) * group
-    ranked = grouped.max(1).values > grouped.min(1).values
+    ranked = ~tied_groups(rewards, group)
     return best + offset, worst + offset, ranked
 
 

@@ -20,7 +20,7 @@ SIDES = ("chosen", "rejected")
 TOKEN_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 
 
-def _split_prompt(example: dict) -> tuple[Any, Any, Any]:
+def split_prompt(example: dict) -> tuple[Any, Any, Any]:
     """``(prompt, chosen, rejected)``; conversational pairs without a prompt share their first messages."""
     missing = [c for c in SIDES if c not in example or example[c] is None]
     if "prompt" not in example and not all(isinstance(example.get(c), list) for c in SIDES):
@@ -44,7 +44,7 @@ def _split_prompt(example: dict) -> tuple[Any, Any, Any]:
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-def _is_empty(completion: Any) -> bool:
+def is_empty(completion: Any) -> bool:
     if isinstance(completion, str):
         return not completion.strip()
     if isinstance(completion, list):
@@ -57,9 +57,9 @@ def format_pair(example: dict, tokenizer: Any, options: Any, max_length: int, se
     tokens labelled -100), or ``{"skip": reason}`` for a bad pair when ``bad_pairs`` is skip."""
     if options.chat_template and tokenizer.chat_template != options.chat_template:
         tokenizer.chat_template = options.chat_template
-    prompt, chosen, rejected = _split_prompt(example)
+    prompt, chosen, rejected = split_prompt(example)
     problem = next(
-        (f"the {side} completion is empty" for side, c in zip(SIDES, (chosen, rejected)) if _is_empty(c)),
+        (f"the {side} completion is empty" for side, c in zip(SIDES, (chosen, rejected)) if is_empty(c)),
         "chosen and rejected are identical" if chosen == rejected else None,
     )
     if problem:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from lft.losses.grpo import tied_groups
 from lft.losses.ppo import kl_estimate
 from lft.losses.rloo import leave_one_out_advantages, rloo_loss
 from lft.plugins.online import EMBEDDED_ROLLOUT, OnlineMethod
@@ -72,8 +73,7 @@ class RLOOObjective(RolloutObjective):
 
     def step_metrics(self, exp: dict, update_s: float, step: int) -> dict:
         metrics = super().step_metrics(exp, update_s, step)
-        grouped = exp["rewards"].view(-1, self.opts.num_generations)
-        metrics["groups_without_signal"] = (grouped.max(1).values == grouped.min(1).values).float().mean()
+        metrics["groups_without_signal"] = tied_groups(exp["rewards"], self.opts.num_generations).float().mean()
         if "sequence_kl" in exp:
             metrics["reward_kl_penalty"] = self.opts.beta * exp["sequence_kl"].mean()
         return metrics

@@ -357,3 +357,10 @@ def test_gkd_divergences_hand_worked():
     assert student.grad[0, 0, 0] < 0 and student.grad[0, 1].abs().sum() == 0
     with pytest.raises(ValueError, match="beta must be in"):
         token_divergence(even, even, 1.5)
+
+
+def test_tied_groups_by_hand():
+    """Rewards [0, 1 | 2, 2] in groups of 2: the second group's samples all scored the same."""
+    from lft.losses.grpo import tied_groups
+
+    assert tied_groups(torch.tensor([0.0, 1.0, 2.0, 2.0]), 2).tolist() == [False, True]
